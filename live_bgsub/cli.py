@@ -1,0 +1,265 @@
+"""The ``live-bgsub`` command line: ``live-bgsub process IMAGE... --method NAME --out DIR``.
+
+``process`` folds each image, subtracts the chosen background and writes, per image,
+``DIR/<stem>.json`` (geometry, method, parameters, ROI metrics, timings) and
+``DIR/<stem>.h5`` (float32 datasets ``folded``, ``background``, ``corrected``,
+``count``). A bad file is reported on one line and the batch goes on; the exit status
+is 1 when any image failed, 2 for a usage error (unknown method or parameter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+__all__ = ["main", "process_image", "SAMPLE_FRAME"]
+
+#: A real Pilatus 1M frame shipped with the package (MuscleX test image P40_1_3_00000).
+SAMPLE_FRAME = "P40_1_3_00000.h5"
+
+
+def sample_frame_path() -> Path:
+    """Path of the shipped sample frame (an HDF5 copy of a real Pilatus 1M frame)."""
+    return Path(str(resources.files("live_bgsub") / "data" / SAMPLE_FRAME))
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: write null for NaN/inf, plain Python numbers otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def process_image(
+    path,
+    *,
+    method: str = "white-top-hat",
+    params: dict | None = None,
+    center=None,
+    rotation_deg=None,
+    downsample: int = 1,
+    frame: int = 0,
+    wavelength_nm=None,
+    distance_mm=None,
+    pixel_size_mm=None,
+) -> tuple[dict, dict]:
+    """Read, fold, subtract the background and measure one image.
+
+    Returns
+    -------
+    record : dict
+        What ``DIR/<stem>.json`` holds.
+    arrays : dict of ndarray
+        ``folded``, ``background``, ``corrected``, ``count`` (float32).
+    """
+    from .background import subtract_background
+    from .errors import ProcessingError
+    from .geometry import FoldMap, Geometry, find_center, find_rotation
+    from .io import read_image
+    from .metrics import roi_metrics
+
+    params = dict(params or {})
+    timings = {}
+    t0 = t = time.perf_counter()
+    image = read_image(path, frame=frame)
+    timings["read"] = time.perf_counter() - t
+    if not image.mask.any():
+        raise ProcessingError(f"{str(path)!r}: every pixel is masked (no valid data)")
+
+    t = time.perf_counter()
+    if center is None:
+        center = find_center(image.data, image.mask)
+    if rotation_deg is None:
+        rotation_deg = find_rotation(image.data, image.mask, center)
+    geometry = Geometry(center, rotation_deg)
+    timings["geometry"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fold_map = FoldMap(image.shape, geometry, image.mask)
+    folded, count = fold_map.fold(image.data, image.mask)
+    timings["fold"] = time.perf_counter() - t
+    valid = count > 0
+    if not valid.any():
+        raise ProcessingError(f"{str(path)!r}: the fold holds no valid pixel (center {geometry.center} off the detector?)")
+
+    t = time.perf_counter()
+    background, corrected = subtract_background(folded, method, valid, downsample=downsample, **params)
+    timings["background"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = roi_metrics(
+        corrected,
+        mask=valid,
+        background=background,
+        wavelength_nm=wavelength_nm,
+        distance_mm=distance_mm,
+        pixel_size_mm=pixel_size_mm if pixel_size_mm is not None else image.pixel_size_mm,
+    )
+    timings["metrics"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    record = {
+        "image": str(path),
+        "frame": image.frame,
+        "shape": list(image.shape),
+        "center": [geometry.center[0], geometry.center[1]],
+        "rotation_deg": geometry.rotation_deg,
+        "method": method,
+        "parameters": params,
+        "downsample": downsample,
+        "fold_shape": list(folded.shape),
+        "pixel_size_mm": image.pixel_size_mm,
+        "exposure_s": image.exposure_s,
+        "metrics": metrics,
+        "timings_s": timings,
+        "live_bgsub_version": __version__,
+    }
+    arrays = {
+        "folded": folded.astype(np.float32, copy=False),
+        "background": np.asarray(background, dtype=np.float32),
+        "corrected": np.asarray(corrected, dtype=np.float32),
+        "count": count.astype(np.float32),
+    }
+    return record, arrays
+
+
+def _write_outputs(out_dir: Path, stem: str, record: dict, arrays: dict) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.h5`` atomically (temporary file, then rename)."""
+    import h5py
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    h5_path = out_dir / f"{stem}.h5"
+    tmp_h5 = h5_path.with_name(h5_path.name + ".part")
+    with h5py.File(tmp_h5, "w") as h5:
+        for name, arr in arrays.items():
+            h5.create_dataset(name, data=arr, compression="gzip", compression_opts=4, shuffle=True)
+        h5.attrs["record"] = json.dumps(_finite_or_none(record))
+    os.replace(tmp_h5, h5_path)
+    tmp_json = json_path.with_name(json_path.name + ".part")
+    tmp_json.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp_json, json_path)
+    return json_path, h5_path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="live-bgsub", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"live-bgsub {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "process",
+        help="fold images, subtract a background, write JSON metrics and HDF5 arrays",
+        description="Fold each image, subtract the background with one method, and write "
+        "DIR/<stem>.json and DIR/<stem>.h5 per image.",
+    )
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="detector images (TIFF, CBF, EDF, HDF5/NeXus, ...)")
+    p.add_argument("--sample", action="store_true", help="also process the shipped sample frame (a real Pilatus 1M frame)")
+    p.add_argument("--method", default="white-top-hat", help="background method (default: white-top-hat); see --list-methods")
+    p.add_argument("--list-methods", action="store_true", help="list the methods with their parameters and defaults, then exit")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable); lengths in full-resolution pixels")
+    p.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"), help="beam centre in pixels (x = column); found automatically when omitted")
+    p.add_argument("--rotation", type=float, metavar="DEG", help="equator rotation in degrees; found automatically when omitted")
+    p.add_argument("--downsample", type=int, default=1, metavar="N", help="work at 1/N resolution like MuscleX (its default is 2); default 1")
+    p.add_argument("--frame", type=int, default=0, help="frame index in multi-frame files (default 0)")
+    p.add_argument("--wavelength-nm", type=float, help="X-ray wavelength (nm), for d10")
+    p.add_argument("--distance-mm", type=float, help="sample-detector distance (mm), for d10")
+    p.add_argument("--pixel-size-mm", type=float, help="pixel size (mm), for d10; default: from the image header")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --list-methods)")
+    return parser
+
+
+def _fail(message: str) -> None:
+    print(f"live-bgsub: error: {message}", file=sys.stderr)
+
+
+def _cmd_process(args) -> int:
+    from .background import METHODS, get_method, parse_params
+
+    if args.list_methods:
+        for name, m in METHODS.items():
+            defaults = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items())
+            print(f"{name}: {defaults}")
+        return 0
+    try:
+        get_method(args.method)
+        params = parse_params(args.method, args.param)
+    except ValueError as exc:
+        _fail(str(exc))
+        return 2
+    if args.downsample < 1:
+        _fail(f"--downsample must be a positive integer, got {args.downsample}")
+        return 2
+    if args.out is None:
+        _fail("--out DIR is required")
+        return 2
+    images = list(args.images)
+    if args.sample:
+        images.append(str(sample_frame_path()))
+    if not images:
+        _fail("no IMAGE given (pass image paths, or --sample for the shipped frame)")
+        return 2
+    center = tuple(args.center) if args.center else None
+    failed = 0
+    for path in images:
+        try:
+            record, arrays = process_image(
+                path,
+                method=args.method,
+                params=params,
+                center=center,
+                rotation_deg=args.rotation,
+                downsample=args.downsample,
+                frame=args.frame,
+                wavelength_nm=args.wavelength_nm,
+                distance_mm=args.distance_mm,
+                pixel_size_mm=args.pixel_size_mm,
+            )
+            json_path, _ = _write_outputs(args.out, Path(path).stem, record, arrays)
+        except (OSError, ValueError) as exc:
+            failed += 1
+            _fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+            continue
+        m = record["metrics"]
+        ratio = m.get("i11_i10")
+        summary = f"I11/I10={ratio:.3f} S10={m['s10_px']:.2f}px" if m.get("equator_found") else f"no equator: {m.get('reason')}"
+        print(
+            f"{path}: center=({record['center'][0]:.2f}, {record['center'][1]:.2f}) "
+            f"rotation={record['rotation_deg']:.2f} deg {summary} "
+            f"[{1e3 * record['timings_s']['total']:.0f} ms] -> {json_path}"
+        )
+    if failed:
+        _fail(f"{failed} of {len(images)} image(s) failed")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "process":
+        return _cmd_process(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

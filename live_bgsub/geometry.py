@@ -1,0 +1,703 @@
+"""Beam centre, equator rotation, and folding a frame into one quadrant (and back).
+
+Conventions (see ``docs/conventions.md``):
+
+- A point is ``(x, y)`` with ``x`` the column and ``y`` the row, pixel centres at
+  integer coordinates.
+- ``rotation_deg`` is the angle that brings the equator horizontal, in (-90, 90]
+  degrees, with MuscleX's sign: the equator runs along the unit vector
+  ``(cos(rotation), sin(rotation))`` in ``(x, y)`` image coordinates, so a positive
+  rotation means the equator's right-hand side dips toward larger row numbers
+  (downwards on a display with row 0 on top). Rotating the image counter-clockwise on
+  such a display by ``rotation_deg`` (OpenCV's ``getRotationMatrix2D`` convention)
+  makes the equator horizontal. A vertical equator has ``rotation_deg`` near +-90.
+- The fold has the beam centre at ``[0, 0]``, axis 1 along the equator and axis 0
+  along the meridian; ``fold[i, j]`` averages the valid detector samples at
+  ``center + u * e + v * m`` for ``(u, v) = (+-j, +-i)``, with ``e`` the equator's and
+  ``m`` the meridian's unit vector. ``count[i, j]`` is how many of the four quadrant
+  samples were valid.
+
+How the geometry is found
+-------------------------
+The centre is the point of inversion symmetry of the pattern: the self-convolution
+``C(s) = sum_p a(p) a(s - p)`` of the zero-mean log-intensity ``a`` peaks at
+``s = 2 * center`` (Cauchy-Schwarz), computed with FFTs, first on a 4x-binned frame and
+then at full resolution in a window around the coarse answer, with a parabolic
+sub-pixel fit. The rotation is the pattern's mirror axis: in polar coordinates around
+the centre, the circular self-convolution over azimuth of each radius' zero-mean
+profile peaks at twice the mirror angle. Fiber patterns have two mirror axes
+(equator and meridian); the equator is the one with more intensity along it.
+
+For a run of frames that share a geometry, :func:`find_run_geometry` estimates on the
+mean of the frames (photon-starved frames gain from summing) and reports the spread of
+the per-frame estimates.
+
+Folding a stream of frames with a fixed geometry builds a :class:`FoldMap` once: a
+sparse matrix that turns a raveled frame into the fold (bilinear sampling of the four
+quadrants, averaging the valid ones) in one sparse product per frame or batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import fft, ndimage, sparse
+
+from .errors import GeometryError
+
+__all__ = [
+    "Geometry",
+    "RunGeometry",
+    "FoldMap",
+    "find_center",
+    "find_rotation",
+    "find_geometry",
+    "find_run_geometry",
+    "fold",
+    "unfold",
+]
+
+
+def _normalize_rotation(angle: float) -> float:
+    """Map an axis angle (degrees, defined modulo 180) into (-90, 90]."""
+    a = math.fmod(float(angle), 180.0)
+    if a <= -90.0:
+        a += 180.0
+    elif a > 90.0:
+        a -= 180.0
+    return a
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Beam centre and equator rotation of a frame.
+
+    Parameters
+    ----------
+    center : (float, float)
+        Beam centre ``(x, y)`` in detector pixels (x = column, y = row).
+    rotation_deg : float
+        Angle (degrees) that brings the equator horizontal; normalised into (-90, 90].
+    """
+
+    center: tuple[float, float]
+    rotation_deg: float = 0.0
+
+    def __post_init__(self):
+        try:
+            cx, cy = (float(v) for v in self.center)
+        except (TypeError, ValueError):
+            raise GeometryError(f"center must be a pair (x, y) of numbers, got {self.center!r}") from None
+        if not (math.isfinite(cx) and math.isfinite(cy)):
+            raise GeometryError(f"center must be finite, got {self.center!r}")
+        try:
+            rot = float(self.rotation_deg)
+        except (TypeError, ValueError):
+            raise GeometryError(f"rotation_deg must be a number, got {self.rotation_deg!r}") from None
+        if not math.isfinite(rot):
+            raise GeometryError(f"rotation_deg must be finite, got {self.rotation_deg!r}")
+        object.__setattr__(self, "center", (cx, cy))
+        object.__setattr__(self, "rotation_deg", _normalize_rotation(rot))
+
+    @property
+    def equator_vector(self) -> tuple[float, float]:
+        """Unit vector ``(dx, dy)`` along the equator in image coordinates."""
+        t = math.radians(self.rotation_deg)
+        return math.cos(t), math.sin(t)
+
+    @property
+    def meridian_vector(self) -> tuple[float, float]:
+        """Unit vector ``(dx, dy)`` along the meridian in image coordinates."""
+        t = math.radians(self.rotation_deg)
+        return -math.sin(t), math.cos(t)
+
+    def to_dict(self) -> dict:
+        return {"center": [self.center[0], self.center[1]], "rotation_deg": self.rotation_deg}
+
+
+@dataclass(frozen=True)
+class RunGeometry:
+    """Geometry estimated for a run of frames that share one geometry.
+
+    Attributes
+    ----------
+    geometry : Geometry
+        The run's estimate (found on the mean of the frames).
+    per_frame : tuple of Geometry
+        Each frame's own estimate.
+    center_spread_px : (float, float)
+        Standard deviation of the per-frame centres in x and y (pixels).
+    rotation_spread_deg : float
+        Standard deviation of the per-frame rotations (degrees).
+    """
+
+    geometry: Geometry
+    per_frame: tuple = field(default_factory=tuple)
+    center_spread_px: tuple[float, float] = (0.0, 0.0)
+    rotation_spread_deg: float = 0.0
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def _check_frame(data, mask) -> tuple[np.ndarray, np.ndarray]:
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise GeometryError(f"expected a 2-D frame, got an array of shape {data.shape}")
+    if mask is None:
+        mask = np.isfinite(data) & (data >= 0)
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != data.shape:
+            raise GeometryError(f"mask has shape {mask.shape}, expected the frame's shape {data.shape}")
+        mask = mask & np.isfinite(data)
+    if not mask.any():
+        raise GeometryError("every pixel of the frame is masked: no geometry can be found")
+    return data, mask
+
+
+def _zero_mean_log(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """log(1 + counts), minus its mean over valid pixels, 0 at invalid pixels (float32)."""
+    a = np.log1p(np.clip(np.where(mask, data, 0), 0, None).astype(np.float32))
+    mean = a[mask].mean(dtype=np.float64)
+    a -= np.float32(mean)
+    a[~mask] = 0
+    return a
+
+
+def _parabolic_peak(c: np.ndarray, k: tuple[int, ...]) -> list[float]:
+    """Sub-pixel offsets of a peak at index ``k`` of ``c`` from a parabola on each axis."""
+    out = []
+    for ax in range(c.ndim):
+        lo, hi = list(k), list(k)
+        lo[ax] = (lo[ax] - 1) % c.shape[ax]
+        hi[ax] = (hi[ax] + 1) % c.shape[ax]
+        y0, y1, y2 = float(c[tuple(lo)]), float(c[k]), float(c[tuple(hi)])
+        den = y0 - 2 * y1 + y2
+        out.append(0.5 * (y0 - y2) / den if den < 0 else 0.0)
+    return out
+
+
+def _symmetry_center(a: np.ndarray, window: tuple[int, int, int, int]) -> tuple[float, float]:
+    """Centre ``(y, x)`` of inversion symmetry of ``a``, searched inside ``window``.
+
+    ``window = (y0, y1, x0, x1)`` bounds the centre in ``a``'s index space.
+    """
+    h, w = a.shape
+    shape = (fft.next_fast_len(2 * h, real=True), fft.next_fast_len(2 * w, real=True))
+    spec = fft.rfft2(a, s=shape, workers=-1)
+    conv = fft.irfft2(spec * spec, s=shape, workers=-1)
+    y0, y1, x0, x1 = window
+    sub = conv[2 * y0 : 2 * y1 + 1, 2 * x0 : 2 * x1 + 1]
+    k = np.unravel_index(int(np.argmax(sub)), sub.shape)
+    k = (k[0] + 2 * y0, k[1] + 2 * x0)
+    dy, dx = _parabolic_peak(conv, k)
+    return (k[0] + dy) / 2.0, (k[1] + dx) / 2.0
+
+
+def find_center(data, mask=None, *, bin_factor: int = 4, refine_radius: int = 128) -> tuple[float, float]:
+    """Find the beam centre as the pattern's point of inversion symmetry.
+
+    Parameters
+    ----------
+    data : ndarray, 2-D
+        Frame in counts.
+    mask : ndarray of bool, optional
+        True where pixels are valid (default: finite, non-negative pixels).
+    bin_factor : int, optional
+        Binning of the coarse full-frame search (default 4).
+    refine_radius : int, optional
+        Half-size (pixels) of the full-resolution refinement window (default 128).
+
+    Returns
+    -------
+    (x, y) : tuple of float
+        Beam centre in pixels (x = column).
+
+    Raises
+    ------
+    GeometryError
+        When the frame is not 2-D or every pixel is masked.
+
+    Notes
+    -----
+    Cost: two FFT self-convolutions, one of the binned frame and one of a
+    ``(2 * refine_radius + 1)`` square window (about 30 ms for a Pilatus 1M frame on
+    2 cores). Accuracy on synthetic Pilatus patterns: see ``tests/test_geometry.py``.
+    """
+    data, mask = _check_frame(data, mask)
+    a = _zero_mean_log(data, mask)
+    h, w = a.shape
+    b = int(bin_factor)
+    if b < 1:
+        raise GeometryError(f"bin_factor must be >= 1, got {bin_factor!r}")
+    hb, wb = h // b, w // b
+    if hb < 4 or wb < 4:
+        raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
+    binned = a[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+    # The centre lies inside the frame's middle half in each direction (or near it).
+    cyb, cxb = _symmetry_center(binned, (hb // 8, hb - 1 - hb // 8, wb // 8, wb - 1 - wb // 8))
+    cy, cx = cyb * b + (b - 1) / 2.0, cxb * b + (b - 1) / 2.0
+    r = int(refine_radius)
+    for _ in range(2):
+        iy, ix = int(round(cy)), int(round(cx))
+        y0, x0 = iy - r, ix - r
+        crop = np.zeros((2 * r + 1, 2 * r + 1), np.float32)
+        ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + 2 * r + 1, h), min(x0 + 2 * r + 1, w)
+        crop[ys - y0 : ye - y0, xs - x0 : xe - x0] = a[ys:ye, xs:xe]
+        valid = crop != 0
+        if valid.any():
+            crop[valid] -= crop[valid].mean()
+        q = r // 2
+        sy, sx = _symmetry_center(crop, (r - q, r + q, r - q, r + q))
+        cy, cx = y0 + sy, x0 + sx
+    return float(cx), float(cy)
+
+
+def _polar_profiles(data, mask, center, *, rmin, rmax, n_angles, dr):
+    """Zero-mean log-intensity on a polar grid ``[radius, angle]`` (0 where invalid)."""
+    cx, cy = center
+    a = np.log1p(np.clip(np.where(mask, data, 0), 0, None).astype(np.float32))
+    r = np.arange(rmin, rmax, dr, dtype=np.float32)
+    phi = np.arange(n_angles, dtype=np.float32) * np.float32(2 * np.pi / n_angles)
+    xs = cx + r[:, None] * np.cos(phi)[None, :]
+    ys = cy + r[:, None] * np.sin(phi)[None, :]
+    v = ndimage.map_coordinates(a, [ys, xs], order=1, mode="constant", cval=0.0)
+    # A sample is valid when its nearest pixel is valid and it lies on the detector.
+    iy, ix = np.rint(ys).astype(np.intp), np.rint(xs).astype(np.intp)
+    on = (iy >= 0) & (iy < a.shape[0]) & (ix >= 0) & (ix < a.shape[1])
+    valid = np.zeros(v.shape, bool)
+    valid[on] = mask[iy[on], ix[on]]
+    n = valid.sum(axis=1, keepdims=True)
+    mean = np.where(valid, v, 0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
+    return np.where(valid, v - mean, 0).astype(np.float32), r
+
+
+def find_rotation(
+    data,
+    mask=None,
+    center=None,
+    *,
+    rmin: float = 15.0,
+    rmax: float | None = None,
+    n_angles: int = 1440,
+    dr: float = 2.0,
+) -> float:
+    """Find the equator rotation as the pattern's brighter mirror axis.
+
+    Parameters
+    ----------
+    data : ndarray, 2-D
+        Frame in counts.
+    mask : ndarray of bool, optional
+        True where pixels are valid.
+    center : (float, float), optional
+        Beam centre ``(x, y)``; found with :func:`find_center` when not given.
+    rmin, rmax : float, optional
+        Radii (pixels) of the annulus analysed; ``rmax`` defaults to the distance from
+        the centre to the nearest frame edge, at most 400.
+    n_angles : int, optional
+        Azimuthal samples over 360 degrees (default 1440: 0.25 degree steps; the
+        result is refined below the step by a parabolic fit).
+    dr : float, optional
+        Radial step (pixels).
+
+    Returns
+    -------
+    float
+        ``rotation_deg`` in (-90, 90], MuscleX's sign (see the module docstring).
+
+    Notes
+    -----
+    For a profile ``z_r(phi)`` mirror-symmetric about the axis ``beta``,
+    ``z_r(phi) = z_r(2 beta - phi)``, so the circular self-convolution
+    ``sum_r sum_phi z_r(phi) z_r(s - phi)`` peaks at ``s = 2 beta``. Both the equator
+    and the meridian are mirror axes; the equator is taken as the one with the larger
+    intensity within +-1 degree of the axis (on both sides of the centre).
+    """
+    data, mask = _check_frame(data, mask)
+    if center is None:
+        center = find_center(data, mask)
+    cx, cy = center
+    h, w = data.shape
+    if rmax is None:
+        rmax = min(cx, cy, w - 1 - cx, h - 1 - cy, 400.0)
+        if rmax < rmin + 20:  # centre near an edge: use the larger half-width
+            rmax = min(max(cx, w - 1 - cx, cy, h - 1 - cy), 400.0)
+    if rmax <= rmin:
+        raise GeometryError(f"no annulus to analyse: rmin={rmin} >= rmax={rmax}")
+    z, _ = _polar_profiles(data, mask, (cx, cy), rmin=rmin, rmax=rmax, n_angles=n_angles, dr=dr)
+    if not z.any():
+        raise GeometryError("no valid pixels around the centre: no rotation can be found")
+    spec = np.fft.rfft(z, axis=1)
+    conv = np.fft.irfft((spec * spec).sum(axis=0), n=n_angles)
+    k = int(np.argmax(conv))
+    (d,) = _parabolic_peak(conv, (k,))
+    beta = ((k + d) * 360.0 / n_angles) / 2.0  # one mirror axis, degrees
+
+    half = max(1, int(round(n_angles / 360.0)))  # +-1 degree
+
+    def strength(axis_deg):
+        total = 0.0
+        for side in (0.0, 180.0):
+            i0 = int(round((axis_deg + side) * n_angles / 360.0))
+            cols = np.arange(i0 - half, i0 + half + 1) % n_angles
+            total += float(z[:, cols].sum())
+        return total
+
+    if strength(beta + 90.0) > strength(beta):
+        beta += 90.0
+    return _normalize_rotation(beta)
+
+
+def find_geometry(data, mask=None, **kwargs) -> Geometry:
+    """Find the centre and the rotation of one frame.
+
+    Parameters
+    ----------
+    data : ndarray, 2-D
+        Frame in counts.
+    mask : ndarray of bool, optional
+        True where pixels are valid.
+    **kwargs
+        Passed to :func:`find_rotation` (``rmin``, ``rmax``, ``n_angles``, ``dr``).
+
+    Returns
+    -------
+    Geometry
+    """
+    data, mask = _check_frame(data, mask)
+    center = find_center(data, mask)
+    return Geometry(center, find_rotation(data, mask, center, **kwargs))
+
+
+def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
+    """Estimate one geometry for several frames of a run that share it.
+
+    Parameters
+    ----------
+    frames : sequence of 2-D ndarrays, or a 3-D ndarray
+        The run's frames (at least one), all of one shape.
+    masks : ndarray or sequence, optional
+        One validity mask for all frames (2-D) or one per frame.
+
+    Returns
+    -------
+    RunGeometry
+        The geometry found on the mean of the frames (valid pixels only), each frame's
+        own estimate, and their spread (standard deviations).
+    """
+    frames = [np.asarray(f) for f in frames]
+    if not frames:
+        raise GeometryError("find_run_geometry needs at least one frame, got none")
+    shape = frames[0].shape
+    for i, f in enumerate(frames):
+        if f.shape != shape:
+            raise GeometryError(f"frame {i} has shape {f.shape}, expected {shape} like frame 0")
+    if masks is None:
+        masks = [None] * len(frames)
+    elif np.ndim(masks) == 2:
+        masks = [masks] * len(frames)
+    checked = [_check_frame(f, m) for f, m in zip(frames, masks)]
+    total = np.zeros(shape, np.float64)
+    n = np.zeros(shape, np.int32)
+    for f, m in checked:
+        total += np.where(m, f, 0)
+        n += m
+    mean_mask = n > 0
+    mean = np.where(mean_mask, total / np.maximum(n, 1), 0).astype(np.float32)
+    # Scale the mean back to summed counts so the log transform sees the run's statistics.
+    geometry = find_geometry(mean * len(frames), mean_mask, **kwargs)
+    per_frame = tuple(find_geometry(f, m, **kwargs) for f, m in checked)
+    centers = np.array([g.center for g in per_frame])
+    rots = np.array([g.rotation_deg for g in per_frame])
+    # Rotations are axis angles: unwrap around the run's value before the spread.
+    rots = (rots - geometry.rotation_deg + 90.0) % 180.0 - 90.0
+    return RunGeometry(
+        geometry,
+        per_frame,
+        (float(centers[:, 0].std()), float(centers[:, 1].std())),
+        float(rots.std()),
+    )
+
+
+# --------------------------------------------------------------------------- folding
+
+_QUADRANT_SIGNS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (equator, meridian)
+
+
+def _fold_extent(shape, geometry) -> tuple[int, int]:
+    """Fold shape (rows, cols) covering every detector pixel's distance from the centre."""
+    h, w = shape
+    cx, cy = geometry.center
+    ex, ey = geometry.equator_vector
+    mx, my = geometry.meridian_vector
+    corners = np.array([[-0.5 - cx, -0.5 - cy], [w - 0.5 - cx, -0.5 - cy], [-0.5 - cx, h - 0.5 - cy], [w - 0.5 - cx, h - 0.5 - cy]])
+    u = np.abs(corners @ np.array([ex, ey])).max()
+    v = np.abs(corners @ np.array([mx, my])).max()
+    return int(math.ceil(v)), int(math.ceil(u))
+
+
+class FoldMap:
+    """Precomputed fold (and unfold) of frames of one shape, geometry and mask.
+
+    Building the map does all the geometric work once; :meth:`fold` then costs one
+    sparse matrix product per frame (or batch of frames).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Detector frame shape (rows, columns).
+    geometry : Geometry
+        Beam centre and rotation.
+    mask : ndarray of bool, optional
+        Static validity mask of the detector (True = valid); default all valid.
+    edge : int, optional
+        Pixels next to invalid pixels excluded as well (default 1: the edges of gaps).
+    fold_shape : (int, int), optional
+        Shape of the fold; by default large enough for every detector pixel.
+
+    Attributes
+    ----------
+    count : ndarray of int8
+        Number of valid quadrant samples per fold pixel for the static mask.
+
+    Notes
+    -----
+    Each quadrant sample is bilinearly interpolated from four detector pixels and
+    counts only when all four are valid (after the ``edge`` erosion). A frame whose own
+    mask invalidates more pixels than the static mask is folded through a slower path
+    that recomputes the validity for that frame only.
+    """
+
+    def __init__(self, shape, geometry: Geometry, mask=None, *, edge: int = 1, fold_shape=None):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or min(shape) < 2:
+            raise GeometryError(f"shape must be (rows, columns) of a 2-D frame, got {shape!r}")
+        if not isinstance(geometry, Geometry):
+            raise GeometryError(f"geometry must be a Geometry, got {type(geometry).__name__}")
+        self.shape = shape
+        self.geometry = geometry
+        if mask is None:
+            mask = np.ones(shape, bool)
+        mask = np.asarray(mask, bool)
+        if mask.shape != shape:
+            raise GeometryError(f"mask has shape {mask.shape}, expected {shape}")
+        self.edge = int(edge)
+        self.mask = mask
+        self.usable = self._usable_from(mask)
+        self.fold_shape = tuple(fold_shape) if fold_shape is not None else _fold_extent(shape, geometry)
+        self._build()
+
+    # -- construction
+    def _build(self):
+        h, w = self.shape
+        fh, fw = self.fold_shape
+        n_fold = fh * fw
+        cx, cy = self.geometry.center
+        ex, ey = self.geometry.equator_vector
+        mx, my = self.geometry.meridian_vector
+        jj = np.arange(fw, dtype=np.float64)[None, :]
+        ii = np.arange(fh, dtype=np.float64)[:, None]
+        # idx/wts: (n_fold, quadrant, corner) bilinear taps; every fold pixel has 16.
+        idx = np.empty((n_fold, 4, 4), np.int32)
+        wts = np.empty((n_fold, 4, 4), np.float32)
+        inside = np.empty((n_fold, 4), bool)
+        for q, (su, sv) in enumerate(_QUADRANT_SIGNS):
+            x = (cx + su * ex * jj + sv * mx * ii).ravel()
+            y = (cy + su * ey * jj + sv * my * ii).ravel()
+            x0 = np.floor(x)
+            y0 = np.floor(y)
+            fx = (x - x0).astype(np.float32)
+            fy = (y - y0).astype(np.float32)
+            # On the detector; a sample exactly on the last row/column needs no neighbour.
+            inside[:, q] = (x0 >= 0) & (y0 >= 0) & ((x0 + 1 < w) | ((x0 < w) & (fx == 0)))
+            inside[:, q] &= (y0 + 1 < h) | ((y0 < h) & (fy == 0))
+            x0 = np.clip(x0, 0, w - 1).astype(np.int32)
+            y0 = np.clip(y0, 0, h - 1).astype(np.int32)
+            x1 = np.minimum(x0 + 1, w - 1)
+            y1 = np.minimum(y0 + 1, h - 1)
+            idx[:, q, 0] = y0 * w + x0
+            idx[:, q, 1] = y0 * w + x1
+            idx[:, q, 2] = y1 * w + x0
+            idx[:, q, 3] = y1 * w + x1
+            wts[:, q, 0] = (1 - fx) * (1 - fy)
+            wts[:, q, 1] = fx * (1 - fy)
+            wts[:, q, 2] = (1 - fx) * fy
+            wts[:, q, 3] = fx * fy
+        # Kept for the slow path (a frame with extra invalid pixels re-checks validity).
+        self._idx, self._wts, self._inside = idx, wts, inside
+        ok = self._sample_ok(self.usable.ravel())
+        count = ok.sum(axis=1)
+        norm = np.where(count > 0, 1.0 / np.maximum(count, 1), 0.0).astype(np.float32)
+        data = wts * (ok * norm[:, None])[:, :, None]
+        matrix = sparse.csr_matrix(
+            (data.ravel(), idx.ravel(), np.arange(0, 16 * n_fold + 1, 16)), shape=(n_fold, h * w), copy=True
+        )  # copy: eliminate_zeros() compacts in place and idx is kept
+        matrix.eliminate_zeros()
+        self._matrix = matrix
+        self.count = count.astype(np.int8).reshape(self.fold_shape)
+        self._unfold_matrix = None
+
+    # -- folding
+    def fold(self, data, mask=None) -> tuple[np.ndarray, np.ndarray]:
+        """Fold one frame (or a stack of frames) into the quadrant.
+
+        Parameters
+        ----------
+        data : ndarray, shape ``self.shape`` or ``(n, *self.shape)``
+            Frame(s) in counts.
+        mask : ndarray of bool, optional
+            The frame's own validity mask (same shape as one frame, or one per frame).
+            Pixels invalid here but valid in the map's static mask are excluded with a
+            per-frame validity pass. Default: NaN and negative pixels are invalid.
+
+        Returns
+        -------
+        fold : ndarray of float32, shape ``fold_shape`` (or ``(n, *fold_shape)``)
+            Mean of the valid quadrant samples; 0 where ``count == 0``.
+        count : ndarray of int8, same shape
+            Number of quadrant samples averaged per fold pixel.
+        """
+        data = np.asarray(data)
+        if data.shape[-2:] != self.shape or data.ndim not in (2, 3):
+            raise GeometryError(f"frame has shape {data.shape}, expected {self.shape} or (n, {self.shape[0]}, {self.shape[1]})")
+        if data.ndim == 3:
+            if mask is not None and np.ndim(mask) == 3:
+                results = [self.fold(f, m) for f, m in zip(data, mask)]
+                return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+            frame_masks = None if mask is None else np.asarray(mask, bool)
+            if frame_masks is None:
+                frame_masks = np.isfinite(data) & (data >= 0)
+                extra = ~frame_masks & self.usable
+                if extra.any():
+                    results = [self.fold(f, m) for f, m in zip(data, frame_masks)]
+                    return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+            elif (~frame_masks & self.usable).any():
+                results = [self.fold(f, frame_masks) for f in data]
+                return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+            flat = data.reshape(data.shape[0], -1).astype(np.float32, copy=False)
+            out = (self._matrix @ flat.T).T.reshape((data.shape[0],) + self.fold_shape)
+            return out.astype(np.float32, copy=False), np.broadcast_to(self.count, out.shape).copy()
+        if mask is None:
+            mask = np.isfinite(data) & (data >= 0)
+        else:
+            mask = np.asarray(mask, bool)
+            if mask.shape != self.shape:
+                raise GeometryError(f"mask has shape {mask.shape}, expected {self.shape}")
+        extra_invalid = ~mask & self.usable
+        flat = np.where(mask, data, 0).astype(np.float32, copy=False).ravel()
+        if not extra_invalid.any():
+            out = self._matrix @ flat
+            return out.reshape(self.fold_shape).astype(np.float32, copy=False), self.count.copy()
+        return self._fold_masked(flat, extra_invalid)
+
+    def _usable_from(self, mask: np.ndarray) -> np.ndarray:
+        """Valid pixels that are not within ``edge`` pixels of an invalid one."""
+        if self.edge <= 0:
+            return mask.copy()
+        return ndimage.binary_erosion(mask, np.ones((3, 3), bool), iterations=self.edge, border_value=1)
+
+    def _sample_ok(self, usable_flat: np.ndarray) -> np.ndarray:
+        """(n_fold, 4) quadrant samples on the detector whose weighted corners are usable."""
+        return self._inside & np.all(usable_flat[self._idx] | (self._wts == 0), axis=2)
+
+    def _fold_masked(self, flat, extra_invalid):
+        usable = self._usable_from(self.mask & ~extra_invalid)
+        ok = self._sample_ok(usable.ravel())
+        values = (flat[self._idx] * self._wts).sum(axis=2)
+        count = ok.sum(axis=1)
+        total = np.where(ok, values, 0).sum(axis=1, dtype=np.float64)
+        out = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        return out.reshape(self.fold_shape).astype(np.float32), count.reshape(self.fold_shape).astype(np.int8)
+
+    # -- unfolding
+    def unfold(self, folded, count=None) -> tuple[np.ndarray, np.ndarray]:
+        """Map a fold back onto the detector frame.
+
+        Parameters
+        ----------
+        folded : ndarray, shape ``fold_shape``
+            A fold (for example a background or a corrected fold).
+        count : ndarray, optional
+            Its per-pixel count; fold pixels with ``count == 0`` are not used
+            (default: the map's static count).
+
+        Returns
+        -------
+        image : ndarray of float32, shape ``self.shape``
+            Bilinear interpolation of the fold at each detector pixel's (|v|, |u|);
+            0 where no valid fold pixel is near.
+        valid : ndarray of bool
+            Detector pixels that received a value.
+        """
+        folded = np.asarray(folded)
+        if folded.shape != self.fold_shape:
+            raise GeometryError(f"fold has shape {folded.shape}, expected {self.fold_shape}")
+        count = self.count if count is None else np.asarray(count)
+        have = (count > 0).ravel().astype(np.float32)
+        if self._unfold_matrix is None:
+            self._unfold_matrix = self._build_unfold()
+        m = self._unfold_matrix
+        num = m @ (np.where(count > 0, folded, 0).astype(np.float32).ravel())
+        den = m @ have
+        valid = den > 0.5
+        image = np.where(valid, num / np.where(valid, den, 1), 0).astype(np.float32)
+        return image.reshape(self.shape), valid.reshape(self.shape)
+
+    def _build_unfold(self):
+        h, w = self.shape
+        fh, fw = self.fold_shape
+        cx, cy = self.geometry.center
+        ex, ey = self.geometry.equator_vector
+        mx, my = self.geometry.meridian_vector
+        yy, xx = np.mgrid[0:h, 0:w]
+        dx = xx.ravel() - cx
+        dy = yy.ravel() - cy
+        j = np.abs(dx * ex + dy * ey)
+        i = np.abs(dx * mx + dy * my)
+        i0 = np.floor(i).astype(np.int64)
+        j0 = np.floor(j).astype(np.int64)
+        fi = (i - i0).astype(np.float32)
+        fj = (j - j0).astype(np.float32)
+        ok_i = (i0 + 1 < fh) | ((i0 < fh) & (fi == 0))
+        ok_j = (j0 + 1 < fw) | ((j0 < fw) & (fj == 0))
+        i0 = np.clip(i0, 0, fh - 1)
+        j0 = np.clip(j0, 0, fw - 1)
+        i1 = np.minimum(i0 + 1, fh - 1)
+        j1 = np.minimum(j0 + 1, fw - 1)
+        on = (ok_i & ok_j).astype(np.float32)
+        idx = np.stack([i0 * fw + j0, i0 * fw + j1, i1 * fw + j0, i1 * fw + j1], axis=1).astype(np.int32)
+        wts = np.stack([(1 - fi) * (1 - fj), (1 - fi) * fj, fi * (1 - fj), fi * fj], axis=1) * on[:, None]
+        matrix = sparse.csr_matrix(
+            (wts.astype(np.float32).ravel(), idx.ravel(), np.arange(0, 4 * h * w + 1, 4)), shape=(h * w, fh * fw)
+        )
+        matrix.eliminate_zeros()
+        return matrix
+
+
+def fold(data, geometry: Geometry, mask=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Fold one frame into the quadrant (builds a :class:`FoldMap` for this call).
+
+    For a stream of frames with one geometry, build a :class:`FoldMap` once instead.
+
+    Returns
+    -------
+    fold : ndarray of float32
+    count : ndarray of int8
+    """
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise GeometryError(f"expected a 2-D frame, got an array of shape {data.shape}")
+    if mask is None:
+        mask = np.isfinite(data) & (data >= 0)
+    return FoldMap(data.shape, geometry, mask, **kwargs).fold(data, mask)
+
+
+def unfold(folded, geometry: Geometry, shape, count=None) -> tuple[np.ndarray, np.ndarray]:
+    """Map a fold back onto a detector frame of ``shape`` (see :meth:`FoldMap.unfold`)."""
+    folded = np.asarray(folded)
+    fm = FoldMap(shape, geometry, None, edge=0, fold_shape=folded.shape)
+    return fm.unfold(folded, count)

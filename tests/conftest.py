@@ -1,0 +1,28 @@
+"""Shared fixtures: where the real frames live, and the service switch."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("LIVE_BGSUB_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+#: MuscleX 2.1.1's automatic geometry on the real frames (shared/data/real/README.md).
+MUSCLEX_GEOMETRY = {
+    "P40_1_3_00000": ((409.76, 490.97), 1.2),
+    "P40_1_3_00001": ((408.93, 490.45), 1.7),
+    "P40_1_3_00002": ((410.81, 490.00), 2.7),
+    "P40_1_3_00003": ((410.89, 490.84), 1.9),
+    "P40_1_3_00004": ((408.05, 489.68), 2.6),
+    "P40_1_3_00005": ((411.26, 491.17), 1.1),
+    "venus32int": ((391.20, 563.68), -89.4),
+}
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Folder of the real development frames; the test is skipped when it is absent."""
+    if not (REAL_DATA / "P40_1_3_00000.tif").exists():
+        pytest.skip(f"real frames not found at {REAL_DATA} (set LIVE_BGSUB_REAL_DATA)")
+    return REAL_DATA

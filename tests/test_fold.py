@@ -1,0 +1,197 @@
+"""Folding into one quadrant and unfolding back: conventions, invariants, properties."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from live_bgsub.errors import GeometryError
+from live_bgsub.geometry import FoldMap, Geometry, fold, unfold
+
+
+def symmetric_pattern(shape, geometry, a=2.0, b=50.0, su=15.0, sv=9.0):
+    """Smooth pattern mirror-symmetric about the geometry's equator and meridian."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    ex, ey = geometry.equator_vector
+    mx, my = geometry.meridian_vector
+    dx, dy = xx - geometry.center[0], yy - geometry.center[1]
+    u = dx * ex + dy * ey
+    v = dx * mx + dy * my
+    return (a + b * np.exp(-0.5 * ((u / su) ** 2 + (v / sv) ** 2))).astype(np.float32), (u, v)
+
+
+def test_integer_center_no_rotation_is_the_mean_of_four_quadrants():
+    rng = np.random.default_rng(0)
+    img = rng.random((21, 31)).astype(np.float32)
+    g = Geometry((12, 9), 0.0)
+    folded, count = fold(img, g, edge=0)
+    # fold[i, j] averages img[9 +- i, 12 +- j] over the samples that exist.
+    for i, j in [(0, 0), (1, 2), (5, 7), (9, 12), (11, 15), (3, 18)]:
+        samples = [img[9 + si * i, 12 + sj * j] for si in (1, -1) for sj in (1, -1) if 0 <= 9 + si * i < 21 and 0 <= 12 + sj * j < 31]
+        assert count[i, j] == len(samples)
+        assert folded[i, j] == pytest.approx(np.mean(samples), rel=1e-6)
+
+
+def test_center_at_index_00_and_equator_along_axis_1():
+    g = Geometry((40.0, 30.0), 30.0)
+    img = np.zeros((61, 81), np.float32)
+    ex, ey = g.equator_vector
+    mx, my = g.meridian_vector
+    # A spot 15 px along the equator (both sides) and one 10 px along the meridian.
+    for s in (1, -1):
+        img[round(30 + s * 15 * ey), round(40 + s * 15 * ex)] = 100
+        img[round(30 + s * 10 * my), round(40 + s * 10 * mx)] = 50
+    folded, _ = fold(img, g, edge=0)
+    eq = np.unravel_index(np.argmax(folded[:3, 5:]), folded[:3, 5:].shape)
+    assert eq[0] <= 1 and abs(eq[1] + 5 - 15) <= 1
+    mer = np.unravel_index(np.argmax(folded[5:, :3]), folded[5:, :3].shape)
+    assert abs(mer[0] + 5 - 10) <= 1 and mer[1] <= 1
+
+
+def test_rotation_sign_matches_docstring():
+    """Equator along (cos t, sin t): positive rotation dips the right side downwards."""
+    g = Geometry((50.0, 50.0), 10.0)
+    ex, ey = g.equator_vector
+    assert ex > 0 and ey > 0  # right side, larger row index
+    assert Geometry((0, 0), 100.0).rotation_deg == pytest.approx(-80.0)
+    assert Geometry((0, 0), -90.0).rotation_deg == pytest.approx(90.0)
+
+
+def test_constant_frame_folds_to_constant_and_count_range():
+    img = np.full((50, 70), 7.5, np.float32)
+    folded, count = fold(img, Geometry((30.3, 22.8), 12.0))
+    assert count.min() >= 0 and count.max() == 4
+    np.testing.assert_allclose(folded[count > 0], 7.5, rtol=1e-6)
+    assert np.all(folded[count == 0] == 0)
+
+
+def test_masked_pixels_never_contribute():
+    rng = np.random.default_rng(1)
+    img = rng.random((60, 60)).astype(np.float32)
+    mask = np.ones(img.shape, bool)
+    mask[20:24, :] = False  # a gap
+    mask[40, 41] = False
+    g = Geometry((29.6, 31.2), 4.0)
+    a, ca = fold(img, g, mask)
+    spoiled = img.copy()
+    spoiled[~mask] = 1e9
+    b, cb = fold(spoiled, g, mask)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ca, cb)
+    assert ca.sum() < fold(img, g)[1].sum()  # the gap and its edges removed samples
+
+
+def test_gap_edges_are_excluded():
+    img = np.ones((40, 40), np.float32)
+    mask = np.ones(img.shape, bool)
+    mask[10, :] = False
+    g = Geometry((20, 25), 0.0)
+    _, c0 = fold(img, g, mask, edge=0)
+    _, c1 = fold(img, g, mask, edge=1)
+    # Row 10 is 15 rows above the centre; with edge=1 rows 9 and 11 drop out too.
+    assert c0[15, 0] < c0[16, 0] + 1 and c1[14, 0] < c0[14, 0] and c1[16, 0] < c0[16, 0]
+
+
+def test_stream_of_frames_uses_one_map():
+    rng = np.random.default_rng(2)
+    shape = (64, 48)
+    mask = rng.random(shape) > 0.05
+    g = Geometry((23.4, 30.1), -7.0)
+    fm = FoldMap(shape, g, mask)
+    frames = rng.poisson(4.0, size=(5,) + shape).astype(np.float32)
+    batch, counts = fm.fold(frames, mask)
+    for k in range(5):
+        single, c = fold(frames[k], g, mask)
+        np.testing.assert_allclose(batch[k], single, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(counts[k], c)
+
+
+def test_frame_with_extra_invalid_pixels_equals_a_map_built_with_them():
+    rng = np.random.default_rng(3)
+    shape = (64, 64)
+    static = np.ones(shape, bool)
+    static[30:33, :] = False
+    g = Geometry((31.7, 28.2), 3.0)
+    fm = FoldMap(shape, g, static)
+    frame = rng.random(shape).astype(np.float32)
+    frame_mask = static.copy()
+    frame_mask[10, 12] = False  # a hot pixel this frame only
+    frame_mask[50, 40:44] = False
+    got, c_got = fm.fold(frame, frame_mask)
+    want, c_want = FoldMap(shape, g, frame_mask).fold(frame, frame_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(c_got, c_want)
+    assert (c_got != fm.count).any()
+
+
+def test_fold_then_unfold_returns_symmetric_pattern():
+    shape = (90, 110)
+    g = Geometry((52.3, 47.6), 8.0)
+    img, _ = symmetric_pattern(shape, g)
+    fm = FoldMap(shape, g, None, edge=0)
+    folded, count = fm.fold(img)
+    back, valid = fm.unfold(folded, count)
+    assert valid.mean() > 0.95
+    # Two bilinear interpolations of a smooth pattern: small relative error.
+    rel = np.abs(back[valid] - img[valid]) / img[valid]
+    assert rel.max() < 0.02 and np.median(rel) < 0.002
+    back2, valid2 = unfold(folded, g, shape, count)
+    np.testing.assert_array_equal(valid, valid2)
+    np.testing.assert_allclose(back, back2, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(24, 64),
+    w=st.integers(24, 64),
+    fx=st.floats(0.3, 0.7),
+    fy=st.floats(0.3, 0.7),
+    rot=st.one_of(st.floats(-90, 90), st.sampled_from([0.0, 90.0, -45.0])),
+)
+def test_fold_of_symmetric_pattern_recovers_its_profile(h, w, fx, fy, rot):
+    g = Geometry((fx * (w - 1), fy * (h - 1)), rot)
+    img, _ = symmetric_pattern((h, w), g, su=6.0, sv=4.0)
+    folded, count = fold(img, g, edge=0)
+    ii, jj = np.nonzero(count)
+    expected = 2.0 + 50.0 * np.exp(-0.5 * ((jj / 6.0) ** 2 + (ii / 4.0) ** 2))
+    # Bilinear sampling of a smooth function: error bounded by its curvature.
+    np.testing.assert_allclose(folded[ii, jj], expected, rtol=0.08, atol=0.5)
+    assert count.max() <= 4 and count[0, 0] >= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rot=st.floats(-90, 90),
+    a=st.floats(-3, 3),
+    b=st.floats(-3, 3),
+)
+def test_fold_is_linear_and_count_bounded(seed, rot, a, b):
+    rng = np.random.default_rng(seed)
+    shape = (30, 26)
+    x = rng.random(shape)
+    y = rng.random(shape)
+    mask = rng.random(shape) > 0.1
+    g = Geometry((rng.uniform(8, 18), rng.uniform(8, 22)), rot)
+    fm = FoldMap(shape, g, mask)
+    fx, c = fm.fold(x, mask)
+    fy, _ = fm.fold(y, mask)
+    fxy, _ = fm.fold(a * x + b * y, mask)  # negative values are data here: mask given
+    np.testing.assert_allclose(fxy, a * fx + b * fy, atol=1e-4)
+    assert c.min() >= 0 and c.max() <= 4
+    assert np.all(fx[c == 0] == 0)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(GeometryError, match="center must be a pair"):
+        Geometry("middle", 0.0)
+    with pytest.raises(GeometryError, match="finite"):
+        Geometry((1.0, math.nan), 0.0)
+    with pytest.raises(GeometryError, match=r"expected a 2-D frame, got an array of shape \(5,\)"):
+        fold(np.zeros(5), Geometry((1, 1)))
+    fm = FoldMap((10, 10), Geometry((5, 5)))
+    with pytest.raises(GeometryError, match=r"frame has shape \(10, 11\)"):
+        fm.fold(np.zeros((10, 11)))

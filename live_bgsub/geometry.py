@@ -19,14 +19,16 @@ Conventions (see ``docs/conventions.md``):
 
 How the geometry is found
 -------------------------
-The centre is the point of inversion symmetry of the pattern: the self-convolution
-``C(s) = sum_p a(p) a(s - p)`` of the zero-mean log-intensity ``a`` peaks at
-``s = 2 * center`` (Cauchy-Schwarz), computed with FFTs, first on a 4x-binned frame and
-then at full resolution in a window around the coarse answer, with a parabolic
-sub-pixel fit. The rotation is the pattern's mirror axis: in polar coordinates around
-the centre, the circular self-convolution over azimuth of each radius' zero-mean
-profile peaks at twice the mirror angle. Fiber patterns have two mirror axes
-(equator and meridian); the equator is the one with more intensity along it.
+The centre is the point of inversion symmetry of the pattern. A coarse answer comes
+from the self-convolution ``C(s) = sum_p a(p) a(s - p)`` of the zero-mean
+log-intensity of a 4x-binned frame, which peaks at ``s = 2 * center``; it is refined at
+full resolution by minimising the masked mean squared difference between the
+(blurred) log-intensity and its point reflection, all shifts at once with FFTs, with a
+parabolic sub-pixel fit. The rotation is the pattern's mirror axis: in polar
+coordinates around the centre, the masked mean squared difference between each
+radius' azimuthal profile and its reflection about an axis is minimal at that axis.
+Fiber patterns have two mirror axes (equator and meridian); the equator is the one
+with more intensity along it.
 
 For a run of frames that share a geometry, :func:`find_run_geometry` estimates on the
 mean of the frames (photon-starved frames gain from summing) and reports the spread of
@@ -181,7 +183,7 @@ def _parabolic_peak(c: np.ndarray, k: tuple[int, ...]) -> list[float]:
 
 
 def _symmetry_center(a: np.ndarray, window: tuple[int, int, int, int]) -> tuple[float, float]:
-    """Centre ``(y, x)`` of inversion symmetry of ``a``, searched inside ``window``.
+    """Centre ``(y, x)`` of inversion symmetry of a zero-mean ``a``, inside ``window``.
 
     ``window = (y0, y1, x0, x1)`` bounds the centre in ``a``'s index space.
     """
@@ -197,7 +199,57 @@ def _symmetry_center(a: np.ndarray, window: tuple[int, int, int, int]) -> tuple[
     return (k[0] + dy) / 2.0, (k[1] + dx) / 2.0
 
 
-def find_center(data, mask=None, *, bin_factor: int = 4, refine_radius: int = 128) -> tuple[float, float]:
+def _masked_symmetry_center(a: np.ndarray, weight: np.ndarray, search: int) -> tuple[float, float]:
+    """Centre ``(y, x)`` minimising the masked mean squared difference of ``a`` and its
+    point reflection, searched within ``search`` pixels of the middle of ``a``.
+
+    ``D(s) = sum w(p) w(s-p) (a(p) - a(s-p))^2 / sum w(p) w(s-p)
+    = 2 [(w a^2) * w - (w a) * (w a)](s) / (w * w)(s)`` with ``*`` a convolution,
+    so three FFT products give ``D`` for every ``s = 2 * centre`` at once.
+    """
+    h, w = a.shape
+    shape = (fft.next_fast_len(2 * h, real=True), fft.next_fast_len(2 * w, real=True))
+    wa = weight * a
+    f_w = fft.rfft2(weight, s=shape, workers=-1)
+    f_a = fft.rfft2(wa, s=shape, workers=-1)
+    f_a2 = fft.rfft2(wa * a, s=shape, workers=-1)
+    num = fft.irfft2(f_a2 * f_w - f_a * f_a, s=shape, workers=-1)
+    den = fft.irfft2(f_w * f_w, s=shape, workers=-1)
+    my, mx = (h - 1) // 2, (w - 1) // 2
+    sl = (slice(2 * (my - search), 2 * (my + search) + 1), slice(2 * (mx - search), 2 * (mx + search) + 1))
+    num, den = num[sl], den[sl]
+    # Shifts with little overlap compare few pixels: keep those with most of it.
+    score = np.where(den > 0.25 * den.max(), -num / np.maximum(den, 1e-12), -np.inf)
+    k = np.unravel_index(int(np.argmax(score)), score.shape)
+    inner = all(0 < k[i] < score.shape[i] - 1 for i in range(2))
+    dy, dx = _parabolic_peak(score, k) if inner and np.isfinite(score[k[0] - 1 : k[0] + 2, k[1] - 1 : k[1] + 2]).all() else (0.0, 0.0)
+    return (k[0] + dy) / 2.0 + (my - search), (k[1] + dx) / 2.0 + (mx - search)
+
+
+def _smoothed_log(data: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """log(1 + counts) after a masked Gaussian blur, and where that blur is supported.
+
+    Photon-starved frames (median 1-2 counts) are noise at the pixel level; the blur
+    (normalised by the blurred mask) keeps the pattern's shape and ignores gaps.
+    """
+    m = mask.astype(np.float32)
+    num = ndimage.gaussian_filter(np.where(mask, data, 0).astype(np.float32), sigma, truncate=3.0)
+    den = ndimage.gaussian_filter(m, sigma, truncate=3.0)
+    # Values wherever the blur reaches (so bilinear samples next to a gap are not mixed
+    # with zeros); "supported" only where most of the blur fell on valid pixels.
+    out = np.log1p(np.clip(num / np.maximum(den, 1e-6), 0, None))
+    out[den < 1e-3] = 0
+    return out.astype(np.float32), den > 0.5
+
+
+def find_center(
+    data,
+    mask=None,
+    *,
+    bin_factor: int = 4,
+    refine_radius: int = 128,
+    sigma: float = 1.0,
+) -> tuple[float, float]:
     """Find the beam centre as the pattern's point of inversion symmetry.
 
     Parameters
@@ -210,6 +262,8 @@ def find_center(data, mask=None, *, bin_factor: int = 4, refine_radius: int = 12
         Binning of the coarse full-frame search (default 4).
     refine_radius : int, optional
         Half-size (pixels) of the full-resolution refinement window (default 128).
+    sigma : float, optional
+        Gaussian blur (pixels) applied, mask-aware, before the refinement (default 1).
 
     Returns
     -------
@@ -223,9 +277,14 @@ def find_center(data, mask=None, *, bin_factor: int = 4, refine_radius: int = 12
 
     Notes
     -----
-    Cost: two FFT self-convolutions, one of the binned frame and one of a
-    ``(2 * refine_radius + 1)`` square window (about 30 ms for a Pilatus 1M frame on
-    2 cores). Accuracy on synthetic Pilatus patterns: see ``tests/test_geometry.py``.
+    Two steps. Coarse: the self-convolution of the zero-mean log-intensity of the
+    ``bin_factor``-binned frame peaks at twice the centre. Fine: in a
+    ``2 * refine_radius + 1`` window around it, the centre minimises the masked mean
+    squared difference between the blurred log-intensity and its point reflection
+    (gaps and off-detector pixels carry no weight), with a parabolic sub-pixel fit;
+    repeated once around the new centre. Cost: about 15 FFTs of at most 520 x 520
+    (roughly 20 ms for a Pilatus 1M frame on 2 cores). On 50 synthetic Pilatus
+    patterns the error is below 0.5 px (``tests/test_geometry.py``).
     """
     data, mask = _check_frame(data, mask)
     a = _zero_mean_log(data, mask)
@@ -237,42 +296,31 @@ def find_center(data, mask=None, *, bin_factor: int = 4, refine_radius: int = 12
     if hb < 4 or wb < 4:
         raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
     binned = a[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
-    # The centre lies inside the frame's middle half in each direction (or near it).
+    # The centre lies inside the frame, away from its outer eighth.
     cyb, cxb = _symmetry_center(binned, (hb // 8, hb - 1 - hb // 8, wb // 8, wb - 1 - wb // 8))
     cy, cx = cyb * b + (b - 1) / 2.0, cxb * b + (b - 1) / 2.0
     r = int(refine_radius)
+    pad = int(math.ceil(3 * sigma)) + 1
     for _ in range(2):
         iy, ix = int(round(cy)), int(round(cx))
         y0, x0 = iy - r, ix - r
+        ys, xs, ye, xe = max(y0 - pad, 0), max(x0 - pad, 0), min(y0 + 2 * r + 1 + pad, h), min(x0 + 2 * r + 1 + pad, w)
+        if ye <= ys or xe <= xs:
+            raise GeometryError(f"centre estimate ({cx:.1f}, {cy:.1f}) lies off the frame of shape {data.shape}")
+        blurred, support = _smoothed_log(data[ys:ye, xs:xe], mask[ys:ye, xs:xe], sigma)
         crop = np.zeros((2 * r + 1, 2 * r + 1), np.float32)
-        ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + 2 * r + 1, h), min(x0 + 2 * r + 1, w)
-        crop[ys - y0 : ye - y0, xs - x0 : xe - x0] = a[ys:ye, xs:xe]
-        valid = crop != 0
-        if valid.any():
-            crop[valid] -= crop[valid].mean()
-        q = r // 2
-        sy, sx = _symmetry_center(crop, (r - q, r + q, r - q, r + q))
+        weight = np.zeros_like(crop)
+        ty, tx = max(y0, 0), max(x0, 0)
+        by, bx = min(y0 + 2 * r + 1, h), min(x0 + 2 * r + 1, w)
+        crop[ty - y0 : by - y0, tx - x0 : bx - x0] = blurred[ty - ys : by - ys, tx - xs : bx - xs]
+        weight[ty - y0 : by - y0, tx - x0 : bx - x0] = (
+            support[ty - ys : by - ys, tx - xs : bx - xs] & mask[ty:by, tx:bx]
+        )
+        if not weight.any():
+            raise GeometryError(f"no valid pixel within {r} px of the centre estimate ({cx:.1f}, {cy:.1f})")
+        sy, sx = _masked_symmetry_center(crop, weight, search=max(4, min(2 * b + 2, r // 2)))
         cy, cx = y0 + sy, x0 + sx
     return float(cx), float(cy)
-
-
-def _polar_profiles(data, mask, center, *, rmin, rmax, n_angles, dr):
-    """Zero-mean log-intensity on a polar grid ``[radius, angle]`` (0 where invalid)."""
-    cx, cy = center
-    a = np.log1p(np.clip(np.where(mask, data, 0), 0, None).astype(np.float32))
-    r = np.arange(rmin, rmax, dr, dtype=np.float32)
-    phi = np.arange(n_angles, dtype=np.float32) * np.float32(2 * np.pi / n_angles)
-    xs = cx + r[:, None] * np.cos(phi)[None, :]
-    ys = cy + r[:, None] * np.sin(phi)[None, :]
-    v = ndimage.map_coordinates(a, [ys, xs], order=1, mode="constant", cval=0.0)
-    # A sample is valid when its nearest pixel is valid and it lies on the detector.
-    iy, ix = np.rint(ys).astype(np.intp), np.rint(xs).astype(np.intp)
-    on = (iy >= 0) & (iy < a.shape[0]) & (ix >= 0) & (ix < a.shape[1])
-    valid = np.zeros(v.shape, bool)
-    valid[on] = mask[iy[on], ix[on]]
-    n = valid.sum(axis=1, keepdims=True)
-    mean = np.where(valid, v, 0).sum(axis=1, keepdims=True) / np.maximum(n, 1)
-    return np.where(valid, v - mean, 0).astype(np.float32), r
 
 
 def find_rotation(
@@ -284,6 +332,7 @@ def find_rotation(
     rmax: float | None = None,
     n_angles: int = 1440,
     dr: float = 2.0,
+    sigma: float = 2.0,
 ) -> float:
     """Find the equator rotation as the pattern's brighter mirror axis.
 
@@ -303,6 +352,8 @@ def find_rotation(
         result is refined below the step by a parabolic fit).
     dr : float, optional
         Radial step (pixels).
+    sigma : float, optional
+        Gaussian blur (pixels) applied, mask-aware, before polar sampling (default 2).
 
     Returns
     -------
@@ -311,11 +362,14 @@ def find_rotation(
 
     Notes
     -----
-    For a profile ``z_r(phi)`` mirror-symmetric about the axis ``beta``,
-    ``z_r(phi) = z_r(2 beta - phi)``, so the circular self-convolution
-    ``sum_r sum_phi z_r(phi) z_r(s - phi)`` peaks at ``s = 2 beta``. Both the equator
-    and the meridian are mirror axes; the equator is taken as the one with the larger
-    intensity within +-1 degree of the axis (on both sides of the centre).
+    A profile ``z_r(phi)`` mirror-symmetric about the axis ``beta`` satisfies
+    ``z_r(phi) = z_r(2 beta - phi)``: the masked mean squared difference between each
+    radius' profile and its reflection, summed over radii, is minimal at
+    ``s = 2 beta``; three FFTs along the azimuth give it for every ``s``. Both the
+    equator and the meridian are mirror axes; the equator is taken as the one with
+    the larger intensity within +-1 degree of the axis (on both sides of the centre).
+    Cost: a blur of the frame and ``n_angles * (rmax - rmin) / dr`` bilinear samples
+    (roughly 40 ms for a Pilatus 1M frame).
     """
     data, mask = _check_frame(data, mask)
     if center is None:
@@ -328,15 +382,32 @@ def find_rotation(
             rmax = min(max(cx, w - 1 - cx, cy, h - 1 - cy), 400.0)
     if rmax <= rmin:
         raise GeometryError(f"no annulus to analyse: rmin={rmin} >= rmax={rmax}")
-    z, _ = _polar_profiles(data, mask, (cx, cy), rmin=rmin, rmax=rmax, n_angles=n_angles, dr=dr)
-    if not z.any():
+    # Blur only the box that holds the annulus.
+    pad = int(math.ceil(3 * sigma)) + 2
+    ys, ye = max(int(cy - rmax) - pad, 0), min(int(cy + rmax) + pad + 1, h)
+    xs, xe = max(int(cx - rmax) - pad, 0), min(int(cx + rmax) + pad + 1, w)
+    if ye <= ys or xe <= xs:
+        raise GeometryError(f"centre ({cx:.1f}, {cy:.1f}) lies off the frame of shape {data.shape}")
+    blurred, support = _smoothed_log(data[ys:ye, xs:xe], mask[ys:ye, xs:xe], sigma)
+    support &= mask[ys:ye, xs:xe]
+    values, valid = _polar_samples(blurred, support, (cx - xs, cy - ys), rmin=rmin, rmax=rmax, n_angles=n_angles, dr=dr)
+    if not valid.any():
         raise GeometryError("no valid pixels around the centre: no rotation can be found")
-    spec = np.fft.rfft(z, axis=1)
-    conv = np.fft.irfft((spec * spec).sum(axis=0), n=n_angles)
-    k = int(np.argmax(conv))
-    (d,) = _parabolic_peak(conv, (k,))
+    wt = valid.astype(np.float64)
+    z = np.where(valid, values, 0).astype(np.float64)
+    f_w = np.fft.rfft(wt, axis=1)
+    f_z = np.fft.rfft(z, axis=1)
+    f_z2 = np.fft.rfft(z * z, axis=1)
+    num = np.fft.irfft((f_z2 * f_w - f_z * f_z).sum(axis=0), n=n_angles)
+    den = np.fft.irfft((f_w * f_w).sum(axis=0), n=n_angles)
+    score = np.where(den > 0.25 * den.max(), -num / np.maximum(den, 1e-12), -np.inf)
+    k = int(np.argmax(score))
+    (d,) = _parabolic_peak(score, (k,)) if np.isfinite(score[[k - 1, (k + 1) % n_angles]]).all() else (0.0,)
     beta = ((k + d) * 360.0 / n_angles) / 2.0  # one mirror axis, degrees
 
+    # Zero-mean per radius, to compare the intensity along the two axes.
+    n = valid.sum(axis=1, keepdims=True)
+    zm = np.where(valid, z - z.sum(axis=1, keepdims=True) / np.maximum(n, 1), 0)
     half = max(1, int(round(n_angles / 360.0)))  # +-1 degree
 
     def strength(axis_deg):
@@ -344,12 +415,27 @@ def find_rotation(
         for side in (0.0, 180.0):
             i0 = int(round((axis_deg + side) * n_angles / 360.0))
             cols = np.arange(i0 - half, i0 + half + 1) % n_angles
-            total += float(z[:, cols].sum())
+            total += float(zm[:, cols].sum())
         return total
 
     if strength(beta + 90.0) > strength(beta):
         beta += 90.0
     return _normalize_rotation(beta)
+
+
+def _polar_samples(image, valid, center, *, rmin, rmax, n_angles, dr):
+    """Bilinear samples of ``image`` on a polar grid ``[radius, angle]`` and their validity."""
+    cx, cy = center
+    r = np.arange(rmin, rmax, dr, dtype=np.float32)
+    phi = np.arange(n_angles, dtype=np.float32) * np.float32(2 * np.pi / n_angles)
+    xs = cx + r[:, None] * np.cos(phi)[None, :]
+    ys = cy + r[:, None] * np.sin(phi)[None, :]
+    values = ndimage.map_coordinates(image, [ys, xs], order=1, mode="constant", cval=0.0)
+    iy, ix = np.rint(ys).astype(np.intp), np.rint(xs).astype(np.intp)
+    on = (iy >= 0) & (iy < image.shape[0]) & (ix >= 0) & (ix < image.shape[1])
+    ok = np.zeros(values.shape, bool)
+    ok[on] = valid[iy[on], ix[on]]
+    return values, ok
 
 
 def find_geometry(data, mask=None, **kwargs) -> Geometry:
@@ -499,47 +585,54 @@ class FoldMap:
         cx, cy = self.geometry.center
         ex, ey = self.geometry.equator_vector
         mx, my = self.geometry.meridian_vector
-        jj = np.arange(fw, dtype=np.float64)[None, :]
-        ii = np.arange(fh, dtype=np.float64)[:, None]
-        # idx/wts: (n_fold, quadrant, corner) bilinear taps; every fold pixel has 16.
-        idx = np.empty((n_fold, 4, 4), np.int32)
-        wts = np.empty((n_fold, 4, 4), np.float32)
-        inside = np.empty((n_fold, 4), bool)
-        for q, (su, sv) in enumerate(_QUADRANT_SIGNS):
-            x = (cx + su * ex * jj + sv * mx * ii).ravel()
-            y = (cy + su * ey * jj + sv * my * ii).ravel()
-            x0 = np.floor(x)
-            y0 = np.floor(y)
-            fx = (x - x0).astype(np.float32)
-            fy = (y - y0).astype(np.float32)
-            # On the detector; a sample exactly on the last row/column needs no neighbour.
-            inside[:, q] = (x0 >= 0) & (y0 >= 0) & ((x0 + 1 < w) | ((x0 < w) & (fx == 0)))
-            inside[:, q] &= (y0 + 1 < h) | ((y0 < h) & (fy == 0))
-            x0 = np.clip(x0, 0, w - 1).astype(np.int32)
-            y0 = np.clip(y0, 0, h - 1).astype(np.int32)
-            x1 = np.minimum(x0 + 1, w - 1)
-            y1 = np.minimum(y0 + 1, h - 1)
-            idx[:, q, 0] = y0 * w + x0
-            idx[:, q, 1] = y0 * w + x1
-            idx[:, q, 2] = y1 * w + x0
-            idx[:, q, 3] = y1 * w + x1
-            wts[:, q, 0] = (1 - fx) * (1 - fy)
-            wts[:, q, 1] = fx * (1 - fy)
-            wts[:, q, 2] = (1 - fx) * fy
-            wts[:, q, 3] = fx * fy
-        # Kept for the slow path (a frame with extra invalid pixels re-checks validity).
-        self._idx, self._wts, self._inside = idx, wts, inside
-        ok = self._sample_ok(self.usable.ravel())
-        count = ok.sum(axis=1)
+        su = np.array([q[0] for q in _QUADRANT_SIGNS], np.float64)
+        sv = np.array([q[1] for q in _QUADRANT_SIGNS], np.float64)
+        jj = np.arange(fw, dtype=np.float64)[None, :, None]
+        ii = np.arange(fh, dtype=np.float64)[:, None, None]
+        # Arrays of shape (n_fold, 4 quadrants): the top-left bilinear tap (flat index)
+        # and the fractional offsets; the other taps are base + 1, base + w, base + w + 1.
+        x = (cx + (ex * jj) * su + (mx * ii) * sv).reshape(n_fold, 4)
+        y = (cy + (ey * jj) * su + (my * ii) * sv).reshape(n_fold, 4)
+        x0 = np.floor(x)
+        y0 = np.floor(y)
+        fx = (x - x0).astype(np.float32)
+        fy = (y - y0).astype(np.float32)
+        del x, y
+        # On the detector; a sample exactly on the last row/column needs no neighbour.
+        inside = (x0 >= 0) & (y0 >= 0) & ((x0 + 1 < w) | ((x0 < w) & (fx == 0)))
+        inside &= (y0 + 1 < h) | ((y0 < h) & (fy == 0))
+        base = np.clip(y0, 0, h - 1).astype(np.int32) * w + np.clip(x0, 0, w - 1).astype(np.int32)
+        self._base, self._fx, self._fy, self._inside = base, fx, fy, inside
+        # Which taps carry weight (fx > 0: the right ones, fy > 0: the lower ones).
+        self._footprint = (fx > 0).astype(np.int8) + 2 * (fy > 0).astype(np.int8)
+        ok = self._sample_ok(self.usable)
+        count = np.count_nonzero(ok, axis=1)
         norm = np.where(count > 0, 1.0 / np.maximum(count, 1), 0.0).astype(np.float32)
-        data = wts * (ok * norm[:, None])[:, :, None]
-        matrix = sparse.csr_matrix(
-            (data.ravel(), idx.ravel(), np.arange(0, 16 * n_fold + 1, 16)), shape=(n_fold, h * w), copy=True
-        )  # copy: eliminate_zeros() compacts in place and idx is kept
+        scale = ok * norm[:, None]  # weight of each quadrant sample in the mean
+        # Rows of the matrix are fold pixels: 16 entries each (4 quadrants x 4 taps),
+        # zero weights dropped afterwards.
+        wx = np.stack([1 - fx, fx], axis=-1)
+        wy = np.stack([1 - fy, fy], axis=-1)
+        data = (wy[:, :, :, None] * wx[:, :, None, :] * scale[:, :, None, None]).reshape(n_fold, 4, 4)
+        indices = base[:, :, None] + np.array([0, 1, w, w + 1], np.int32)
+        np.minimum(indices, h * w - 1, out=indices)
+        indptr = np.arange(0, 16 * n_fold + 1, 16, dtype=np.int32 if 16 * n_fold < 2**31 else np.int64)
+        matrix = sparse.csr_matrix((data.ravel(), indices.ravel(), indptr), shape=(n_fold, h * w))
         matrix.eliminate_zeros()
         self._matrix = matrix
         self.count = count.astype(np.int8).reshape(self.fold_shape)
         self._unfold_matrix = None
+
+    def _taps(self):
+        """The four bilinear taps: (flat offset from base, weights (n_fold, 4))."""
+        w = self.shape[1]
+        fx, fy = self._fx, self._fy
+        return (
+            (0, (1 - fx) * (1 - fy)),
+            (1, fx * (1 - fy)),
+            (w, (1 - fx) * fy),
+            (w + 1, fx * fy),
+        )
 
     # -- folding
     def fold(self, data, mask=None) -> tuple[np.ndarray, np.ndarray]:
@@ -598,16 +691,31 @@ class FoldMap:
         """Valid pixels that are not within ``edge`` pixels of an invalid one."""
         if self.edge <= 0:
             return mask.copy()
-        return ndimage.binary_erosion(mask, np.ones((3, 3), bool), iterations=self.edge, border_value=1)
+        # Separable 3x3 minimum (= binary erosion, borders count as valid), faster than
+        # ndimage.binary_erosion on detector-sized masks.
+        size = 2 * self.edge + 1
+        return ndimage.minimum_filter(mask.view(np.uint8), size=size, mode="nearest").view(bool)
 
-    def _sample_ok(self, usable_flat: np.ndarray) -> np.ndarray:
-        """(n_fold, 4) quadrant samples on the detector whose weighted corners are usable."""
-        return self._inside & np.all(usable_flat[self._idx] | (self._wts == 0), axis=2)
+    def _sample_ok(self, usable: np.ndarray) -> np.ndarray:
+        """(n_fold, 4): quadrant samples on the detector whose weighted taps are all usable."""
+        # One gather per sample: which taps carry weight depends on whether fx, fy are
+        # zero, so look up the AND of the usable pixels over the matching footprint.
+        right = np.zeros_like(usable)
+        right[:, :-1] = usable[:, 1:]
+        down = np.zeros_like(usable)
+        down[:-1, :] = usable[1:, :]
+        pair_x = usable & right
+        pair_y = usable & down
+        quad = pair_x.copy()
+        quad[:-1, :] &= pair_x[1:, :]
+        quad[-1, :] = False
+        table = np.stack([usable.ravel(), pair_x.ravel(), pair_y.ravel(), quad.ravel()])
+        return self._inside & table[self._footprint, self._base]
 
     def _fold_masked(self, flat, extra_invalid):
-        usable = self._usable_from(self.mask & ~extra_invalid)
-        ok = self._sample_ok(usable.ravel())
-        values = (flat[self._idx] * self._wts).sum(axis=2)
+        ok = self._sample_ok(self._usable_from(self.mask & ~extra_invalid))
+        last = flat.size - 1
+        values = sum(wt * flat[np.minimum(self._base + offset, last)] for offset, wt in self._taps())
         count = ok.sum(axis=1)
         total = np.where(ok, values, 0).sum(axis=1, dtype=np.float64)
         out = np.where(count > 0, total / np.maximum(count, 1), 0.0)

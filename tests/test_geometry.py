@@ -1,0 +1,156 @@
+"""Beam centre and equator rotation: synthetic truth, the real P40 run, venus32int."""
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import MUSCLEX_GEOMETRY
+from live_bgsub.errors import GeometryError
+from live_bgsub.geometry import Geometry, find_center, find_geometry, find_rotation, find_run_geometry
+from live_bgsub.io import read_image
+from live_bgsub.synth import make_pattern
+
+
+def _rotation_error(a, b):
+    """Difference of two axis angles (degrees, modulo 180)."""
+    return abs((a - b + 90.0) % 180.0 - 90.0)
+
+
+@pytest.mark.slow
+def test_fifty_synthetic_pilatus_patterns(capsys):
+    """Centre within 0.5 px and rotation within 0.2 degrees of the truth."""
+    rng = np.random.default_rng(2026)
+    center_err, rot_err = [], []
+    for k in range(50):
+        # +-40 px centre offsets and +-10 degrees; every fifth pattern has a vertical equator.
+        rotation = rng.uniform(-10, 10) + (90.0 if k % 5 == 4 else 0.0)
+        p = make_pattern("pilatus-1m", seed=1000 + k, rotation_deg=rotation)
+        g = find_geometry(p.frame, p.mask)
+        center_err.append(math.dist(g.center, p.params["center"]))
+        rot_err.append(_rotation_error(g.rotation_deg, p.params["rotation_deg"]))
+    with capsys.disabled():
+        print(
+            f"\n50 synthetic Pilatus patterns: centre error median {np.median(center_err):.3f} px, "
+            f"worst {max(center_err):.3f} px; rotation error median {np.median(rot_err):.3f} deg, "
+            f"worst {max(rot_err):.3f} deg"
+        )
+    assert max(center_err) < 0.5
+    assert max(rot_err) < 0.2
+
+
+def test_vertical_equator_is_found_near_90():
+    p = make_pattern("pilatus-1m", seed=7, rotation_deg=88.0)
+    g = find_geometry(p.frame, p.mask)
+    assert _rotation_error(g.rotation_deg, 88.0) < 0.2
+    assert abs(g.rotation_deg) > 80
+
+
+def test_run_estimate_is_at_least_as_good_as_single_frames():
+    center, rotation = (431.3, 505.8), 4.0
+    frames = [make_pattern("pilatus-1m", seed=s, center=center, rotation_deg=rotation, counts=0.3) for s in range(4)]
+    # counts=0.3: photon-starved frames, where summing pays.
+    run = find_run_geometry([p.frame for p in frames], frames[0].mask)
+    assert len(run.per_frame) == 4
+    assert math.dist(run.geometry.center, center) < 0.5
+    assert _rotation_error(run.geometry.rotation_deg, rotation) < 0.2
+    assert run.center_spread_px[0] < 1 and run.center_spread_px[1] < 1 and run.rotation_spread_deg < 0.5
+
+
+def test_all_masked_or_wrong_shape_is_a_clear_error():
+    with pytest.raises(GeometryError, match="every pixel of the frame is masked"):
+        find_center(np.ones((50, 50)), np.zeros((50, 50), bool))
+    with pytest.raises(GeometryError, match=r"expected a 2-D frame, got an array of shape \(3, 4, 5\)"):
+        find_rotation(np.ones((3, 4, 5)))
+    with pytest.raises(GeometryError, match="mask has shape"):
+        find_geometry(np.ones((50, 50)), np.ones((40, 50), bool))
+    with pytest.raises(GeometryError, match="at least one frame"):
+        find_run_geometry([])
+
+
+# --------------------------------------------------------------------------- real frames
+
+
+def _equator_angle_from_10_spots(image, mask, center, s_range=(25, 60)):
+    """Independent check: the angle of the line through the two 1,0 spot centroids."""
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dx, dy = xx - center[0], yy - center[1]
+    r = np.hypot(dx, dy)
+    ang = np.degrees(np.arctan2(dy, dx))
+    band = (r > s_range[0]) & (r < s_range[1]) & mask
+    points = []
+    for side in (0.0, 180.0):
+        sector = band & (np.abs((ang - side + 180) % 360 - 180) < 15)
+        wts = np.clip(image - np.percentile(image[sector], 60), 0, None) * sector
+        points.append(((wts * xx).sum() / wts.sum(), (wts * yy).sum() / wts.sum()))
+    (x1, y1), (x0, y0) = points
+    return math.degrees(math.atan2(y1 - y0, x1 - x0))
+
+
+@pytest.fixture(scope="module")
+def p40(real_data):
+    return [read_image(real_data / f"P40_1_3_0000{i}.tif") for i in range(6)]
+
+
+@pytest.mark.realdata
+def test_p40_frames_against_musclex(p40, capsys):
+    """Per frame: within 2 px and 1 degree of MuscleX where MuscleX agrees with itself.
+
+    MuscleX's per-frame answers on these six frames (one geometry) scatter over
+    3.2 px in x and 1.6 degrees; the run mean of its values is the stable reference.
+    """
+    ours = [find_geometry(im.data, im.mask) for im in p40]
+    mx_centers = np.array([MUSCLEX_GEOMETRY[f"P40_1_3_0000{i}"][0] for i in range(6)])
+    mx_rot = np.array([MUSCLEX_GEOMETRY[f"P40_1_3_0000{i}"][1] for i in range(6)])
+    lines = []
+    for i, g in enumerate(ours):
+        dc = math.dist(g.center, mx_centers[i])
+        dr = _rotation_error(g.rotation_deg, mx_rot[i])
+        lines.append(f"P40_1_3_0000{i}: ours ({g.center[0]:.2f}, {g.center[1]:.2f}) {g.rotation_deg:.2f} deg; "
+                     f"MuscleX ({mx_centers[i][0]:.2f}, {mx_centers[i][1]:.2f}) {mx_rot[i]:.1f} deg; |dc| {dc:.2f} px, |drot| {dr:.2f} deg")
+        # Against MuscleX's run mean: the issue's 2 px and 1 degree.
+        assert math.dist(g.center, mx_centers.mean(axis=0)) < 2.0
+        assert _rotation_error(g.rotation_deg, mx_rot.mean()) < 1.0
+        # Against each MuscleX frame: within MuscleX's own scatter plus the issue's bound.
+        assert dc < 2.0 + 0.5 * np.ptp(mx_centers[:, 0])
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    # Far steadier than MuscleX on frames that share one geometry.
+    centers = np.array([g.center for g in ours])
+    rots = np.array([g.rotation_deg for g in ours])
+    assert centers.std(axis=0).max() < 0.2
+    assert rots.std() < 0.3 < mx_rot.std()
+
+
+@pytest.mark.realdata
+def test_p40_run_estimate_and_independent_rotation_check(p40, capsys):
+    run = find_run_geometry([im.data for im in p40], p40[0].mask)
+    g = run.geometry
+    with capsys.disabled():
+        print(f"\nP40 run estimate: centre ({g.center[0]:.2f}, {g.center[1]:.2f}) +- "
+              f"({run.center_spread_px[0]:.2f}, {run.center_spread_px[1]:.2f}) px, rotation "
+              f"{g.rotation_deg:.2f} +- {run.rotation_spread_deg:.2f} deg")
+    mx = np.array([v[0] for k, v in MUSCLEX_GEOMETRY.items() if k.startswith("P40")])
+    assert math.dist(g.center, mx.mean(axis=0)) < 1.0
+    assert run.center_spread_px[0] < 0.2 and run.center_spread_px[1] < 0.2
+    # The line through the left and right 1,0 spots of the summed run, measured
+    # without any symmetry assumption, agrees with the mirror-axis rotation.
+    total = sum(im.data for im in p40)
+    spots = _equator_angle_from_10_spots(total, p40[0].mask, g.center)
+    assert _rotation_error(g.rotation_deg, spots) < 0.3
+
+
+@pytest.mark.realdata
+def test_venus_equator_is_vertical(real_data):
+    im = read_image(real_data / "venus32int.tif")
+    g = find_geometry(im.data, im.mask)
+    (mx_center, mx_rot) = MUSCLEX_GEOMETRY["venus32int"]
+    assert abs(g.rotation_deg) > 85  # vertical equator
+    assert _rotation_error(g.rotation_deg, mx_rot) < 1.0
+    assert math.dist(g.center, mx_center) < 2.0
+
+
+def test_geometry_dict_round_trip():
+    g = Geometry((1.5, 2.5), 181.0)
+    assert g.to_dict() == {"center": [1.5, 2.5], "rotation_deg": pytest.approx(1.0)}

@@ -1,0 +1,116 @@
+"""`live-bgsub process`: outputs, stable keys, and clear errors for bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from fabio.tifimage import TifImage
+
+from live_bgsub.cli import main, sample_frame_path
+from live_bgsub.synth import make_pattern
+
+JSON_KEYS = {"image", "shape", "center", "rotation_deg", "method", "parameters", "fold_shape", "metrics", "timings_s"}
+METRIC_KEYS = {"s10_px", "i10", "i11", "i11_i10", "m3_px", "m3_intensity", "tdi", "background_sum"}
+
+
+@pytest.fixture(scope="module")
+def synthetic_tif(tmp_path_factory):
+    p = make_pattern("pilatus-1m", seed=11, counts=3.0)
+    path = tmp_path_factory.mktemp("img") / "synthetic.tif"
+    TifImage(data=p.raw()).write(str(path))
+    return path, p
+
+
+def test_process_writes_json_and_h5(synthetic_tif, tmp_path, capsys):
+    path, p = synthetic_tif
+    rc = main(["process", str(path), "--method", "white-top-hat", "--param", "tophat=60", "--downsample", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    record = json.loads((tmp_path / "synthetic.json").read_text())
+    assert JSON_KEYS <= set(record)
+    assert METRIC_KEYS <= set(record["metrics"])
+    assert {"geometry", "fold", "background", "metrics", "total"} <= set(record["timings_s"])
+    assert record["method"] == "white-top-hat" and record["parameters"] == {"tophat": 60}
+    assert record["shape"] == [1043, 981]
+    assert np.hypot(*(np.array(record["center"]) - p.params["center"])) < 0.5
+    assert abs(record["rotation_deg"] - p.params["rotation_deg"]) < 0.2
+    with h5py.File(tmp_path / "synthetic.h5") as h5:
+        for name in ("folded", "background", "corrected", "count"):
+            assert h5[name].dtype == np.float32
+            assert list(h5[name].shape) == record["fold_shape"]
+        folded, background, corrected = h5["folded"][()], h5["background"][()], h5["corrected"][()]
+        valid = h5["count"][()] > 0
+    np.testing.assert_allclose(corrected[valid], folded[valid] - background[valid], atol=1e-3)
+    assert record["metrics"]["equator_found"] is True
+    assert abs(record["metrics"]["s10_px"] - p.params["s10_px"]) < 1.0
+    assert "synthetic.json" in capsys.readouterr().out
+
+
+def test_given_geometry_is_used(synthetic_tif, tmp_path):
+    path, _ = synthetic_tif
+    assert main(["process", str(path), "--method", "none", "--center", "400.5", "500.25", "--rotation", "3", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "synthetic.json").read_text())
+    assert record["center"] == [400.5, 500.25] and record["rotation_deg"] == 3.0
+
+
+def test_batch_continues_past_bad_files(synthetic_tif, tmp_path, capsys):
+    path, _ = synthetic_tif
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not an image")
+    line = tmp_path / "line.h5"
+    with h5py.File(line, "w") as h5:
+        h5["entry/data/data"] = np.arange(5)
+    masked = tmp_path / "masked.tif"
+    TifImage(data=np.full((64, 64), -1, np.int32)).write(str(masked))
+    out = tmp_path / "out"
+    rc = main(["process", str(tmp_path / "missing.tif"), str(junk), str(line), str(masked), str(path), "--method", "none", "--out", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("missing.tif" in e for e in err)
+    assert any("junk.tif" in e for e in err)
+    assert any("line.h5" in e and "2-D" in e for e in err)
+    assert any("masked.tif" in e and "masked" in e for e in err)
+    assert err[-1].endswith("4 of 5 image(s) failed")
+    assert (out / "synthetic.json").exists()  # the good file was processed anyway
+    assert not (out / "junk.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "rolling-ball"], "rolling-ball"),
+        (["--method", "white-top-hat", "--param", "radius=3"], "radius"),
+        (["--method", "white-top-hat", "--param", "tophat=big"], "big"),
+        (["--method", "white-top-hat", "--param", "tophat"], "KEY=VALUE"),
+        (["--downsample", "0"], "--downsample"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(synthetic_tif, tmp_path, capsys, args, message):
+    path, _ = synthetic_tif
+    rc = main(["process", str(path), "--out", str(tmp_path)] + args)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_console_script_on_shipped_sample(tmp_path):
+    """The README's first command, through the installed entry point."""
+    exe = [sys.executable, "-m", "live_bgsub.cli"]
+    res = subprocess.run(exe + ["process", "--sample", "--method", "circularly-symmetric", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    record = json.loads((tmp_path / "P40_1_3_00000.json").read_text())
+    assert record["image"] == str(sample_frame_path())
+    assert abs(record["center"][0] - 410.1) < 1 and abs(record["center"][1] - 490.1) < 1
+    assert record["metrics"]["equator_found"] is True
+    assert 0.1 < record["metrics"]["i11_i10"] < 5
+
+
+def test_powder_frame_reports_no_equator(real_data, tmp_path):
+    rc = main(["process", str(real_data / "powder_Mn23-1_diffScan_0167.tif"), "--method", "white-top-hat", "--out", str(tmp_path)])
+    assert rc == 0
+    m = json.loads((tmp_path / "powder_Mn23-1_diffScan_0167.json").read_text())["metrics"]
+    assert m["equator_found"] is False and m["reason"]
+    assert m["s10_px"] is None and m["i11_i10"] is None  # NaN is written as null
+    assert m["tdi"] is not None

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .geometry import normalize_rotation
+
 __all__ = [
     "DetectorPreset",
     "PRESETS",
@@ -386,15 +388,6 @@ def _render_signal(fr: _Frame, refl: list[dict]) -> np.ndarray:
 # --------------------------------------------------------------------------- drawing
 
 
-def _normalize_rotation(angle: float) -> float:
-    a = math.fmod(float(angle), 180.0)
-    if a <= -90.0:
-        a += 180.0
-    elif a > 90.0:
-        a -= 180.0
-    return a
-
-
 def _resolve_seed(seed):
     if seed is None:
         return int(np.random.SeedSequence().entropy)
@@ -649,7 +642,7 @@ def make_pattern(
     center = (float(center[0]), float(center[1]))
     if rotation_deg is None:
         rotation_deg = (90.0 if vertical else 0.0) + jitter_r * jr
-    rotation_deg = _normalize_rotation(rotation_deg)
+    rotation_deg = normalize_rotation(rotation_deg)
     fr = _Frame(det.shape, center, rotation_deg)
 
     # Meridional and layer-line positions follow from S10 and d10.

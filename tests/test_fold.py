@@ -195,3 +195,20 @@ def test_bad_inputs_are_named():
     fm = FoldMap((10, 10), Geometry((5, 5)))
     with pytest.raises(GeometryError, match=r"frame has shape \(10, 11\)"):
         fm.fold(np.zeros((10, 11)))
+
+
+def test_first_frame_gather_equals_the_sparse_matrix_of_later_frames():
+    rng = np.random.default_rng(5)
+    shape = (70, 90)
+    mask = rng.random(shape) > 0.02
+    fm = FoldMap(shape, Geometry((40.3, 33.9), 12.5), mask)
+    frame = rng.poisson(20.0, size=shape).astype(np.float32)
+    first, c1 = fm.fold(frame, mask)  # direct gathers, no matrix yet
+    assert fm._matrix is None
+    second, c2 = fm.fold(frame, mask)  # builds the matrix once
+    assert fm._matrix is not None
+    matrix = fm._matrix
+    fm.fold(frame, mask)
+    assert fm._matrix is matrix  # not rebuilt per frame
+    np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(c1, c2)

@@ -60,6 +60,7 @@ __all__ = [
     "fold",
     "unfold",
     "normalize_rotation",
+    "radial_profile",
 ]
 
 
@@ -537,6 +538,70 @@ def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
         (float(centers[:, 0].std()), float(centers[:, 1].std())),
         float(rots.std()),
     )
+
+
+# --------------------------------------------------------------------------- radial integration
+
+
+def radial_profile(image, mask=None, center=(0.0, 0.0), *, bin_width: float = 1.0, rmax: float | None = None):
+    """Mean intensity in radial bins around ``center`` (azimuthal integration).
+
+    Parameters
+    ----------
+    image : ndarray, 2-D
+        A detector frame or a fold (for a fold the centre is ``(0, 0)``, the default).
+    mask : ndarray of bool, optional
+        True where pixels are valid (default: finite pixels).
+    center : (float, float), optional
+        ``(x, y)`` in pixels.
+    bin_width : float, optional
+        Width of the radial bins in pixels (default 1).
+    rmax : float, optional
+        Outer edge of the last bin (default: the largest pixel radius).
+
+    Returns
+    -------
+    radius : ndarray of float64
+        Bin centres ``(k + 0.5) * bin_width``, pixels.
+    mean : ndarray of float64
+        Mean of the valid pixels whose centre falls in each bin; NaN for empty bins.
+    count : ndarray of int64
+        Number of pixels per bin.
+
+    Notes
+    -----
+    A histogram of pixel-centre radii (no pixel splitting): it equals pyFAI's
+    ``integrate1d(..., method=("no", "histogram", "cython"), correctSolidAngle=False)``
+    to float rounding (relative 6e-7) and is faster on a Pilatus 1M frame (8 ms,
+    against 23 ms for a new pyFAI integrator and 11 ms for a cached one); see
+    ``benchmarks/radial.py`` and ``tests/test_radial.py``. Cost: one pass of
+    ``hypot`` and two ``bincount`` over the valid pixels.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise GeometryError(f"expected a 2-D image, got an array of shape {image.shape}")
+    if not bin_width > 0:
+        raise GeometryError(f"bin_width must be > 0 pixels, got {bin_width!r}")
+    if mask is None:
+        mask = np.isfinite(image)
+    else:
+        mask = np.asarray(mask, bool) & np.isfinite(image)
+    cx, cy = center
+    h, w = image.shape
+    if rmax is None:
+        rmax = float(np.hypot(max(cx, w - 1 - cx), max(cy, h - 1 - cy))) + bin_width
+    n_bins = int(math.ceil(rmax / bin_width))
+    # Squared radii from an outer sum (no per-pixel coordinate arrays), in bin units.
+    dy2 = ((np.arange(h) - cy) / bin_width) ** 2
+    dx2 = ((np.arange(w) - cx) / bin_width) ** 2
+    k = np.sqrt(dy2[:, None] + dx2[None, :]).astype(np.int32)
+    # Out-of-range and invalid pixels go to an overflow bin that is dropped.
+    k[~mask | (k >= n_bins)] = n_bins
+    count = np.bincount(k.ravel(), minlength=n_bins + 1)[:n_bins]
+    total = np.bincount(k.ravel(), weights=image.ravel(), minlength=n_bins + 1)[:n_bins]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+    return (np.arange(n_bins) + 0.5) * bin_width, mean, count
 
 
 # --------------------------------------------------------------------------- folding

@@ -26,3 +26,14 @@ def real_data() -> Path:
     if not (REAL_DATA / "P40_1_3_00000.tif").exists():
         pytest.skip(f"real frames not found at {REAL_DATA} (set LIVE_BGSUB_REAL_DATA)")
     return REAL_DATA
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With LIVE_BGSUB_REQUIRE_SERVICES=1 (set by .ci/run) a skipped service test fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("service") and os.environ.get("LIVE_BGSUB_REQUIRE_SERVICES") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"service test skipped, but LIVE_BGSUB_REQUIRE_SERVICES=1 makes it mandatory: {reason}"

@@ -70,7 +70,7 @@ def process_image(
     arrays : dict of ndarray
         ``folded``, ``background``, ``corrected``, ``count`` (float32).
     """
-    from .background import subtract_background
+    from .background import subtract_background, validate_params
     from .errors import ProcessingError
     from .geometry import FoldMap, Geometry, find_center, find_rotation
     from .io import read_image
@@ -123,7 +123,8 @@ def process_image(
         "center": [geometry.center[0], geometry.center[1]],
         "rotation_deg": geometry.rotation_deg,
         "method": method,
-        "parameters": params,
+        # Every parameter the method ran with (defaults filled in, full-resolution px).
+        "parameters": validate_params(method, params),
         "downsample": downsample,
         "fold_shape": list(folded.shape),
         "pixel_size_mm": image.pixel_size_mm,

@@ -32,7 +32,7 @@ def test_process_writes_json_and_h5(synthetic_tif, tmp_path, capsys):
     assert JSON_KEYS <= set(record)
     assert METRIC_KEYS <= set(record["metrics"])
     assert {"geometry", "fold", "background", "metrics", "total"} <= set(record["timings_s"])
-    assert record["method"] == "white-top-hat" and record["parameters"] == {"tophat": 60}
+    assert record["method"] == "white-top-hat" and record["parameters"] == {"tophat": 60.0}
     assert record["shape"] == [1043, 981]
     assert np.hypot(*(np.array(record["center"]) - p.params["center"])) < 0.5
     assert abs(record["rotation_deg"] - p.params["rotation_deg"]) < 0.2
@@ -53,6 +53,15 @@ def test_given_geometry_is_used(synthetic_tif, tmp_path):
     assert main(["process", str(path), "--method", "none", "--center", "400.5", "500.25", "--rotation", "3", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "synthetic.json").read_text())
     assert record["center"] == [400.5, 500.25] and record["rotation_deg"] == 3.0
+    assert record["parameters"] == {}  # "none" takes no parameter
+
+
+def test_defaults_are_recorded(synthetic_tif, tmp_path):
+    path, _ = synthetic_tif
+    assert main(["process", str(path), "--method", "roving-window", "--out", str(tmp_path)]) == 0
+    params = json.loads((tmp_path / "synthetic.json").read_text())["parameters"]
+    # MuscleX's defaults (15 / 10 downsampled px, lowest 25 %) in full-resolution pixels.
+    assert params["win_size_x"] == 30 and params["win_sep_x"] == 20 and params["cirmax"] == 25
 
 
 def test_batch_continues_past_bad_files(synthetic_tif, tmp_path, capsys):

@@ -48,6 +48,7 @@ import numpy as np
 from scipy import fft, ndimage, sparse
 
 from .errors import GeometryError
+from .resample import block_mean
 
 __all__ = [
     "Geometry",
@@ -228,24 +229,6 @@ def _masked_symmetry_center(a: np.ndarray, weight: np.ndarray, search: int) -> t
     return (k[0] + dy) / 2.0 + (my - search), (k[1] + dx) / 2.0 + (mx - search)
 
 
-def _bin_mean(data: np.ndarray, mask: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the valid pixels in ``b x b`` blocks (trailing rows/columns dropped),
-    and the blocks with at least half of their pixels valid. Binned pixel ``(I, J)``
-    is centred on full-resolution ``(b I + (b - 1) / 2, b J + (b - 1) / 2)``."""
-    h, w = data.shape
-    hb, wb = h // b, w // b
-    values = np.where(mask, data, 0).astype(np.float32, copy=False)
-    ones = mask.view(np.uint8)
-    total = np.zeros((hb, wb), np.float32)
-    n = np.zeros((hb, wb), np.uint16)
-    # b*b strided adds: much faster than a reduction over a reshaped 4-D view.
-    for i in range(b):
-        for j in range(b):
-            total += values[i : hb * b : b, j : wb * b : b]
-            n += ones[i : hb * b : b, j : wb * b : b]
-    return np.where(n > 0, total / np.maximum(n, 1), 0).astype(np.float32), n * 2 >= b * b
-
-
 def _smoothed_log(data: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """log(1 + counts) after a masked Gaussian blur, and where that blur is supported.
 
@@ -314,7 +297,7 @@ def find_center(
     hb, wb = h // b, w // b
     if hb < 4 or wb < 4:
         raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
-    binned = _zero_mean_log(*_bin_mean(data, mask, b))
+    binned = _zero_mean_log(*block_mean(np.where(mask, data, 0).astype(np.float32), mask, b))
     # The centre lies inside the frame, away from its outer eighth.
     cyb, cxb = _symmetry_center(binned, (hb // 8, hb - 1 - hb // 8, wb // 8, wb - 1 - wb // 8))
     cy, cx = cyb * b + (b - 1) / 2.0, cxb * b + (b - 1) / 2.0
@@ -414,7 +397,7 @@ def find_rotation(
     xs, xe = max(int(cx - rmax) - pad, 0), min(int(cx + rmax) + pad + 1, w)
     if ye - ys < 2 * b or xe - xs < 2 * b:
         raise GeometryError(f"centre ({cx:.1f}, {cy:.1f}) lies off the frame of shape {data.shape}")
-    box, box_mask = _bin_mean(data[ys:ye, xs:xe], mask[ys:ye, xs:xe], b)
+    box, box_mask = block_mean(np.where(mask[ys:ye, xs:xe], data[ys:ye, xs:xe], 0).astype(np.float32), mask[ys:ye, xs:xe], b)
     blurred, support = _smoothed_log(box, box_mask, sigma / b)
     support &= box_mask
     offset = (b - 1) / 2.0

@@ -60,8 +60,12 @@ def process_image(
     wavelength_nm=None,
     distance_mm=None,
     pixel_size_mm=None,
+    model=None,
 ) -> tuple[dict, dict]:
     """Read, fold, subtract the background and measure one image.
+
+    ``model`` (a loaded :class:`live_bgsub.inference.BackgroundModel`) replaces the
+    classical ``method`` when given; ``method`` is then recorded as ``model:NAME``.
 
     Returns
     -------
@@ -101,7 +105,13 @@ def process_image(
         raise ProcessingError(f"{str(path)!r}: the fold holds no valid pixel (center {geometry.center} off the detector?)")
 
     t = time.perf_counter()
-    background, corrected = subtract_background(folded, method, valid, downsample=downsample, **params)
+    if model is not None:
+        background, corrected = model.subtract(folded, valid)
+        parameters = {"model": model.name, "model_path": model.path, "card_sha256": model.card_sha256()}
+    else:
+        background, corrected = subtract_background(folded, method, valid, downsample=downsample, **params)
+        # Every parameter the method ran with (defaults filled in, full-resolution px).
+        parameters = validate_params(method, params)
     timings["background"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -123,8 +133,7 @@ def process_image(
         "center": [geometry.center[0], geometry.center[1]],
         "rotation_deg": geometry.rotation_deg,
         "method": method,
-        # Every parameter the method ran with (defaults filled in, full-resolution px).
-        "parameters": validate_params(method, params),
+        "parameters": parameters,
         "downsample": downsample,
         "fold_shape": list(folded.shape),
         "pixel_size_mm": image.pixel_size_mm,
@@ -174,7 +183,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="detector images (TIFF, CBF, EDF, HDF5/NeXus, ...)")
     p.add_argument("--sample", action="store_true", help="also process the shipped sample frame (a real Pilatus 1M frame)")
-    p.add_argument("--method", default="white-top-hat", help="background method (default: white-top-hat); see --list-methods")
+    p.add_argument(
+        "--method",
+        default="white-top-hat",
+        help="background method (default: white-top-hat), or model:NAME (a shipped U-Net) / model:PATH (a .keras file); see --list-methods",
+    )
     p.add_argument("--list-methods", action="store_true", help="list the methods with their parameters and defaults, then exit")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable); lengths in full-resolution pixels")
     p.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"), help="beam centre in pixels (x = column); found automatically when omitted")
@@ -194,15 +207,28 @@ def _fail(message: str) -> None:
 
 def _cmd_process(args) -> int:
     from .background import METHODS, get_method, parse_params
+    from .inference import MODEL_PREFIX, SHIPPED_MODELS
 
     if args.list_methods:
         for name, m in METHODS.items():
             defaults = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items())
             print(f"{name}: {defaults}")
+        for name in SHIPPED_MODELS:
+            print(f"{MODEL_PREFIX}{name}: shipped U-Net model (no parameters)")
+        print(f"{MODEL_PREFIX}PATH: a .keras model file with its .json card beside it")
         return 0
+    model = None
     try:
-        get_method(args.method)
-        params = parse_params(args.method, args.param)
+        if args.method.startswith(MODEL_PREFIX):
+            if args.param:
+                raise ValueError(f"a model takes no --param, got {', '.join(args.param)}")
+            from .inference import BackgroundModel
+
+            model = BackgroundModel.load(args.method)
+            params = {}
+        else:
+            get_method(args.method)
+            params = parse_params(args.method, args.param)
     except ValueError as exc:
         _fail(str(exc))
         return 2
@@ -233,6 +259,7 @@ def _cmd_process(args) -> int:
                 wavelength_nm=args.wavelength_nm,
                 distance_mm=args.distance_mm,
                 pixel_size_mm=args.pixel_size_mm,
+                model=model,
             )
             json_path, _ = _write_outputs(args.out, Path(path).stem, record, arrays)
         except (OSError, ValueError) as exc:

@@ -1,0 +1,201 @@
+"""Run a trained U-Net background model on folds: the engine the CLI, callback and replay call.
+
+:class:`BackgroundModel` loads a ``.keras`` file (``safe_mode=True``) and its model card
+(``NAME.json`` beside it, see ``docs/model.md``), and turns folds into
+``(background, corrected)`` in detector units, like
+:func:`live_bgsub.background.subtract_background` does for the classical methods.
+
+The backend is Keras's: ``KERAS_BACKEND`` (``tensorflow`` by default; ``jax`` or
+``torch`` on GPU hosts). The same file loads on every backend. Keras is imported when a
+model is loaded, never by ``import live_bgsub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LiveBgsubError
+from .resample import block_mean, upsample_linear
+
+__all__ = ["BackgroundModel", "ModelError", "SHIPPED_MODELS", "shipped_model_path", "MODEL_PREFIX"]
+
+#: Names of the models shipped in ``live_bgsub/models/``.
+SHIPPED_MODELS = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian", "mixed", "synthetic-truth")
+
+#: Method names of the form ``model:NAME`` or ``model:PATH`` select a model.
+MODEL_PREFIX = "model:"
+
+
+class ModelError(LiveBgsubError, ValueError):
+    """A model could not be found, loaded or applied."""
+
+
+def shipped_model_path(name: str) -> Path:
+    """Path of a shipped model's ``.keras`` file."""
+    return Path(str(resources.files("live_bgsub") / "models" / f"{name}.keras"))
+
+
+def _resolve(name_or_path) -> Path:
+    text = str(name_or_path)
+    if text.startswith(MODEL_PREFIX):
+        text = text[len(MODEL_PREFIX) :]
+    if text in SHIPPED_MODELS:
+        path = shipped_model_path(text)
+        if not path.exists():
+            raise ModelError(f"shipped model {text!r} is not installed (expected {path})")
+        return path
+    path = Path(text)
+    if path.suffix != ".keras":
+        raise ModelError(
+            f"unknown model {text!r}: expected one of {', '.join(SHIPPED_MODELS)} or a path to a .keras file"
+        )
+    if not path.exists():
+        raise ModelError(f"model file not found: {str(path)!r}")
+    return path
+
+
+class BackgroundModel:
+    """A loaded U-Net background model and its card.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Maps ``(batch, rows, cols, 1)`` normalised folds to corrected folds.
+    card : dict
+        The model card (``docs/model.md``); ``{}`` when the file has none.
+    path : str, optional
+        Where the model came from.
+
+    Use :meth:`load` to build one from a shipped name or a ``.keras`` path.
+    """
+
+    def __init__(self, model, card: dict | None = None, path: str = ""):
+        self.model = model
+        self.card = dict(card or {})
+        self.path = str(path)
+        arch = self.card.get("architecture", {})
+        self.depth = int(arch.get("depth", 4))
+        self.downsample = int(self.card.get("downsample", 1))
+        self.normalization = self.card.get("normalization", "unified")
+        if self.normalization != "unified":
+            raise ModelError(
+                f"model {self.name!r} uses {self.normalization!r} normalisation: only 'unified' "
+                "models give a background in detector units"
+            )
+        self._warm: set = set()
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name") or Path(self.path).stem or "model"
+
+    @classmethod
+    def load(cls, name_or_path, *, mixed_precision: bool = False) -> BackgroundModel:
+        """Load a shipped model (``"mixed"``, ``"model:mixed"``) or a ``.keras`` file.
+
+        Parameters
+        ----------
+        name_or_path : str or path-like
+            A name in :data:`SHIPPED_MODELS`, optionally prefixed ``model:``, or the path
+            of a ``.keras`` file (its card is the ``.json`` file of the same stem).
+        mixed_precision : bool, optional
+            Run in ``mixed_float16`` (GPU hosts); the weights stay float32.
+
+        Raises
+        ------
+        ModelError
+            When the name is unknown, the file is missing or does not load.
+        """
+        path = _resolve(name_or_path)
+        import keras
+
+        from . import model as _registered  # noqa: F401  (registers the custom objects)
+
+        if mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            model = keras.saving.load_model(path, safe_mode=True, compile=False)
+        except Exception as exc:  # keras raises many types for a bad file
+            raise ModelError(f"{str(path)!r} is not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
+        card_path = path.with_suffix(".json")
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        return cls(model, card, str(path))
+
+    def card_sha256(self) -> str:
+        """SHA-256 of the model card file (identifies the model in derived runs)."""
+        import hashlib
+
+        card_path = Path(self.path).with_suffix(".json")
+        data = card_path.read_bytes() if card_path.exists() else json.dumps(self.card, sort_keys=True).encode()
+        return hashlib.sha256(data).hexdigest()
+
+    def warmup(self, fold_shape, batch_size: int = 1) -> None:
+        """Run the model once on zeros of ``fold_shape`` (first-call graph tracing)."""
+        folds = np.zeros((batch_size,) + tuple(fold_shape), np.float32)
+        self.subtract(folds, np.ones(folds.shape, bool))
+
+    def subtract(self, folds, masks=None, *, batch_size: int = 8):
+        """Background and corrected fold(s) in detector units.
+
+        Parameters
+        ----------
+        folds : ndarray, (rows, cols) or (n, rows, cols)
+            Folds in counts (beam centre at ``[0, 0]``).
+        masks : ndarray of bool, optional
+            Validity (``count > 0``), same shape; default: finite pixels.
+        batch_size : int, optional
+            Folds per model call.
+
+        Returns
+        -------
+        background, corrected : ndarray of float32
+            Same shape as ``folds``; ``corrected = fold - background``; 0 at invalid
+            pixels. At the model's working downsample the background is computed on the
+            block-mean fold and upsampled bilinearly, like the classical methods.
+        """
+        from .model.preprocessing import prepare, restore
+
+        folds = np.asarray(folds, dtype=np.float32)
+        single = folds.ndim == 2
+        if single:
+            folds = folds[None]
+        if folds.ndim != 3:
+            raise ModelError(f"expected a fold (rows, cols) or folds (n, rows, cols), got shape {folds.shape}")
+        if masks is None:
+            masks = np.isfinite(folds)
+        else:
+            masks = np.broadcast_to(np.asarray(masks, bool), folds.shape)
+        folds = np.where(masks, folds, 0).astype(np.float32)
+        f = self.downsample
+        if f > 1:
+            pairs = [block_mean(fold, mask, f) for fold, mask in zip(folds, masks)]
+            work = np.stack([p[0] for p in pairs])
+            work_masks = np.stack([p[1] for p in pairs])
+        else:
+            work, work_masks = folds, masks
+        x, _, info = prepare(work, work_masks, depth=self.depth, normalization="unified")
+        out = np.concatenate(
+            [np.asarray(self.model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+        )
+        corrected_small = restore(out, info)
+        background_small = np.where(work_masks, work - corrected_small, 0).astype(np.float32)
+        if f > 1:
+            background = np.stack(
+                [upsample_linear(b, m, f, folds.shape[1:]) for b, m in zip(background_small, work_masks)]
+            )
+        else:
+            background = background_small
+        background = np.where(masks, background, 0).astype(np.float32)
+        corrected = np.where(masks, folds - background, 0).astype(np.float32)
+        if single:
+            return background[0], corrected[0]
+        return background, corrected
+
+
+def backend_name() -> str:
+    """The Keras backend that will be used (``KERAS_BACKEND``, default tensorflow)."""
+    return os.environ.get("KERAS_BACKEND", "tensorflow")

@@ -1,0 +1,40 @@
+"""The U-Net background model (Keras 3): network, loss, metrics and shared preprocessing.
+
+Contract: ``docs/model.md``. Importing this package imports Keras and registers the
+custom objects (``live_bgsub>BackgroundUNet``, ``>BackgroundLoss``, ``>MAE``, ``>PSNR``,
+``>SSIM``) that ``keras.saving.load_model(..., safe_mode=True)`` needs; ``import
+live_bgsub`` alone never imports it.
+"""
+
+from live_bgsub.model.losses import SMOOTH_ON, BackgroundLoss
+from live_bgsub.model.metrics import MAE, PSNR, SSIM
+from live_bgsub.model.preprocessing import (
+    NORMALIZATIONS,
+    padded_shape,
+    prepare,
+    restore,
+)
+from live_bgsub.model.unet import (
+    UPSAMPLING,
+    BackgroundUNet,
+    build_unet,
+    unet_flops,
+    with_background,
+)
+
+__all__ = [
+    "MAE",
+    "NORMALIZATIONS",
+    "PSNR",
+    "SMOOTH_ON",
+    "SSIM",
+    "UPSAMPLING",
+    "BackgroundLoss",
+    "BackgroundUNet",
+    "build_unet",
+    "padded_shape",
+    "prepare",
+    "restore",
+    "unet_flops",
+    "with_background",
+]

@@ -178,8 +178,10 @@ class BackgroundModel:
         else:
             work, work_masks = folds, masks
         x, _, info = prepare(work, work_masks, depth=self.depth, normalization="unified")
+        # predict_on_batch runs Keras's traced predict function (3-4x faster than an
+        # eager call for one fold on TensorFlow), on every backend.
         out = np.concatenate(
-            [np.asarray(self.model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+            [np.asarray(self.model.predict_on_batch(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
         )
         corrected_small = restore(out, info)
         background_small = np.where(work_masks, work - corrected_small, 0).astype(np.float32)

@@ -74,7 +74,7 @@ class BackgroundModel:
     Use :meth:`load` to build one from a shipped name or a ``.keras`` path.
     """
 
-    def __init__(self, model, card: dict | None = None, path: str = ""):
+    def __init__(self, model, card: dict | None = None, path: str = "", *, allow_independent: bool = False):
         self.model = model
         self.card = dict(card or {})
         self.path = str(path)
@@ -82,7 +82,7 @@ class BackgroundModel:
         self.depth = int(arch.get("depth", 4))
         self.downsample = int(self.card.get("downsample", 1))
         self.normalization = self.card.get("normalization", "unified")
-        if self.normalization != "unified":
+        if self.normalization != "unified" and not allow_independent:
             raise ModelError(
                 f"model {self.name!r} uses {self.normalization!r} normalisation: only 'unified' "
                 "models give a background in detector units"
@@ -94,7 +94,7 @@ class BackgroundModel:
         return self.card.get("name") or Path(self.path).stem or "model"
 
     @classmethod
-    def load(cls, name_or_path, *, mixed_precision: bool = False) -> BackgroundModel:
+    def load(cls, name_or_path, *, mixed_precision: bool = False, allow_independent: bool = False) -> BackgroundModel:
         """Load a shipped model (``"mixed"``, ``"model:mixed"``) or a ``.keras`` file.
 
         Parameters
@@ -104,6 +104,9 @@ class BackgroundModel:
             of a ``.keras`` file (its card is the ``.json`` file of the same stem).
         mixed_precision : bool, optional
             Run in ``mixed_float16`` (GPU hosts); the weights stay float32.
+        allow_independent : bool, optional
+            Load an ``independent``-normalisation model (evaluation, which knows the
+            targets' scale); :meth:`subtract` still refuses it.
 
         Raises
         ------
@@ -123,7 +126,7 @@ class BackgroundModel:
             raise ModelError(f"{str(path)!r} is not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
         card_path = path.with_suffix(".json")
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        return cls(model, card, str(path))
+        return cls(model, card, str(path), allow_independent=allow_independent)
 
     def card_sha256(self) -> str:
         """SHA-256 of the model card file (identifies the model in derived runs)."""
@@ -159,6 +162,8 @@ class BackgroundModel:
         """
         from .model.preprocessing import prepare, restore
 
+        if self.normalization != "unified":
+            raise ModelError(f"model {self.name!r} uses {self.normalization!r} normalisation: no detector units")
         folds = np.asarray(folds, dtype=np.float32)
         single = folds.ndim == 2
         if single:

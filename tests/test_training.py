@@ -1,0 +1,390 @@
+"""training/: the dataset steps, ``python -m training.fit`` end to end (and resumed), evaluate."""
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data as D
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--synthetic", "6", "--downsample", "4", "--input-size", "64", "--base-filters", "4", "--depth", "2",
+    "--batch-size", "2", "--learning-rate", "1e-3", "--verbose", "0",
+]  # fmt: skip
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def synthetic_folds():
+    """Six synthetic folds at downsample 4 (seeds 0..5)."""
+    folds, report = D.collect_synthetic_folds(6, seed0=0, downsample=4, log=_quiet)
+    return folds, report
+
+
+def _fake(i, source="a", shape=(8, 8)):
+    z = np.full(shape, float(i), np.float32)
+    return D.SourceFold(f"{source}:{i}", source, z, np.ones(shape, bool), np.ones(shape, np.float32))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_group_runs_by_shape_and_counter_prefix():
+    runs = D.group_runs([("P40_1_3_00000", (4, 5)), ("P40_1_3_00001", (4, 5)), ("venus32int", (4, 5)), ("P40_1_3_00002", (6, 5))])
+    assert list(runs.values()) == [[0, 1], [2], [3]]
+    assert [k[1] for k in runs] == ["P40_1_3", "venus32int", "P40_1_3"]
+
+
+def test_discard_removes_the_planted_outlier(synthetic_folds):
+    folds, _ = synthetic_folds
+    good = list(folds)
+    # A failed fold: the rotation off by 90 degrees puts the equator on the meridian.
+    bad = D.SourceFold("synthetic:rotated", "synthetic", folds[3].fold.T.copy(), folds[3].mask.T.copy(), folds[3].samples.T.copy())
+    planted = good[:3] + [bad] + good[3:] + [folds[0]]  # 8 folds: round(0.1 * 8) = 1 goes
+    planted[-1] = D.SourceFold("synthetic:copy", "synthetic", folds[0].fold, folds[0].mask, folds[0].samples)
+    kept, discarded = D.discard_outliers(planted, 0.10)
+    assert [d["id"] for d in discarded] == ["synthetic:rotated"]
+    assert len(kept) == 7 and all(f.id != "synthetic:rotated" for f in kept)
+    scores = D.deviation_scores(planted)
+    assert int(np.argmax(scores)) == 3
+    # Nothing goes with fraction 0; a fraction of 0.3 drops round(2.4) = 2.
+    assert D.discard_outliers(planted, 0.0)[1] == []
+    assert len(D.discard_outliers(planted, 0.3)[1]) == 2
+
+
+def test_similarity_report_has_every_pair_and_the_input(synthetic_folds):
+    folds, _ = synthetic_folds
+    methods = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian")
+    report = D.method_similarity(folds[:2], methods, downsample=4)
+    assert report["names"] == ["input", *methods] and report["n_folds"] == 2
+    pairs = {(p["a"], p["b"]) for p in report["pairs"]}
+    assert len(pairs) == 6 and all(("input", m) in pairs for m in methods)
+    # input ~ method: the mean over folds of the mean |background| / input max.
+    expected = []
+    for f in folds[:2]:
+        top = f.fold[f.mask].max()
+        corrected = D.method_target(f.fold, f.mask, "white-top-hat", 4)
+        expected.append(np.mean(np.abs(f.fold - corrected)[f.mask]) / top)
+    got = next(p for p in report["pairs"] if p["b"] == "white-top-hat" and p["a"] == "input")
+    assert got["mae"] == pytest.approx(np.mean(expected), rel=1e-6)
+    assert all(math.isfinite(p["psnr"]) and p["mae"] > 0 for p in report["pairs"])
+    table = D.similarity_table(report)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "~" in line]
+    assert len(rows) == 6
+    psnrs = [float(r.split("|")[3]) for r in rows]
+    assert psnrs == sorted(psnrs, reverse=True)
+
+
+def test_split_sizes_are_seeded_disjoint_and_per_source():
+    folds = [_fake(i, "a") for i in range(10)] + [_fake(i, "b") for i in range(5)]
+    s = D.split_folds(folds, (0.8, 0.1, 0.1), seed=3)
+    ids = {k: [f.id for f in v] for k, v in s.items()}
+    assert [sum(i.startswith("a:") for i in ids[k]) for k in ("train", "val", "test")] == [8, 1, 1]
+    assert [sum(i.startswith("b:") for i in ids[k]) for k in ("train", "val", "test")] == [3, 1, 1]
+    every = ids["train"] + ids["val"] + ids["test"]
+    assert sorted(every) == sorted(f.id for f in folds)
+    assert ids == {k: [f.id for f in v] for k, v in D.split_folds(folds, (0.8, 0.1, 0.1), seed=3).items()}
+    assert ids != {k: [f.id for f in v] for k, v in D.split_folds(folds, (0.8, 0.1, 0.1), seed=4).items()}
+    s = D.split_folds([_fake(i) for i in range(20)], (0.5, 0.25, 0.25))
+    assert [len(s[k]) for k in ("train", "val", "test")] == [10, 5, 5]
+    # Two folds: the training split keeps them.
+    s = D.split_folds([_fake(i) for i in range(2)], (0.8, 0.1, 0.1))
+    assert [len(s[k]) for k in ("train", "val", "test")] == [2, 0, 0]
+
+
+def test_synthetic_truth_target_is_the_folded_true_signal():
+    from live_bgsub.geometry import FoldMap, Geometry
+    from live_bgsub.resample import block_mean
+    from live_bgsub.synth import make_pattern
+
+    folds, _ = D.collect_synthetic_folds(1, seed0=11, downsample=4, log=_quiet)
+    pairs = D.make_pairs(folds, ["synthetic-truth"], downsample=4, input_size=(64, 96))
+    p = make_pattern("pilatus-1m", seed=11)
+    fm = FoldMap(p.frame.shape, Geometry(p.params["center"], p.params["rotation_deg"]), p.mask)
+    fold, count = fm.fold(p.frame, p.mask)
+    signal, _ = fm.fold(p.signal, p.mask)
+    small_signal, valid = block_mean(signal, count > 0, 4)
+    small_fold, _ = block_mean(fold, count > 0, 4)
+    np.testing.assert_allclose(pairs.targets[0], D.fit_to_size(small_signal, (64, 96)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pairs.inputs[0], D.fit_to_size(small_fold, (64, 96)), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(pairs.masks[0], D.fit_to_size(valid, (64, 96)))
+    assert pairs.methods == ["synthetic-truth"] and pairs.ids == ["synthetic:pilatus-1m:11"]
+    assert pairs.targets[0].max() > 1  # reflections, not an empty crop
+    assert folds[0].info["truth"]["i11_i10"] == p.params["i11_i10"]
+
+
+def test_classical_targets_run_at_the_working_resolution(synthetic_folds):
+    folds, _ = synthetic_folds
+    assert D.working_params("white-top-hat", 2)["tophat"] == 50.0
+    nested = D.working_params("transition", 2, {"transition_radius": 400.0})
+    assert nested["transition_radius"] == 200.0 and nested["outer_params"]["tophat"] == 50.0
+    pairs = D.make_pairs(folds[:2], ["white-top-hat", "smoothed-gaussian"], downsample=4, input_size=(64, 64))
+    assert pairs.methods == ["white-top-hat", "smoothed-gaussian"] * 2
+    assert pairs.ids[0] == pairs.ids[1] and np.array_equal(pairs.inputs[0], pairs.inputs[1])
+    # Corrected folds: at most the input (background >= 0 here), 0 at invalid pixels.
+    assert np.all(pairs.targets[~pairs.masks] == 0) and np.all(pairs.inputs[~pairs.masks] == 0)
+    assert np.all(pairs.targets <= pairs.inputs + 1e-4)
+
+
+def test_augmentation_redoses_counts_and_scales_the_truth(synthetic_folds):
+    folds, _ = synthetic_folds
+    copies = D.augment_folds(folds[:2], 2, scale=(0.5, 2.0), seed=1)
+    assert [c.id for c in copies] == [f"{f.id}#aug{j}" for f in folds[:2] for j in (1, 2)]
+    for c in copies:
+        f = next(f for f in folds if f.id == c.info["augmented_from"])
+        s = c.info["dose_scale"]
+        assert 0.5 <= s <= 2.0
+        np.testing.assert_allclose(c.truth, s * f.truth, rtol=1e-6)
+        assert np.array_equal(c.mask, f.mask)
+        # Poisson re-sampling keeps the mean dose: total counts within 2 %.
+        n = f.samples[f.mask]
+        assert np.sum(c.fold[f.mask] * n) == pytest.approx(s * np.sum(f.expected[f.mask] * n), rel=0.02)
+    assert D.augment_folds(folds[:2], 2, seed=1)[0].fold.tobytes() == copies[0].fold.tobytes()
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="unknown background method 'tophat'"):
+        D.DataConfig(synthetic=2, targets=["tophat"])
+    with pytest.raises(ValueError, match="synthetic sources only"):
+        D.DataConfig(images=["x"], synthetic=2, targets=["synthetic-truth"])
+    with pytest.raises(ValueError, match=r"split must be .* got \[0.5, 0.1, 0.1\]"):
+        D.DataConfig(synthetic=2, split=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError, match="no data source"):
+        D.DataConfig()
+
+
+def test_tiled_source_without_the_client_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tiled(name, *args, **kwargs):
+        if name.startswith("tiled"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tiled)
+    with pytest.raises(ImportError, match=r"tiled\[client\]"):
+        D.collect_tiled_folds("http://localhost:8000/api", ["uid"])
+
+
+def test_tiled_runs_from_an_in_process_server():
+    """Runs served by a real in-process Tiled server (skipped without ``tiled[server]``)."""
+    import hashlib
+
+    pytest.importorskip("tiled.server")
+    from tiled.adapters.array import ArrayAdapter
+    from tiled.adapters.mapping import MapAdapter
+    from tiled.client import Context, from_context
+    from tiled.server.app import build_app
+
+    from live_bgsub.synth import make_pattern
+
+    center, rotation = (420.3, 500.7), 3.0
+    raw = np.stack([make_pattern(seed=k, center=center, rotation_deg=rotation).raw() for k in range(2)])
+
+    def run(frames, plan):
+        primary = MapAdapter({"data": MapAdapter({"pilatus_image": ArrayAdapter.from_array(frames), "I0": ArrayAdapter.from_array(np.ones(len(frames)))})})
+        return MapAdapter({"primary": primary}, metadata={"start": {"plan_name": plan}})
+
+    tree = MapAdapter({"uid-a": run(raw, "count"), "uid-b": run(raw[:1], "muscle_scan")})
+    with Context.from_app(build_app(tree)) as context:
+        client = from_context(context)
+        folds, report = D.collect_tiled_folds("in-process", ["uid-a"], downsample=4, client=client, log=_quiet)
+        assert [f.id for f in folds] == ["tiled:uid-a[0]", "tiled:uid-a[1]"]
+        r = report["runs"][0]
+        assert (r["key"], r["frames"], r["shape"]) == ("pilatus_image", 2, [1043, 981])
+        assert r["sha256"] == hashlib.sha256(raw.tobytes()).hexdigest()
+        assert abs(r["geometry"]["center"][0] - center[0]) < 1 and abs(r["geometry"]["center"][1] - center[1]) < 1
+        assert abs(r["geometry"]["rotation_deg"] - rotation) < 0.5
+        assert folds[0].fold.shape == folds[0].mask.shape and folds[0].fold.max() > 0
+        folds, report = D.collect_tiled_folds("in-process", query="muscle_scan", downsample=4, client=client, log=_quiet)
+        assert [f.id for f in folds] == ["tiled:uid-b[0]"]
+        folds, report = D.collect_tiled_folds("in-process", ["uid-b"], key="nope", downsample=4, client=client, log=_quiet)
+        assert folds == [] and "no data key 'nope'" in report["skipped"][0]["reason"]
+
+
+def test_image_folder_runs_hashes_and_skips(tmp_path):
+    src = REPO / "live_bgsub" / "data" / "P40_1_3_00000.h5"
+    for k in (1, 2):
+        shutil.copy(src, tmp_path / f"scan_{k:05d}.h5")
+    (tmp_path / "notes.dat").write_text("not an image")
+    folds, report = D.collect_image_folds(tmp_path, downsample=4, log=_quiet)
+    assert [f.id for f in folds] == ["image:scan_00001.h5", "image:scan_00002.h5"]
+    assert len(report["runs"]) == 1 and report["runs"][0]["files"] == ["scan_00001.h5", "scan_00002.h5"]
+    assert [s["file"] for s in report["skipped"]] == ["notes.dat"]
+    assert report["files"][0]["sha256"] == D.file_sha256(src)
+    # Two copies of one frame, one geometry: the same fold (up to the FoldMap path's
+    # rounding), the centre near MuscleX's.
+    np.testing.assert_allclose(folds[0].fold, folds[1].fold, rtol=1e-5, atol=1e-6)
+    cx, cy = report["runs"][0]["geometry"]["center"]
+    assert abs(cx - 409.76) < 3 and abs(cy - 490.97) < 3
+
+
+@pytest.mark.realdata
+def test_real_folder_discards_the_powder_frame(real_data):
+    folds, report = D.collect_image_folds(real_data, downsample=2, log=_quiet)
+    assert len(folds) == 8
+    assert sorted(len(r["files"]) for r in report["runs"]) == [1, 1, 6]
+    _, discarded = D.discard_outliers(folds, 0.10)
+    assert [d["id"] for d in discarded] == ["image:powder_Mn23-1_diffScan_0167.tif"]
+
+
+def test_dataset_cache_round_trip(tmp_path):
+    config = D.DataConfig(synthetic=3, downsample=4, input_size=(32, 48), discard=0.0, targets=["white-top-hat"])
+    built = D.build_dataset(config, cache_dir=tmp_path, log=_quiet)
+    assert (tmp_path / f"dataset-{config.key()}.npz").exists()
+    loaded = D.build_dataset(config, cache_dir=tmp_path, log=_quiet)
+    for s in ("train", "val", "test"):
+        a, b = getattr(built, s), getattr(loaded, s)
+        assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets) and a.ids == b.ids
+    assert [len(built.train), len(built.val), len(built.test)] == [1, 1, 1]
+    assert D.DataConfig(synthetic=3, downsample=4, input_size=(32, 48), discard=0.0, seed=1).key() != config.key()
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def test_fit_help_lists_every_configuration_key(capsys):
+    from training import fit
+
+    with pytest.raises(SystemExit) as exc:
+        fit.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    flags = {"targets": "--target", "runs": "--run"}
+    for key in fit.DEFAULTS:
+        assert flags.get(key, "--" + key.replace("_", "-")) in text, key
+    assert "--config" in text and "--fresh" in text
+
+
+def test_fit_config_file_then_flags(tmp_path):
+    from training import fit
+
+    cfg = tmp_path / "r.json"
+    cfg.write_text(json.dumps({"_comment": "x", "synthetic": 5, "targets": ["white-top-hat", "smoothed-gaussian"], "epochs": 3}))
+    config, fresh = fit.resolve_config(["--config", str(cfg), "--epochs", "7", "--out", str(tmp_path / "o"), "--input-size", "32"])
+    assert config["epochs"] == 7 and config["synthetic"] == 5 and config["input_size"] == [32, 32]
+    assert config["name"] == "mixed" and config["learning_rate"] == 1e-5 and not fresh
+    cfg.write_text(json.dumps({"synthetc": 5}))
+    with pytest.raises(SystemExit, match="unknown key"):
+        fit.resolve_config(["--config", str(cfg), "--out", "x"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained for 1 epoch, then the same command with --epochs 2."""
+    pytest.importorskip("keras")
+    from training import fit
+
+    out = tmp_path_factory.mktemp("tiny")
+    t = time.perf_counter()
+    fit.main([*TINY, "--epochs", "1", "--out", str(out)])
+    first_seconds = time.perf_counter() - t
+    first = json.loads((out / "history.json").read_text())
+    first_card = json.loads((out / "model.json").read_text())
+    fit.main([*TINY, "--epochs", "2", "--out", str(out)])
+    return {"out": out, "first_seconds": first_seconds, "first_history": first, "first_card": first_card}
+
+
+def test_fit_end_to_end_writes_a_loadable_model_and_card(tiny_run):
+    import keras
+
+    import live_bgsub.model  # noqa: F401
+
+    out = tiny_run["out"]
+    assert tiny_run["first_seconds"] < 60
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    card = json.loads((out / "model.json").read_text())
+    assert set(card) >= {"name", "architecture", "target", "methods", "normalization", "input_size", "downsample", "loss", "training", "data", "validation", "versions"}
+    assert card["architecture"] | {} == card["architecture"] and {"depth", "base_filters", "dilation_rate", "upsampling"} <= set(card["architecture"])
+    assert card["architecture"]["depth"] == 2 and card["architecture"]["base_filters"] == 4
+    assert (card["name"], card["target"], card["methods"]) == ("white-top-hat", "white-top-hat", ["white-top-hat"])
+    assert card["input_size"] == [64, 64] and card["downsample"] == 4 and card["normalization"] == "unified"
+    assert {"epochs", "steps", "batch_size", "learning_rate", "seconds", "hardware", "seed"} <= set(card["training"])
+    assert {"cpu", "cores", "backend"} <= set(card["training"]["hardware"])
+    assert {"sources", "n_train", "n_val", "n_test", "discarded"} <= set(card["data"])
+    assert card["data"]["sources"][0]["seeds"] == [0, 5]
+    assert [card["data"]["n_train"], card["data"]["n_val"], card["data"]["n_test"]] == [3, 1, 1]
+    assert card["data"]["discarded"][0]["id"].startswith("synthetic:")
+    assert {"mae", "psnr", "ssim", "mae_roi", "psnr_roi", "ssim_roi"} <= set(card["validation"])
+    assert {"live_bgsub", "keras", "backend", "numpy"} <= set(card["versions"])
+    assert card["loss"]["alpha"] == 0.1 and card["training"]["learning_rate"] == 1e-3
+    # The card's validation metrics are live_bgsub.metrics on the validation pair.
+    from live_bgsub.metrics import image_metrics
+    from live_bgsub.model import prepare
+
+    ds = D.Dataset.load(next((out / "cache").glob("dataset-*.npz")))
+    x, y, info = prepare(ds.val.inputs, ds.val.masks, depth=2, normalization="unified", targets=ds.val.targets)
+    pred = np.where(info["masks"], np.asarray(model.predict(x, verbose=0))[..., 0], 0)
+    expected = image_metrics(pred[0], y[0, ..., 0], data_range=1.0)
+    for k in ("mae", "psnr", "ssim", "psnr_roi"):
+        assert card["validation"][k] == pytest.approx(expected[k], rel=1e-4, abs=1e-6), k
+
+
+def test_fit_resumes_instead_of_restarting(tiny_run):
+    out = tiny_run["out"]
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1]
+    # Epoch 0 was not trained again: the second run started at epoch 1 and ran one epoch.
+    assert history["epochs"][0] == tiny_run["first_history"]["epochs"][0]
+    assert [(r["initial_epoch"], r["epochs_run"]) for r in history["runs"]] == [(0, 1), (1, 1)]
+    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["epochs"] == 2 and card["training"]["steps"] == 2 * card["training"]["steps_per_epoch"]
+    assert (out / "logs" / "training.csv").read_text().count("\n") == 3  # header + 2 epochs
+
+
+def test_fit_refuses_to_resume_another_configuration(tiny_run):
+    from training import fit
+
+    args = [a if a != "4" else "8" for a in TINY]  # base filters 4 -> 8 (and downsample 4 -> 8)
+    with pytest.raises(SystemExit, match="another configuration"):
+        fit.main([*args, "--epochs", "2", "--out", str(tiny_run["out"])])
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, capsys):
+    from training import evaluate
+
+    capsys.readouterr()
+    evaluate.main([str(tiny_run["out"] / "model.keras"), "--synthetic", "2", "--out", str(tmp_path), "--methods", "white-top-hat", "circularly-symmetric"])
+    text = capsys.readouterr().out
+    for title in ("Table 1: unified", "Table 2: independent", "Table 3: independent normalisation, centre"):
+        assert title in text
+    assert "68.54" in text and "62.96" in text and "51.31" in text  # the paper's white top-hat rows
+    assert "| oracle |" in text and "| model:white-top-hat |" in text and "| circularly-symmetric |" in text
+    png = tmp_path / "white-top-hat-evaluation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    report = json.loads((tmp_path / "white-top-hat-evaluation.json").read_text())
+    t = report["tables"]["white-top-hat"]
+    assert t["n"] == 2
+    # Dividing by the target's maximum (<= the input's) can only enlarge the errors.
+    assert t["independent_full"]["psnr"] <= t["unified_full"]["psnr"] + 1e-9
+    assert t["independent_full"]["mae"] >= t["unified_full"]["mae"] - 1e-12
+    s = report["truth"]["summary"]
+    assert s["oracle"]["psnr"] > s["white-top-hat"]["psnr"]  # the truth's own floor is best
+    assert report["truth"]["n"] == 2
+
+
+def test_evaluate_refuses_real_frames_for_a_truth_model(tiny_run, tmp_path):
+    from training import evaluate
+
+    card_path = tiny_run["out"] / "model.json"
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copy(tiny_run["out"] / "model.keras", model_dir / "truth.keras")
+    card = json.loads(card_path.read_text()) | {"name": "truth", "target": "synthetic-truth", "methods": ["synthetic-truth"]}
+    (model_dir / "truth.json").write_text(json.dumps(card))
+    with pytest.raises(SystemExit, match="real frames have none"):
+        evaluate.main([str(model_dir / "truth.keras"), "--images", str(tmp_path)])

@@ -1,0 +1,475 @@
+"""Score a trained model as the paper did: ``python -m training.evaluate MODEL --images DIR | --synthetic N``.
+
+``MODEL`` is a shipped model name (``mixed``, ``model:mixed``) or a ``.keras`` file with
+its card (``.json`` of the same stem) beside it. Evaluation pairs are built exactly as
+for training (:mod:`training.data`: the card's targets, downsample and input size), the
+model runs on them, and the script prints:
+
+- MAE / PSNR / SSIM in the layout of the paper's Tables 1-3 (unified normalisation on
+  the whole fold; independent normalisation on the whole fold; independent on the
+  centre ROI), next to the paper's numbers. "Unified" divides prediction and target
+  by the input fold's maximum; "independent" divides both by the target's own maximum
+  (the scale an independent model predicts in). The same scale is applied to the
+  prediction and the target, so each model is scored in both layouts whatever it was
+  trained with. Invalid pixels are 0 in both.
+- On synthetic data, the error of the recovered signal against the *true* signal for
+  the model, every classical method and the oracle (fold minus the true background):
+  MAE (counts), PSNR (unified), both on the whole fold and the centre ROI, and the
+  relative error of I11/I10 read by :func:`live_bgsub.metrics.roi_metrics`. All at the
+  model's working resolution and input crop, so every row sees the same pixels.
+
+It writes ``OUT/NAME-evaluation.png`` (for a few folds: input, classical target or
+truth, prediction and difference, in the spirit of the paper's Figure 5, plus the
+training curves when ``history.json`` lies beside the model) and
+``OUT/NAME-evaluation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.data import (
+    PAPER_METHODS,
+    SYNTHETIC_TRUTH,
+    DataConfig,
+    collect_folds,
+    discard_outliers,
+    fit_to_size,
+    make_pairs,
+    method_target,
+)
+
+#: The paper's Tables 1-3: ``layout -> model -> (MAE, PSNR dB, SSIM)``.
+PAPER = {
+    "unified_full": {
+        "white-top-hat": (0.9e-4, 68.54, 0.9998),
+        "circularly-symmetric": (0.7e-4, 61.01, 0.9997),
+        "smoothed-gaussian": (0.7e-4, 64.77, 0.9998),
+        "mixed": (2.6e-4, 51.63, 0.9973),
+    },
+    "independent_full": {
+        "white-top-hat": (3.7e-4, 62.96, 0.9979),
+        "circularly-symmetric": (2.8e-4, 56.97, 0.9985),
+        "smoothed-gaussian": (2.7e-4, 57.17, 0.9989),
+    },
+    "independent_centre": {
+        "white-top-hat": (10.1e-4, 51.31, 0.9951),
+        "circularly-symmetric": (8.7e-4, 48.60, 0.9956),
+        "smoothed-gaussian": (7.3e-4, 47.94, 0.9973),
+        "mixed": (38.3e-4, 36.85, 0.9504),
+    },
+}
+
+LAYOUTS = (
+    ("unified_full", "Table 1: unified normalisation, whole fold"),
+    ("independent_full", "Table 2: independent normalisation, whole fold"),
+    ("independent_centre", "Table 3: independent normalisation, centre ROI"),
+)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_model(spec):
+    """``(keras_model, card, path)`` of a shipped name or a ``.keras`` path.
+
+    Goes through :meth:`live_bgsub.inference.BackgroundModel.load`, allowing
+    ``independent``-normalisation models, since evaluation knows the targets' scale.
+    """
+    from live_bgsub.inference import BackgroundModel
+
+    bm = BackgroundModel.load(spec, allow_independent=True)
+    return bm.model, bm.card, Path(bm.path)
+
+
+def _history_path(model_path: Path) -> Path | None:
+    for p in (model_path.with_name(model_path.stem + ".history.json"), model_path.parent / "history.json"):
+        if p.exists():
+            return p
+    return None
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def predict(model, card, pairs, *, batch_size=8) -> dict:
+    """The model's prediction of every pair in detector units and the scales of both layouts.
+
+    Returns
+    -------
+    dict
+        ``pred`` and ``target`` (counts, ``(n, rows, cols)``, 0 at invalid pixels),
+        ``masks``, ``input_max`` and ``target_max`` (per pair).
+    """
+    from live_bgsub.model import prepare
+
+    depth = int(card.get("architecture", {}).get("depth", 4))
+    norm = card.get("normalization", "unified")
+    x, _, info = prepare(pairs.inputs, pairs.masks, depth=depth, normalization=norm, targets=pairs.targets)
+    out = model.predict(x, batch_size=batch_size, verbose=0)
+    r, c = info["shape"]
+    masks = info["masks"]
+    target = np.where(masks, pairs.targets, 0).astype(np.float64)
+    # restore(): detector units; an independent model's output is in units of the
+    # target's maximum (known here: this is evaluation).
+    scale = info["input_scale"] if norm == "unified" else info["target_scale"]
+    pred = np.where(masks, out[:, :r, :c, 0] * scale[:, None, None], 0)
+    tmax = target.reshape(len(target), -1).max(axis=1) if len(target) else np.zeros(0)
+    return {
+        "pred": pred,
+        "target": target,
+        "masks": masks,
+        "input_max": info["input_scale"],
+        "target_max": np.where(tmax > 0, tmax, 1.0),
+    }
+
+
+def layout_metrics(p: dict, select=None) -> dict:
+    """Mean metrics of the selected pairs in the three layouts of Tables 1-3."""
+    from live_bgsub.metrics import image_metrics
+
+    idx = range(len(p["pred"])) if select is None else select
+    rows = {"unified": [], "independent": []}
+    for i in idx:
+        for layout, s in (("unified", p["input_max"][i]), ("independent", p["target_max"][i])):
+            rows[layout].append(image_metrics(p["pred"][i] / s, p["target"][i] / s, data_range=1.0))
+
+    def mean(layout, key):
+        v = np.array([r[key] for r in rows[layout]], np.float64)
+        return float(np.mean(np.minimum(v, 200.0))) if len(v) else math.nan
+
+    return {
+        "unified_full": {k: mean("unified", k) for k in ("mae", "psnr", "ssim")},
+        "independent_full": {k: mean("independent", k) for k in ("mae", "psnr", "ssim")},
+        "independent_centre": {k: mean("independent", k + "_roi") for k in ("mae", "psnr", "ssim")},
+        "n": len(rows["unified"]),
+    }
+
+
+def paper_tables(results: dict, model_target: str) -> str:
+    """Markdown tables 1-3: our rows (one per target, plus the mixed row) beside the paper's."""
+    lines = []
+    for layout, title in LAYOUTS:
+        lines += [f"{title}", "", "| model | n | MAE | paper MAE | PSNR (dB) | paper PSNR | SSIM | paper SSIM |", "|---|---|---|---|---|---|---|---|"]
+        for row, m in results.items():
+            # A mixed model's per-target rows are not the paper's single-method models.
+            key = row if (model_target != "mixed" or row == "mixed") else None
+            paper = PAPER[layout].get(key) if key else None
+            label = f"mixed, {row} targets" if model_target == "mixed" and row != "mixed" else row
+            if row == SYNTHETIC_TRUTH:
+                paper_cells = ["n/a (not in the paper)"] + ["n/a"] * 2
+            elif paper:
+                paper_cells = [f"{paper[0]:.1e}", f"{paper[1]:.2f}", f"{paper[2]:.4f}"]
+            else:
+                paper_cells = ["-", "-", "-"]
+            v = m[layout]
+            lines.append(
+                f"| {label} | {m['n']} | {v['mae']:.1e} | {paper_cells[0]} | {v['psnr']:.2f} | {paper_cells[1]} | {v['ssim']:.4f} | {paper_cells[2]} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- truth
+
+
+def truth_scores(corrected, truth, mask, *, input_max, truth_params=None, downsample=1) -> dict:
+    """Error of one recovered signal against the true signal (one fold).
+
+    Parameters
+    ----------
+    corrected, truth : ndarray, 2-D
+        Recovered and true signal in counts (same fold, same resolution).
+    mask : ndarray of bool
+        Valid fold pixels.
+    input_max : float
+        The input fold's maximum: the "unified" scale of the PSNR.
+    truth_params : dict, optional
+        ``i11_i10`` and ``s10_px`` (full-resolution pixels) of the generator.
+    downsample : int, optional
+        Working resolution of the fold, to convert S10 back to full-resolution pixels.
+
+    Returns
+    -------
+    dict
+        ``mae``, ``psnr``, ``mae_roi``, ``psnr_roi``, and with ``truth_params``
+        ``i11_i10_rel_err`` and ``s10_err_px`` (NaN when no equator was found).
+    """
+    from live_bgsub.metrics import center_roi, mae, psnr, roi_metrics
+
+    s = float(input_max) if input_max > 0 else 1.0
+    roi_mask = center_roi(mask)
+    out = {
+        "mae": mae(corrected, truth, mask=mask),
+        "psnr": min(psnr(corrected / s, truth / s, mask=mask), 200.0),
+        "mae_roi": mae(center_roi(corrected), center_roi(truth), mask=roi_mask),
+        "psnr_roi": min(psnr(center_roi(corrected) / s, center_roi(truth) / s, mask=roi_mask), 200.0),
+    }
+    if truth_params and "i11_i10" in truth_params:
+        try:
+            m = roi_metrics(corrected, mask=mask)
+            ratio, s10 = m.get("i11_i10", math.nan), m.get("s10_px", math.nan)
+        except Exception:  # noqa: BLE001  (a failed read of the equator counts as "not found")
+            ratio, s10 = math.nan, math.nan
+        t = truth_params["i11_i10"]
+        out["i11_i10_rel_err"] = abs(ratio - t) / t if np.isfinite(ratio) else math.nan
+        s10_full = s10 * downsample + (downsample - 1) / 2.0
+        out["s10_err_px"] = abs(s10_full - truth_params["s10_px"]) if np.isfinite(s10) else math.nan
+    return out
+
+
+def summarise_truth(rows: dict) -> dict:
+    """Medians over folds of :func:`truth_scores` per method (and worst I11/I10 error)."""
+    summary = {}
+    for name, scores in rows.items():
+        s = {}
+        for key in ("mae", "psnr", "mae_roi", "psnr_roi"):
+            s[key] = float(np.median([r[key] for r in scores]))
+        err = np.array([r.get("i11_i10_rel_err", math.nan) for r in scores], np.float64)
+        s["i11_i10_rel_err_median"] = float(np.nanmedian(err)) if np.isfinite(err).any() else None
+        s["i11_i10_rel_err_worst"] = float(np.nanmax(err)) if np.isfinite(err).any() else None
+        s["i11_i10_not_found"] = int(np.isnan(err).sum())
+        s10 = np.array([r.get("s10_err_px", math.nan) for r in scores], np.float64)
+        s["s10_err_worst_px"] = float(np.nanmax(s10)) if np.isfinite(s10).any() else None
+        summary[name] = s
+    return summary
+
+
+def truth_table(summary: dict, n: int, downsample: int, input_size) -> str:
+    lines = [
+        (
+            f"Recovered signal vs the true signal: {n} synthetic folds, true geometry, downsample {downsample}, "
+            f"input {list(input_size)}; medians over folds (PSNR in the unified normalisation)."
+        ),
+        "",
+        "| method | MAE (counts) | PSNR (dB) | MAE centre ROI | PSNR centre ROI (dB) | I11/I10 rel. error median / worst | S10 error worst (px) | no equator |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        err = (
+            f"{100 * s['i11_i10_rel_err_median']:.1f}% / {100 * s['i11_i10_rel_err_worst']:.1f}%"
+            if s["i11_i10_rel_err_median"] is not None
+            else "n/a"
+        )
+        s10 = f"{s['s10_err_worst_px']:.2f}" if s["s10_err_worst_px"] is not None else "n/a"
+        lines.append(
+            f"| {name} | {s['mae']:.3f} | {s['psnr']:.2f} | {s['mae_roi']:.3f} | {s['psnr_roi']:.2f} | {err} | {s10} | {s['i11_i10_not_found']} |"
+        )
+    return "\n".join(lines)
+
+
+def compare_with_truth(folds, model_pred, *, model_label, methods, downsample, input_size) -> dict:
+    """Rows of :func:`truth_scores` for the model, the oracle and every classical method.
+
+    ``model_pred`` maps a fold id to the model's corrected fold (counts, input size).
+    """
+    rows = {model_label: [], "oracle": [], **{m: [] for m in methods}}
+    for f in folds:
+        if f.truth is None:
+            continue
+        mask = fit_to_size(f.mask, input_size)
+        truth = fit_to_size(np.where(f.mask, f.truth, 0), input_size)
+        fold = fit_to_size(f.fold, input_size)
+        kw = {"input_max": float(fold[mask].max()) if mask.any() else 1.0, "truth_params": f.info.get("truth"), "downsample": downsample}
+        rows[model_label].append(truth_scores(model_pred[f.id], truth, mask, **kw))
+        oracle = np.where(f.mask, f.fold - (f.expected - f.truth), 0)
+        rows["oracle"].append(truth_scores(fit_to_size(oracle, input_size), truth, mask, **kw))
+        for m in methods:
+            corrected = fit_to_size(method_target(f.fold, f.mask, m, downsample), input_size)
+            rows[m].append(truth_scores(corrected, truth, mask, **kw))
+    return rows
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def draw_figure(path, p: dict, pairs, *, examples=3, history=None, title=""):
+    """Figure-5-like panels (input, target, prediction, difference) and training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    # One example per target method first, then the next pairs.
+    order, seen = [], set()
+    for i, m in enumerate(pairs.methods):
+        if m not in seen:
+            order.append(i)
+            seen.add(m)
+    order += [i for i in range(len(pairs)) if i not in order]
+    chosen = order[: max(0, examples)]
+    n_rows = len(chosen) + (1 if history else 0)
+    if n_rows == 0:
+        return None
+    fig, axes = plt.subplots(n_rows, 4, figsize=(13, 3.2 * n_rows), squeeze=False)
+    for r, i in enumerate(chosen):
+        s = p["input_max"][i]
+        x = pairs.inputs[i] / s
+        t = p["target"][i] / s
+        y = p["pred"][i] / s
+        d = y - t
+        top = max(float(np.max(x)), 1e-6)
+        norm = PowerNorm(0.3, vmin=0, vmax=top)
+        target_label = "true signal" if pairs.methods[i] == SYNTHETIC_TRUTH else f"target: {pairs.methods[i]}"
+        for ax, img, label in ((axes[r, 0], x, f"input {pairs.ids[i]}"), (axes[r, 1], np.clip(t, 0, None), target_label), (axes[r, 2], np.clip(y, 0, None), "predicted")):
+            im = ax.imshow(img, cmap="magma", norm=norm, origin="upper")
+            ax.set_title(label, fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        lim = max(float(np.max(np.abs(d))), 1e-9)
+        im = axes[r, 3].imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="upper")
+        axes[r, 3].set_title(f"predicted - target (MAE {np.mean(np.abs(d)):.1e})", fontsize=8)
+        fig.colorbar(im, ax=axes[r, 3], fraction=0.046)
+        for ax in axes[r]:
+            ax.set_xlabel("equator (px)", fontsize=7)
+            ax.set_ylabel("meridian (px)", fontsize=7)
+    if history:
+        ep = history.get("epochs", [])
+        e = [row["epoch"] + 1 for row in ep]
+        ax = axes[-1]
+        for k, (a, keys) in enumerate(((ax[0], ("loss", "val_loss")), (ax[1], ("psnr", "val_psnr")), (ax[2], ("ssim", "val_ssim")), (ax[3], ("psnr_roi", "val_psnr_roi")))):
+            for key in keys:
+                vals = [row.get(key, np.nan) for row in ep]
+                if np.isfinite(vals).any():
+                    a.plot(e, vals, marker=".", label=key)
+            if k == 0:
+                a.set_yscale("log")
+            a.set_xlabel("epoch")
+            a.legend(fontsize=7)
+            a.set_title("training curves" if k == 0 else "", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Score a background U-Net in the layout of the paper's Tables 1-3 (and against the synthetic "
+        "truth), and draw a Figure-5-like PNG.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("model", metavar="MODEL", help="shipped model name (e.g. mixed) or path to a .keras file with its card beside it")
+    src = ap.add_argument_group("evaluation data (at least one)")
+    src.add_argument("--images", action="append", default=[], metavar="DIR", help="folder of real frames; repeatable")
+    src.add_argument("--synthetic", type=int, default=0, metavar="N", help="number of synthetic patterns")
+    src.add_argument("--synthetic-seed", type=int, default=100_000, help="seed of the first synthetic pattern (training recipes use 0..)")
+    src.add_argument("--synthetic-preset", default="pilatus-1m", help="detector of the synthetic patterns")
+    src.add_argument("--synthetic-counts", type=float, default=1.0, help="dose of the synthetic patterns")
+    ap.add_argument("--discard", type=float, default=0.0, help="fraction of folds per source discarded as outliers first")
+    ap.add_argument("--held-out", action="store_true", help="drop the folds the model was trained or validated on (ids in its card)")
+    ap.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), help="classical methods of the truth comparison")
+    ap.add_argument("--examples", type=int, default=3, help="folds drawn in the figure")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per model call")
+    ap.add_argument("--out", default=".", metavar="DIR", help="folder of NAME-evaluation.png and NAME-evaluation.json")
+    return ap
+
+
+def evaluate(args, *, log=print) -> dict:
+    model, card, model_path = load_model(args.model)
+    name = card.get("name") or model_path.stem
+    targets = tuple(card.get("methods") or [card.get("target", "white-top-hat")])
+    if not (args.images or args.synthetic):
+        raise SystemExit("error: give --images DIR and/or --synthetic N")
+    if SYNTHETIC_TRUTH in targets and args.images:
+        raise SystemExit(f"error: model {name!r} predicts the synthetic truth: real frames have none; use --synthetic N")
+    config = DataConfig(
+        images=tuple(args.images),
+        synthetic=args.synthetic,
+        synthetic_seed=args.synthetic_seed,
+        synthetic_preset=args.synthetic_preset,
+        synthetic_counts=args.synthetic_counts,
+        targets=targets,
+        downsample=int(card.get("downsample", 2)),
+        input_size=tuple(card.get("input_size", (288, 288))),
+        discard=args.discard,
+        split=(1.0, 0.0, 0.0),
+    )
+    t0 = time.perf_counter()
+    folds, sources = collect_folds(config, log=log)
+    folds, discarded = discard_outliers(folds, config.discard)
+    if args.held_out:
+        seen = set(card.get("data", {}).get("split_ids", {}).get("train", [])) | set(card.get("data", {}).get("split_ids", {}).get("val", []))
+        dropped = [f.id for f in folds if f.id in seen]
+        folds = [f for f in folds if f.id not in seen]
+        log(f"  held out: dropped {len(dropped)} folds the model trained or validated on")
+    if not folds:
+        raise SystemExit("error: no evaluation folds left")
+    pairs = make_pairs(folds, targets, downsample=config.downsample, input_size=config.input_size, target_params=card.get("config", {}).get("target_params"))
+    t1 = time.perf_counter()
+    p = predict(model, card, pairs, batch_size=args.batch_size)
+    seconds_model = time.perf_counter() - t1
+    results = {}
+    rows = sorted(set(pairs.methods), key=list(targets).index)
+    for m in rows:
+        results[m] = layout_metrics(p, [i for i, mm in enumerate(pairs.methods) if mm == m])
+    if len(rows) > 1:
+        results["mixed"] = layout_metrics(p)
+    model_target = card.get("target", targets[0])
+    log(f"\nModel {name!r} (target {model_target}, {card.get('normalization', 'unified')} normalisation) on {len(folds)} folds, {len(pairs)} pairs:\n")
+    log(paper_tables(results, model_target))
+    report = {
+        "model": str(args.model),
+        "name": name,
+        "card_target": model_target,
+        "sources": sources,
+        "discarded": discarded,
+        "n_folds": len(folds),
+        "n_pairs": len(pairs),
+        "tables": results,
+        "paper": {k: {m: list(v) for m, v in t.items()} for k, t in PAPER.items()},
+        "seconds": {"data": t1 - t0, "model": seconds_model},
+    }
+    if any(f.truth is not None for f in folds):
+        # The model's corrected fold of each synthetic fold (first pair of the fold).
+        model_pred = {}
+        for i, fid in enumerate(pairs.ids):
+            model_pred.setdefault(fid, p["pred"][i])
+        label = f"model:{name}"
+        truth_rows = compare_with_truth(
+            [f for f in folds if f.truth is not None],
+            model_pred,
+            model_label=label,
+            methods=args.methods,
+            downsample=config.downsample,
+            input_size=config.input_size,
+        )
+        summary = summarise_truth(truth_rows)
+        n_truth = len(truth_rows[label])
+        log(truth_table(summary, n_truth, config.downsample, config.input_size))
+        best = max((m for m in args.methods), key=lambda m: summary[m]["psnr_roi"]) if args.methods else None
+        if best:
+            gain = summary[label]["psnr_roi"] - summary[best]["psnr_roi"]
+            log(f"\ncentre-ROI PSNR of the model vs the best classical method ({best}): {gain:+.2f} dB")
+        report["truth"] = {"n": n_truth, "summary": summary, "best_classical": best}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hist_path = _history_path(model_path)
+    history = json.loads(hist_path.read_text()) if hist_path else None
+    png = draw_figure(out / f"{name}-evaluation.png", p, pairs, examples=args.examples, history=history, title=f"{name}: {model_target}, {len(folds)} folds")
+    report["figure"] = str(png) if png else None
+    (out / f"{name}-evaluation.json").write_text(json.dumps(report, indent=1, default=float))
+    log(f"\nwrote {png} and {out / (name + '-evaluation.json')}")
+    return report
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    evaluate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

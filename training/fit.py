@@ -1,0 +1,604 @@
+"""Train the background U-Net: ``python -m training.fit [--config FILE.json] [flags]``.
+
+Builds the pairs (:mod:`training.data`), trains ``live_bgsub.model.build_unet`` with
+``BackgroundLoss`` and Adam, and writes to ``--out``:
+
+- ``model.keras`` and its card ``model.json`` (``docs/model.md``: architecture, target,
+  normalisation, input size, downsample, loss, training budget/time/hardware, data
+  provenance with file hashes, validation and test metrics computed after training with
+  :mod:`live_bgsub.metrics`, library versions);
+- ``history.json`` (per-epoch losses and metrics, and every (re)start of the run);
+- ``logs/`` (``training.csv`` always; TensorBoard event files when TensorBoard's
+  summary writer is available), ``checkpoints/best.weights.h5`` (best validation loss),
+  ``backup/`` (``keras.callbacks.BackupAndRestore``): re-running the same command
+  after an interruption resumes at the last finished epoch, and re-running it with a
+  larger ``--epochs`` continues training (``--fresh`` starts over);
+- ``dataset.json`` (sources, discarded folds, split, similarity report) and the cached
+  pairs ``cache/dataset-<key>.npz``.
+
+Configuration: defaults, then the ``--config`` JSON file (keys are the flag names with
+``_`` for ``-``, e.g. ``"base_filters": 8``, ``"targets": ["white-top-hat"]``,
+``"images": ["../shared/data/real"]``), then the flags given on the command line.
+Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.data import PAPER_METHODS, SYNTHETIC_TRUTH, DataConfig, build_dataset
+
+#: Every configuration key and its default (the CLI's defaults).
+DEFAULTS = {
+    # data
+    "images": [],
+    "synthetic": 0,
+    "synthetic_preset": "pilatus-1m",
+    "synthetic_seed": 0,
+    "synthetic_counts": 1.0,
+    "tiled": None,
+    "runs": [],
+    "tiled_query": None,
+    "tiled_key": None,
+    "targets": ["white-top-hat"],
+    "target_params": {},
+    "downsample": 2,
+    "input_size": [288, 288],
+    "discard": 0.10,
+    "split": [0.8, 0.1, 0.1],
+    "augment": 0,
+    "augment_scale": [0.5, 2.0],
+    "max_frames_per_file": 100,
+    "similarity_n": 0,
+    "similarity_methods": list(PAPER_METHODS),
+    # model
+    "depth": 4,
+    "base_filters": 8,
+    "dilation_rate": 2,
+    "upsampling": "nearest",
+    "normalization": "unified",
+    "loss_alpha": 0.1,
+    "loss_theta": 1.2,
+    "loss_eps": 1e-4,
+    "loss_smooth_on": "background",
+    # training
+    "epochs": 100,
+    "batch_size": 4,
+    "learning_rate": 1e-5,
+    "patience": 10,
+    "lr_plateau_factor": 0.5,
+    "seed": 0,
+    # output
+    "out": None,
+    "name": None,
+    "cache": None,
+    "verbose": 1,
+}
+
+#: Keys that may change between a run and its resumption (they do not change the model
+#: being trained nor its data).
+_RESUMABLE_KEYS = {"epochs", "patience", "out", "cache", "verbose", "similarity_n", "similarity_methods", "name"}
+
+_DATA_KEYS = {
+    "images", "synthetic", "synthetic_preset", "synthetic_seed", "synthetic_counts", "tiled", "runs",
+    "tiled_query", "tiled_key", "targets", "target_params", "downsample", "input_size", "discard", "split",
+    "augment", "augment_scale", "max_frames_per_file", "seed",
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m training.fit",
+        description="Train the background-subtraction U-Net on folds (real frames, synthetic patterns, Tiled runs) "
+        "and write OUT/model.keras, OUT/model.json (model card), OUT/history.json.",
+        epilog="Keys of a --config JSON file are the long flag names with '_' for '-' (targets, images and runs "
+        "are lists). Flags given on the command line override the file. Re-running the same command resumes an "
+        "interrupted run from OUT/backup; a larger --epochs continues a finished one; --fresh starts over.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    d = DEFAULTS
+    ap.add_argument("--config", help="JSON configuration file (e.g. training/recipes/white-top-hat.json)")
+    g = ap.add_argument_group("data sources")
+    g.add_argument("--images", action="append", metavar="DIR", help=f"folder of real frames, any format fabio/h5py reads; repeatable (default {d['images']})")
+    g.add_argument("--synthetic", type=int, metavar="N", help=f"number of seeded synthetic patterns (default {d['synthetic']})")
+    g.add_argument("--synthetic-preset", help=f"detector of the synthetic patterns (default {d['synthetic_preset']})")
+    g.add_argument("--synthetic-seed", type=int, help=f"seed of the first synthetic pattern (default {d['synthetic_seed']})")
+    g.add_argument("--synthetic-counts", type=float, help=f"dose of the synthetic patterns, 1 = BioCAT-like (default {d['synthetic_counts']})")
+    g.add_argument("--tiled", metavar="URI", help="Tiled catalog URI (needs the tiled[client] package); select runs with --run or --tiled-query")
+    g.add_argument("--run", dest="runs", action="append", metavar="UID", help="run uid in the Tiled catalog; repeatable")
+    g.add_argument("--tiled-query", help="full-text query selecting runs in the Tiled catalog")
+    g.add_argument("--tiled-key", help="detector data key of the primary stream (default: the first 2-D image key)")
+    g.add_argument("--max-frames-per-file", type=int, help=f"frames read from one multi-frame file at most (default {d['max_frames_per_file']})")
+    g = ap.add_argument_group("targets and dataset steps")
+    g.add_argument("--target", dest="targets", action="append", metavar="METHOD",
+                   help="target: a classical method name (white-top-hat, circularly-symmetric, smoothed-gaussian, ...) or "
+                   f"'{SYNTHETIC_TRUTH}' (synthetic sources only); repeat for a mixed model (default {d['targets']})")
+    g.add_argument("--target-params", type=json.loads, metavar="JSON", help='method parameters, e.g. \'{"white-top-hat": {"tophat": 80}}\' (default: MuscleX defaults)')
+    g.add_argument("--downsample", type=int, help=f"working resolution: block mean of the fold (default {d['downsample']}, MuscleX's)")
+    g.add_argument("--input-size", type=int, nargs="+", metavar="N", help=f"model input rows [cols]: top-left crop/pad of the fold (default {d['input_size']})")
+    g.add_argument("--discard", type=float, help=f"fraction of folds per source discarded as outliers (default {d['discard']}, the paper's)")
+    g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help=f"split fractions (default {d['split']})")
+    g.add_argument("--augment", type=int, metavar="K", help=f"Poisson re-dosed copies per training fold (default {d['augment']})")
+    g.add_argument("--augment-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"dose factor range of the copies (default {d['augment_scale']})")
+    g.add_argument("--similarity-n", type=int, metavar="N", help=f"print the method-similarity report on N folds, 0 = skip (default {d['similarity_n']})")
+    g.add_argument("--similarity-methods", nargs="+", metavar="METHOD", help="methods of the similarity report (default: the paper's six)")
+    g = ap.add_argument_group("model and loss")
+    g.add_argument("--depth", type=int, help=f"U-Net levels (default {d['depth']})")
+    g.add_argument("--base-filters", type=int, help=f"filters of the first level (default {d['base_filters']})")
+    g.add_argument("--dilation-rate", type=int, help=f"dilation of the 3x3 convolutions (default {d['dilation_rate']})")
+    g.add_argument("--upsampling", choices=["nearest", "bilinear"], help=f"decoder upsampling (default {d['upsampling']})")
+    g.add_argument("--normalization", choices=["unified", "independent"], help=f"unified: input and target / input max; independent: each / own max (default {d['normalization']})")
+    g.add_argument("--loss-alpha", type=float, help=f"weight of the smoothness term (default {d['loss_alpha']})")
+    g.add_argument("--loss-theta", type=float, help=f"exponent of the smoothness weights (default {d['loss_theta']})")
+    g.add_argument("--loss-eps", type=float, help=f"epsilon of the smoothness weights (default {d['loss_eps']})")
+    g.add_argument("--loss-smooth-on", choices=["background", "output"], help=f"image the smoothness acts on (default {d['loss_smooth_on']})")
+    g = ap.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"maximum number of epochs (default {d['epochs']})")
+    g.add_argument("--batch-size", type=int, help=f"pairs per step (default {d['batch_size']})")
+    g.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default {d['learning_rate']}, the paper's)")
+    g.add_argument("--patience", type=int, help=f"early stopping: epochs without a better validation loss (default {d['patience']})")
+    g.add_argument(
+        "--lr-plateau-factor",
+        type=float,
+        help="multiply the learning rate by this after patience/2 epochs without a better "
+        f"validation loss (ReduceLROnPlateau; 1 disables; default {d['lr_plateau_factor']})",
+    )
+    g.add_argument("--seed", type=int, help=f"seed of the split, augmentation, weights and shuffling (default {d['seed']})")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", help="output folder (required, here or in the config)")
+    g.add_argument("--name", help="model name in the card (default: the target, or 'mixed')")
+    g.add_argument("--cache", metavar="DIR", help="folder of the dataset cache (default OUT/cache)")
+    g.add_argument("--fresh", action="store_true", help="delete OUT's backup, checkpoints and history and start over")
+    g.add_argument("--verbose", type=int, choices=[0, 1, 2], help=f"keras verbosity: 1 progress bar, 2 one line per epoch (default {d['verbose']})")
+    return ap
+
+
+def resolve_config(argv=None) -> tuple[dict, bool]:
+    """Defaults <- config file <- command-line flags; returns (config, fresh)."""
+    args = vars(build_parser().parse_args(argv))
+    config = json.loads(json.dumps(DEFAULTS))
+    path = args.pop("config", None)
+    fresh = bool(args.pop("fresh", False))
+    if path:
+        with open(path) as f:
+            loaded = json.load(f)
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}  # "_comment" keys
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise SystemExit(f"error: unknown key(s) {unknown} in {path}; valid keys: {sorted(DEFAULTS)}")
+        config.update(loaded)
+    config.update(args)
+    if isinstance(config["images"], str):
+        config["images"] = [config["images"]]
+    if isinstance(config["input_size"], int):
+        config["input_size"] = [config["input_size"]]
+    if len(config["input_size"]) == 1:
+        config["input_size"] = [config["input_size"][0]] * 2
+    if not config.get("out"):
+        raise SystemExit("error: no output folder: give --out DIR (or \"out\" in the config)")
+    if not config.get("name"):
+        t = config["targets"]
+        config["name"] = t[0] if len(t) == 1 else "mixed"
+    return config, fresh
+
+
+def target_name(targets) -> str:
+    """The card's ``target``: the method, ``synthetic-truth``, or ``mixed`` for several."""
+    return targets[0] if len(targets) == 1 else "mixed"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def hardware() -> dict:
+    """CPU model, cores, Keras backend and accelerators of this machine."""
+    import keras
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    backend = keras.backend.backend()
+    accelerators = []
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            accelerators = [d.name for d in tf.config.list_physical_devices("GPU")]
+        elif backend == "jax":
+            import jax
+
+            accelerators = [str(d) for d in jax.devices() if d.platform != "cpu"]
+        elif backend == "torch":
+            import torch
+
+            accelerators = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # noqa: BLE001  (an accelerator query must never break training)
+        accelerators = [f"unknown ({type(exc).__name__})"]
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "backend": backend, "accelerators": accelerators, "platform": platform.platform()}
+
+
+def versions() -> dict:
+    import keras
+
+    import live_bgsub
+
+    backend = keras.backend.backend()
+    try:
+        backend_version = __import__(backend).__version__
+    except (ImportError, AttributeError):
+        backend_version = None
+    return {
+        "live_bgsub": live_bgsub.__version__,
+        "keras": keras.__version__,
+        "backend": backend,
+        "backend_version": backend_version,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def normalised_metrics(pred, target, masks) -> dict:
+    """Mean over pairs of :func:`live_bgsub.metrics.image_metrics` (data range 1).
+
+    ``pred`` and ``target`` are ``(n, rows, cols)`` in the model's normalisation; the
+    prediction is set to 0 at invalid pixels first, as the inference engine does.
+    """
+    from live_bgsub.metrics import image_metrics
+
+    if len(pred) == 0:
+        return {}
+    rows = []
+    for p, t, m in zip(pred, target, masks):
+        rows.append(image_metrics(np.where(m, p, 0), np.where(m, t, 0), data_range=1.0))
+    out = {}
+    for k in rows[0]:
+        v = np.array([r[k] for r in rows], np.float64)
+        out[k] = float(np.mean(np.minimum(v, 200.0))) if k.startswith("psnr") else float(np.mean(v))
+    out["n"] = len(rows)
+    return out
+
+
+def predict_normalised(model, pairs, *, depth, normalization, batch_size=8):
+    """Model outputs and targets of ``pairs`` in the model's normalisation, (n, rows, cols)."""
+    from live_bgsub.model import prepare
+
+    x, y, info = prepare(pairs.inputs, pairs.masks, depth=depth, normalization=normalization, targets=pairs.targets)
+    out = model.predict(x, batch_size=batch_size, verbose=0)
+    r, c = info["shape"]
+    return out[:, :r, :c, 0], y[:, :r, :c, 0], info
+
+
+def split_metrics(model, pairs, *, depth, normalization) -> dict:
+    """Whole/centre-ROI metrics of one split, overall and per target method."""
+    if len(pairs) == 0:
+        return {}
+    pred, target, info = predict_normalised(model, pairs, depth=depth, normalization=normalization)
+    masks = info["masks"]
+    result = normalised_metrics(pred, target, masks)
+    methods = sorted(set(pairs.methods))
+    if len(methods) > 1:
+        result["per_method"] = {}
+        for m in methods:
+            k = [i for i, mm in enumerate(pairs.methods) if mm == m]
+            result["per_method"][m] = normalised_metrics(pred[k], target[k], masks[k])
+    return result
+
+
+# --------------------------------------------------------------------------- history
+
+
+class HistoryWriter:
+    """Keras callback that appends each finished epoch to ``history.json`` at once."""
+
+    def __init__(self, path: Path, history: dict):
+        import keras
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(cb, epoch, logs=None):
+                cb._t = time.perf_counter()
+
+            def on_epoch_end(cb, epoch, logs=None):
+                row = {"epoch": int(epoch)}
+                row.update({k: float(v) for k, v in (logs or {}).items()})
+                row["seconds"] = time.perf_counter() - cb._t
+                self.history["epochs"].append(row)
+                self.write()
+
+        self.path = Path(path)
+        self.history = history
+        self.callback = _Callback()
+
+    def write(self):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.history, indent=1))
+        tmp.replace(self.path)
+
+
+def _load_history(path: Path, initial_epoch: int) -> dict:
+    if path.exists():
+        history = json.loads(path.read_text())
+        # Epochs the backup does not hold (interrupted after the history was written)
+        # are run again: drop them.
+        history["epochs"] = [e for e in history.get("epochs", []) if e["epoch"] < initial_epoch]
+        history.setdefault("runs", [])
+        return history
+    return {"epochs": [], "runs": []}
+
+
+def _backup_epoch(backup: Path) -> int:
+    meta = backup / "training_metadata.json"
+    if meta.exists():
+        return int(json.loads(meta.read_text()).get("epoch", 0))
+    return 0
+
+
+def _tensorboard_callback(log_dir: Path):
+    """A TensorBoard callback if its summary writer works here, else None."""
+    import keras
+
+    try:  # the summary writer needs tensorflow and the tensorboard package
+        import tensorboard  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return None
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir), histogram_freq=0, write_graph=False, profile_batch=0)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
+    """Train a model as ``config`` says (keys of :data:`DEFAULTS`); returns the card."""
+    import shutil
+
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    backup = out / "backup"
+    checkpoints = out / "checkpoints"
+    logs = out / "logs"
+    history_path = out / "history.json"
+    if fresh:
+        for p in (backup, checkpoints, logs):
+            shutil.rmtree(p, ignore_errors=True)
+        history_path.unlink(missing_ok=True)
+
+    # A backup made with another configuration must not be resumed.
+    fingerprint = {k: v for k, v in config.items() if k not in _RESUMABLE_KEYS}
+    fp_path = backup / "config.json"
+    if fp_path.exists() and (backup / "training_metadata.json").exists():
+        old = json.loads(fp_path.read_text())
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if diff:
+            raise SystemExit(
+                f"error: {backup} holds a run with another configuration (differs in {diff}); "
+                "use --fresh to start over or another --out"
+            )
+
+    import keras
+
+    from live_bgsub.model import MAE, PSNR, SSIM, BackgroundLoss, build_unet
+
+    t_start = time.perf_counter()
+    try:
+        data_config = DataConfig.from_mapping({k: config[k] for k in _DATA_KEYS})
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if len(data_config.targets) > 1 and SYNTHETIC_TRUTH in data_config.targets:
+        raise SystemExit("error: 'synthetic-truth' cannot be mixed with classical targets (their inputs differ in meaning)")
+    ds = build_dataset(
+        data_config,
+        cache_dir=config.get("cache") or out / "cache",
+        similarity_n=int(config["similarity_n"]),
+        similarity_methods=config["similarity_methods"],
+        log=log,
+    )
+    if len(ds.train) == 0:
+        raise SystemExit("error: no training pairs (too few folds for the split?)")
+    (out / "dataset.json").write_text(json.dumps({**ds.summary(), "similarity": ds.similarity}, indent=1))
+    data_seconds = time.perf_counter() - t_start
+
+    from live_bgsub.model import prepare
+
+    depth = int(config["depth"])
+    norm = config["normalization"]
+    x_train, y_train, _ = prepare(ds.train.inputs, ds.train.masks, depth=depth, normalization=norm, targets=ds.train.targets)
+    validation = None
+    monitor = "loss"
+    if len(ds.val):
+        x_val, y_val, _ = prepare(ds.val.inputs, ds.val.masks, depth=depth, normalization=norm, targets=ds.val.targets)
+        validation = (x_val, y_val)
+        monitor = "val_loss"
+
+    keras.utils.set_random_seed(int(config["seed"]))
+    model = build_unet(
+        depth=depth,
+        base_filters=int(config["base_filters"]),
+        dilation_rate=int(config["dilation_rate"]),
+        upsampling=config["upsampling"],
+        name=_keras_name(config["name"]),
+    )
+    loss = BackgroundLoss(alpha=config["loss_alpha"], theta=config["loss_theta"], eps=config["loss_eps"], smooth_on=config["loss_smooth_on"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=float(config["learning_rate"])),
+        loss=loss,
+        metrics=[MAE(), PSNR(), SSIM(), PSNR(roi=True)],
+    )
+
+    initial_epoch = _backup_epoch(backup)
+    history = _load_history(history_path, initial_epoch)
+    prior = [e[monitor] for e in history["epochs"] if monitor in e]
+    best_so_far = min(prior) if prior else None
+    if initial_epoch:
+        log(f"resuming from {backup} at epoch {initial_epoch} (best {monitor} so far: {best_so_far})")
+    writer = HistoryWriter(history_path, history)
+    logs.mkdir(parents=True, exist_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    backup.mkdir(parents=True, exist_ok=True)
+    fp_path.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    best_path = checkpoints / "best.weights.h5"
+    callbacks = [
+        writer.callback,  # first: an epoch in the history but not in the backup is re-run
+        keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=monitor, save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far
+        ),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=int(config["patience"]), restore_best_weights=True),
+    ]
+    if float(config["lr_plateau_factor"]) < 1:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor, factor=float(config["lr_plateau_factor"]), patience=max(1, int(config["patience"]) // 2)
+            )
+        )
+    callbacks += [
+        keras.callbacks.CSVLogger(str(logs / "training.csv"), append=initial_epoch > 0),
+    ]
+    tensorboard = _tensorboard_callback(logs)
+    if tensorboard is not None:
+        callbacks.append(tensorboard)
+    else:
+        log("TensorBoard is not installed: logging to logs/training.csv (CSVLogger) only")
+
+    epochs = int(config["epochs"])
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "initial_epoch": initial_epoch, "epochs": epochs}
+    steps_per_epoch = math.ceil(len(ds.train) / int(config["batch_size"]))
+    log(
+        f"training {config['name']}: {len(ds.train)} train / {len(ds.val)} val pairs of {list(data_config.input_size)}, "
+        f"{steps_per_epoch} steps per epoch, epochs {initial_epoch}..{epochs}"
+    )
+    t_fit = time.perf_counter()
+    if initial_epoch < epochs:
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=int(config["batch_size"]),
+            epochs=epochs,
+            validation_data=validation,
+            callbacks=callbacks,
+            shuffle=True,
+            verbose=int(config["verbose"]),
+        )
+    else:
+        log(f"nothing to train: the backup is at epoch {initial_epoch} >= --epochs {epochs}")
+        if not best_path.exists():
+            _load_weights(model, backup / "latest.weights.h5")
+    fit_seconds = time.perf_counter() - t_fit
+    run["seconds"] = fit_seconds
+    run["epochs_run"] = len([e for e in history["epochs"] if e["epoch"] >= initial_epoch])
+    history["runs"].append(run)
+    writer.write()
+    # The final model holds the best weights seen by any run (the checkpoint).
+    if best_path.exists():
+        _load_weights(model, best_path)
+
+    model_path = out / "model.keras"
+    _save_lean(model, model_path)
+    val_metrics = split_metrics(model, ds.val, depth=depth, normalization=norm)
+    test_metrics = split_metrics(model, ds.test, depth=depth, normalization=norm)
+    epochs_done = [e for e in history["epochs"]]
+    best_epoch = None
+    if prior or epochs_done:
+        scored = [e for e in epochs_done if monitor in e]
+        if scored:
+            best_epoch = int(min(scored, key=lambda e: e[monitor])["epoch"]) + 1  # 1-based, as keras prints
+    card = {
+        "name": config["name"],
+        "architecture": {
+            "depth": depth,
+            "base_filters": int(config["base_filters"]),
+            "dilation_rate": int(config["dilation_rate"]),
+            "upsampling": config["upsampling"],
+            "parameters": int(model.count_params()),
+        },
+        "target": target_name(data_config.targets),
+        "methods": list(data_config.targets),
+        "normalization": norm,
+        "input_size": list(data_config.input_size),
+        "downsample": data_config.downsample,
+        "loss": loss.get_config() | {"name": "BackgroundLoss"},
+        "training": {
+            "epochs": len(epochs_done),
+            "max_epochs": epochs,
+            "best_epoch": best_epoch,
+            "steps": int(sum(steps_per_epoch for _ in epochs_done)),
+            "steps_per_epoch": steps_per_epoch,
+            "batch_size": int(config["batch_size"]),
+            "learning_rate": float(config["learning_rate"]),
+            "optimizer": "Adam",
+            "patience": int(config["patience"]),
+            "lr_plateau_factor": float(config["lr_plateau_factor"]),
+            "monitor": monitor,
+            "seconds": float(sum(r.get("seconds", 0.0) for r in history["runs"])),
+            "data_seconds": data_seconds,
+            "runs": len(history["runs"]),
+            "hardware": hardware(),
+            "seed": int(config["seed"]),
+        },
+        "data": ds.summary(),
+        "validation": {"normalization": norm, **val_metrics},
+        "test": {"normalization": norm, **test_metrics},
+        "versions": versions(),
+        "config": {k: v for k, v in config.items() if k not in ("out", "cache", "verbose")},
+    }
+    (out / "model.json").write_text(json.dumps(card, indent=1))
+    log(
+        f"wrote {model_path} and model.json: validation MAE {val_metrics.get('mae', float('nan')):.3e}, "
+        f"PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, SSIM {val_metrics.get('ssim', float('nan')):.4f}, "
+        f"centre PSNR {val_metrics.get('psnr_roi', float('nan')):.2f} dB; training {fit_seconds:.0f} s"
+    )
+    return card
+
+
+def _save_lean(model, path: Path) -> None:
+    """Save an uncompiled copy of the trained model: no optimizer state (Adam's moments
+    would triple the file; the loss and optimizer settings are in the card)."""
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    clone.save(str(path))
+
+
+def _load_weights(model, path: Path) -> None:
+    """Load weights saved by ``save_weights`` (they may carry the optimizer's state)."""
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(str(path))
+
+
+def _keras_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "bgsub_unet"
+
+
+def main(argv=None) -> int:
+    config, fresh = resolve_config(argv)
+    fit(config, fresh=fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

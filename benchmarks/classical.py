@@ -46,13 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks._timing import time_call
 
 import numpy as np
 
@@ -72,30 +71,11 @@ MUSCLEX_SCRIPT = Path(__file__).resolve().with_name("musclex_reference.py")
 # --------------------------------------------------------------------------- helpers
 
 
-def time_call(fn, repeats: int, warmup: int = 1):
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
-
-    Returns (median seconds, all timed seconds, the last result).
-    """
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
-
-
 def machine_facts() -> dict:
     """CPU model, cores and library versions of the machine the numbers come from."""
-    # The reference script runs under MuscleX's interpreter and cannot import
-    # live_bgsub, so the common facts live there and are reused here.
-    from benchmarks.musclex_reference import machine_facts as common_facts
+    from live_bgsub.provenance import machine_facts as common_facts
 
     facts = common_facts()
-    facts["platform"] = platform.platform()
     facts["thread_env"] = {
         k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
     }

@@ -22,22 +22,16 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+
+from benchmarks._timing import time_call
 
 SIZES = {"pilatus-fold-ds2": (288, 304), "512x512": (512, 512)}
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(time_call(fn, repeats, warmup)[0])
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -17,22 +17,16 @@ Run::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from benchmarks._timing import time_call
 from live_bgsub.geometry import radial_profile
 from live_bgsub.synth import make_powder
 
 
 def _median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return 1e3 * time_call(fn, repeats)[0]
 
 
 def main(argv=None) -> int:

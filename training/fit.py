@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -207,19 +206,9 @@ def hardware() -> dict:
     """CPU model, cores, Keras backend and accelerators of this machine."""
     import keras
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from live_bgsub.provenance import machine_facts
+
+    facts = machine_facts()
     backend = keras.backend.backend()
     accelerators = []
     try:
@@ -237,7 +226,14 @@ def hardware() -> dict:
             accelerators = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception as exc:  # noqa: BLE001  (an accelerator query must never break training)
         accelerators = [f"unknown ({type(exc).__name__})"]
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "backend": backend, "accelerators": accelerators, "platform": platform.platform()}
+    return {
+        "cpu": facts["cpu_model"],
+        "cores": facts["cpu_count"],
+        "usable_cores": facts["cpu_usable"],
+        "backend": backend,
+        "accelerators": accelerators,
+        "platform": facts["platform"],
+    }
 
 
 def versions() -> dict:

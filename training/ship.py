@@ -1,0 +1,49 @@
+"""Install a trained run as a shipped model: ``python -m training.ship RUN_DIR NAME``.
+
+Copies ``RUN_DIR/model.keras``, ``model.json`` (the card, its ``name`` set to NAME) and
+``history.json`` to ``live_bgsub/models/NAME.keras``, ``NAME.json`` and
+``NAME.history.json``, after checking that the model loads with ``safe_mode=True`` and
+that NAME is one of the shipped names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from live_bgsub.inference import SHIPPED_MODELS, BackgroundModel
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "live_bgsub" / "models"
+
+
+def ship(run_dir, name: str, models_dir: Path = MODELS_DIR) -> Path:
+    run_dir = Path(run_dir)
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"{name!r} is not a shipped model name; expected one of {', '.join(SHIPPED_MODELS)}")
+    for needed in ("model.keras", "model.json", "history.json"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir / needed} is missing: is {run_dir} a finished training.fit run?")
+    BackgroundModel.load(run_dir / "model.keras")  # loads with safe_mode, or raises
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f"{name}.keras"
+    shutil.copyfile(run_dir / "model.keras", target)
+    card = json.loads((run_dir / "model.json").read_text())
+    card["name"] = name
+    target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    shutil.copyfile(run_dir / "history.json", models_dir / f"{name}.history.json")
+    return target
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="the --out directory of a finished training.fit run")
+    ap.add_argument("name", choices=SHIPPED_MODELS)
+    args = ap.parse_args(argv)
+    print(ship(args.run_dir, args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,7 +12,8 @@ HEAVY = ("bluesky", "ophyd", "tiled", "keras", "tensorflow", "torch", "jax", "sk
 def test_science_core_imports_no_heavy_library():
     code = (
         "import sys, live_bgsub, live_bgsub.io, live_bgsub.geometry, live_bgsub.background, "
-        "live_bgsub.synth, live_bgsub.metrics, live_bgsub.cli\n"
+        "live_bgsub.synth, live_bgsub.metrics, live_bgsub.cli, live_bgsub.inference, live_bgsub.resample, "
+        "live_bgsub.provenance\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -733,17 +733,6 @@ class FoldMap:
             self._matrix = self._build_matrix()
         return self._matrix @ flat
 
-    def _taps(self):
-        """The four bilinear taps: (flat offset from base, weights (n_fold, 4))."""
-        w = self.shape[1]
-        fx, fy = self._fx, self._fy
-        return (
-            (0, (1 - fx) * (1 - fy)),
-            (1, fx * (1 - fy)),
-            (w, (1 - fx) * fy),
-            (w + 1, fx * fy),
-        )
-
     # -- folding
     def fold(self, data, mask=None) -> tuple[np.ndarray, np.ndarray]:
         """Fold one frame (or a stack of frames) into the quadrant.

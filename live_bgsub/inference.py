@@ -13,7 +13,6 @@ model is loaded, never by ``import live_bgsub``.
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -201,8 +200,3 @@ class BackgroundModel:
         if single:
             return background[0], corrected[0]
         return background, corrected
-
-
-def backend_name() -> str:
-    """The Keras backend that will be used (``KERAS_BACKEND``, default tensorflow)."""
-    return os.environ.get("KERAS_BACKEND", "tensorflow")

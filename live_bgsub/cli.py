@@ -198,6 +198,46 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance-mm", type=float, help="sample-detector distance (mm), for d10")
     p.add_argument("--pixel-size-mm", type=float, help="pixel size (mm), for d10; default: from the image header")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --list-methods)")
+
+    p = sub.add_parser(
+        "demo",
+        help="the live job on embedded defaults: simulated detector -> RunEngine -> live callback -> Tiled",
+        description="Start the embedded Tiled server, a simulated Pilatus writing HDF5 and a RunEngine "
+        "running a count with the live callback subscribed; print run uids, rates and lag, and write a PNG summary.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("live_bgsub_demo"), help="where data, catalog and PNG go (default: ./live_bgsub_demo)")
+    p.add_argument("--frames", type=int, default=40, help="frames to acquire (default 40)")
+    p.add_argument("--rate", type=float, default=10.0, metavar="HZ", help="detector frame rate (default 10 Hz)")
+    p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
+    p.add_argument("--preset", default="pilatus-1m", help="simulated detector: pilatus-1m (default), eiger2-9m, mar")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated frames (default 0)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the Tiled server up after the run (Ctrl-C stops it)")
+
+    p = sub.add_parser(
+        "replay",
+        help="replay archived runs from Tiled through the live callback, producing derived runs",
+        description="Send archived raw runs' documents through the live callback; the derived runs go "
+        "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N.",
+    )
+    p.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or unique prefixes)")
+    p.add_argument("--tiled", metavar="URI", help="Tiled server URI (default: $TILED_URI)")
+    p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
+    p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
+    p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select runs whose start metadata KEY equals VALUE (repeatable)")
+    p.add_argument("--last", type=int, metavar="N", help="the N most recent selected runs")
+    p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
+    p.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
+    p.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the server must be able to read it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "tiled-server",
+        help="serve a demo directory's embedded Tiled catalog again (to read results after the demo)",
+    )
+    p.add_argument("dir", type=Path, help="the demo's --dir")
+    p.add_argument("--port", type=int, default=0, help="port (default: any free port)")
     return parser
 
 
@@ -280,11 +320,126 @@ def _cmd_process(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    try:
+        figures = run_demo(
+            args.dir,
+            frames=args.frames,
+            rate_hz=args.rate,
+            method=args.method,
+            preset=args.preset,
+            seed=args.seed,
+            keep_serving=args.keep_serving,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+        return 2
+    return 0 if figures["exit_status"] == "success" else 1
+
+
+def _split_query(items) -> dict:
+    query = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--query expects KEY=VALUE, got {item!r}")
+        try:
+            query[key] = json.loads(value)
+        except json.JSONDecodeError:
+            query[key] = value
+    return query
+
+
+def _cmd_replay(args) -> int:
+    uri = args.tiled or os.environ.get("TILED_URI")
+    if not uri:
+        _fail("no Tiled server: pass --tiled URI or set TILED_URI")
+        return 2
+    if not (args.uids or args.query or args.last):
+        _fail("no runs selected: pass UIDs, --query KEY=VALUE or --last N")
+        return 2
+    try:
+        from .background import parse_params
+        from .callback import LiveBackgroundSubtraction
+        from .inference import MODEL_PREFIX
+        from .sinks.tiled import TiledPublisher
+        from .tiled_server import connect
+
+        query = _split_query(args.query)
+        params = {} if args.method.startswith(MODEL_PREFIX) else parse_params(args.method, args.param)
+        catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
+        publisher = TiledPublisher(catalog)
+        callback = LiveBackgroundSubtraction(
+            publisher,
+            method=args.method,
+            params=params,
+            downsample=args.downsample,
+            data_key=args.data_key,
+            directory=args.directory,
+            on_full="block",
+        )
+    except (ValueError, KeyError) as exc:
+        _fail(str(exc))
+        return 2
+    from .replay import replay_runs
+
+    try:
+        summaries = replay_runs(catalog, args.uids, callback, query=query, last=args.last, progress=not args.no_progress)
+    except KeyError as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+        return 2
+    finally:
+        callback.close()
+        publisher.close(timeout=120)
+    if not summaries:
+        _fail("no run matched the selection")
+        return 1
+    for s in summaries:
+        print(f"{s.raw_uid} -> {s.derived_uid}: {s.reason} ({s.exit_status})")
+    if publisher.errors:
+        _fail(f"{len(publisher.errors)} document(s) could not be written to Tiled; first: {publisher.errors[0]}")
+        return 1
+    return 0 if all(s.exit_status == "success" for s in summaries) else 1
+
+
+def _cmd_tiled_server(args) -> int:
+    from .tiled_server import EmbeddedTiledServer
+
+    directory = args.dir.resolve()
+    key_file = directory / "tiled" / "api_key"
+    if not key_file.exists():
+        _fail(f"{directory} holds no demo catalog (no {key_file})")
+        return 2
+    server = EmbeddedTiledServer(
+        directory / "tiled",
+        readable_storage=[directory / "raw", directory / "derived"],
+        api_key=key_file.read_text().strip(),
+        port=args.port,
+    ).start()
+    print(f"Tiled server: {server.uri} (API key in {key_file}); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "process":
         return _cmd_process(args)
+    if args.command == "demo":
+        return _cmd_demo(args)
+    if args.command == "replay":
+        return _cmd_replay(args)
+    if args.command == "tiled-server":
+        return _cmd_tiled_server(args)
     parser.print_help()
     return 2
 

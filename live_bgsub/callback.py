@@ -1,0 +1,824 @@
+"""The live callback: a RunEngine's frames in, a derived run of corrected folds out.
+
+:class:`LiveBackgroundSubtraction` is an :class:`event_model.DocumentRouter`. Subscribe
+it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's documents
+(:mod:`live_bgsub.replay`). For each raw run it composes a *derived run*:
+
+- start: ``raw_uid``, ``raw_scan_id``, the processing step (method, parameters, model
+  name and card hash), the geometry, the package version;
+- stream ``primary``: one event per processed frame with the ROI metrics (``i10``,
+  ``i11``, ``i11_i10``, ``s10_px``, ``m3_px``, ``m3_intensity``, ``tdi``,
+  ``background_sum``, ``d10_nm``, ``equator_found``), the raw ``raw_seq_num``, the
+  per-frame ``latency_s`` (frame available to the callback -> derived event) and
+  ``lag_s`` (raw event time -> derived event); the corrected fold ``corrected`` lives in
+  an HDF5 file referenced by StreamResource/StreamDatum;
+- stream ``failures``: one event per raw frame that did not make it, with
+  ``raw_seq_num``, ``status`` (``failed``, ``skipped`` or ``unprocessed``) and ``error``;
+- stop: ``exit_status`` ``success`` only when every received frame was processed;
+  ``reason`` gives the counts (received, processed, failed, skipped, unprocessed).
+
+Threads: the document handlers run on the caller's thread (the RunEngine's) and only
+record the document and put a frame reference on a bounded queue. One worker thread
+reads frames (inline arrays, or HDF5 with SWMR for StreamResource/StreamDatum and
+area-detector Resource/Datum), micro-batches them, runs the :class:`~live_bgsub.engine.
+Engine` and emits the derived documents in frame order. No handler ever raises into the
+RunEngine: errors are logged (logger ``live_bgsub.callback``) and recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from event_model import DocumentRouter, compose_run
+
+from . import __version__
+from .engine import METRIC_KEYS, Engine, FrameResult, make_step
+from .errors import ProcessingError
+from .geometry import Geometry, find_run_geometry
+from .io import mask_invalid
+from .sinks.hdf5 import DATASET, FoldWriter
+
+__all__ = ["LiveBackgroundSubtraction", "RunSummary"]
+
+logger = logging.getLogger("live_bgsub.callback")
+
+ON_FULL = ("block", "skip")
+#: Area-detector Resource specs whose frames are read from ``/entry/data/data``.
+AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "AD_EIGER", "AD_HDF5_GERM")
+_AD_DATASET = "/entry/data/data"
+
+
+@dataclass
+class RunSummary:
+    """What happened to one raw run's frames (also in the derived stop's ``reason``).
+
+    ``failed`` maps raw seq_num -> error; ``skipped`` lists frames dropped because the
+    queue was full (``on_full="skip"``); ``unprocessed`` maps seq_num -> why (stop
+    timeout, datum never arrived).
+    """
+
+    raw_uid: str
+    derived_uid: str | None = None
+    received: int = 0
+    processed: int = 0
+    failed: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+    unprocessed: dict = field(default_factory=dict)
+    disabled: str | None = None
+    timed_out: bool = False
+    exit_status: str | None = None
+    reason: str = ""
+    geometry: dict | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.processed and not self.disabled
+
+
+@dataclass
+class _FrameRef:
+    seq_num: int
+    received: float  # time.monotonic() when the frame became available
+    array: np.ndarray | None = None
+    path: str | None = None
+    dataset: str | None = None
+    index: int | None = None
+    error: str | None = None  # known unreadable (e.g. unsupported resource spec)
+
+
+class _Run:
+    """Per raw run state. Fields set on the document thread are read by the worker
+    only after the matching queue item, so no lock is needed beyond the queue's."""
+
+    def __init__(self, start: dict):
+        self.start = start
+        self.uid = start["uid"]
+        self.summary = RunSummary(self.uid)
+        self.descriptor_uid: str | None = None
+        self.data_key: str | None = None
+        self.external: str | None = None
+        self.config: dict = {}
+        self.event_times: dict[int, float] = {}
+        self.waiting_datum: dict[str, list[tuple[int, float]]] = {}
+        self.stop_doc: dict | None = None
+        self.stop_at: float | None = None
+        self.done = threading.Event()
+        # worker-side state
+        self.geometry: Geometry | None = None
+        self.geometry_source: str | None = None
+        self.buffer: list[_FrameRef] = []
+        self.engine: Engine | None = None
+        self.bundle = None
+        self.descriptors: dict = {}
+        self.writer: FoldWriter | None = None
+        self.sres_bundle = None
+        self.pending_failures: list[tuple[int, str, str]] = []
+        self.done_seqs: set[int] = set()  # raw frames whose derived event was emitted
+
+
+class LiveBackgroundSubtraction(DocumentRouter):
+    """Background-subtract a run's detector frames as they arrive; publish a derived run.
+
+    Parameters
+    ----------
+    publish : callable or list of callables, optional
+        Receive the derived run's ``(name, doc)`` pairs (e.g. a
+        :class:`live_bgsub.sinks.tiled.TiledPublisher`). Called on the worker thread.
+    method : str, BackgroundModel or ProcessingStep, optional
+        The processing step: a classical method name (default ``"white-top-hat"``),
+        ``"model:NAME"`` / ``"model:PATH"``, or a loaded model (see
+        :func:`live_bgsub.engine.make_step`).
+    params : dict, optional
+        Parameters of a classical method.
+    downsample : int, optional
+        Working resolution of a classical method (default 1).
+    data_key : str, optional
+        The data key holding the frames. Default: the one 2-D data key of the stream
+        (a key ending in ``_image`` wins if there are several).
+    stream_name : str, optional
+        The raw stream carrying the frames (default ``"primary"``).
+    geometry : Geometry or dict, optional
+        Fixed beam centre and rotation ``{"center": (x, y), "rotation_deg": a}``.
+        Default: the start document's ``center``/``rotation_deg`` (top level or under
+        ``"geometry"``), else the detector configuration's ``*_center`` /
+        ``*_rotation_deg``, else estimated from the run's first ``geometry_frames``
+        frames and then fixed for the run.
+    geometry_frames : int, optional
+        Frames used to estimate the geometry (default 3).
+    directory : path-like, optional
+        Where derived HDF5 files go (default ``"derived"``); one file per derived run.
+    batch_size : int, optional
+        Most frames per micro-batch (default 8).
+    batch_timeout_s : float, optional
+        A model step waits at most this long for a batch to fill (default 0.02 s);
+        a classical step takes what is queued.
+    queue_size : int, optional
+        Frames the queue holds (default 64).
+    on_full : {"block", "skip"}, optional
+        What the document thread does when the queue is full: wait for room
+        (``"block"``, default, right for replay) or drop the frame and list it as
+        skipped (``"skip"``, opt-in for live acquisition that must never wait).
+    stop_timeout_s : float, optional
+        After the raw stop, frames still pending this long are given up, listed as
+        unprocessed, and the derived stop says so (default 60 s).
+    pixel_size_mm, wavelength_nm, distance_mm : float, optional
+        For d10; default from the start document or the detector configuration.
+    metrics : bool, optional
+        Compute ROI metrics (default True).
+    seq_nums : iterable of int, optional
+        Process only these raw frames (a replay filling in skipped frames).
+    """
+
+    def __init__(
+        self,
+        publish=None,
+        *,
+        method="white-top-hat",
+        params: dict | None = None,
+        downsample: int = 1,
+        data_key: str | None = None,
+        stream_name: str = "primary",
+        geometry=None,
+        geometry_frames: int = 3,
+        directory="derived",
+        batch_size: int = 8,
+        batch_timeout_s: float = 0.02,
+        queue_size: int = 64,
+        on_full: str = "block",
+        stop_timeout_s: float = 60.0,
+        pixel_size_mm: float | None = None,
+        wavelength_nm: float | None = None,
+        distance_mm: float | None = None,
+        metrics: bool = True,
+        seq_nums=None,
+    ):
+        super().__init__()
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
+        for name, value in (("batch_size", batch_size), ("queue_size", queue_size), ("geometry_frames", geometry_frames)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("batch_timeout_s", batch_timeout_s), ("stop_timeout_s", stop_timeout_s)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+        self.step = make_step(method, params, downsample=downsample)
+        self._fixed_geometry = _as_geometry(geometry, "geometry") if geometry is not None else None
+        self._publishers = list(publish) if isinstance(publish, (list, tuple)) else ([publish] if publish else [])
+        self.data_key = data_key
+        self.stream_name = stream_name
+        self.geometry_frames = int(geometry_frames)
+        self.directory = Path(directory)
+        self.batch_size = int(batch_size)
+        self.batch_timeout_s = float(batch_timeout_s)
+        self.queue_size = int(queue_size)
+        self.on_full = on_full
+        self.stop_timeout_s = float(stop_timeout_s)
+        self._roi = {"pixel_size_mm": pixel_size_mm, "wavelength_nm": wavelength_nm, "distance_mm": distance_mm}
+        self.compute_metrics = bool(metrics)
+        self.select = None if seq_nums is None else {int(s) for s in seq_nums}
+
+        self.runs: dict[str, _Run] = {}
+        self._by_descriptor: dict[str, _Run] = {}
+        self._stream_resources: dict[str, dict] = {}
+        self._resources: dict[str, dict] = {}
+        self._datums: dict[str, tuple[str, dict]] = {}
+        self._errors: list[str] = []
+        self._items: collections.deque = collections.deque()
+        self._frames_queued = 0
+        self._cond = threading.Condition()
+        self._files: dict[str, object] = {}
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="live_bgsub-worker", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def subscribe(self, func) -> None:
+        """Add a receiver of the derived documents."""
+        self._publishers.append(func)
+
+    def summary(self, raw_uid: str) -> RunSummary:
+        """The :class:`RunSummary` of a raw run (KeyError if never seen)."""
+        return self.runs[raw_uid].summary
+
+    def wait(self, raw_uid: str | None = None, timeout: float | None = None) -> bool:
+        """Wait until the derived run of ``raw_uid`` (default: every run seen) is stopped.
+
+        Returns False if ``timeout`` (seconds) passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        runs = [self.runs[raw_uid]] if raw_uid is not None else list(self.runs.values())
+        for run in runs:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not run.done.wait(remaining):
+                return False
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued work and stop the worker thread."""
+        with self._cond:
+            self._closed = True
+            self._items.append(("close", None, None))
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    @property
+    def errors(self) -> list[str]:
+        """Document-handling errors (documents that could not be understood)."""
+        return list(self._errors)
+
+    # ------------------------------------------------------------------ documents (caller's thread)
+
+    def __call__(self, name, doc, validate=False):
+        try:
+            return super().__call__(name, doc, validate=validate)
+        except Exception as exc:  # noqa: BLE001 - never raise into the RunEngine
+            message = f"{name} document {doc.get('uid', '')!r}: {type(exc).__name__}: {exc}"
+            logger.exception("live_bgsub callback failed on %s", message)
+            self._errors.append(message)
+            return name, doc
+
+    def start(self, doc):
+        run = _Run(doc)
+        self.runs[run.uid] = run
+        return doc
+
+    def descriptor(self, doc):
+        run = self.runs.get(doc["run_start"])
+        if run is None or doc.get("name") != self.stream_name:
+            return doc
+        if run.descriptor_uid is not None:
+            # A second descriptor of the same stream (configuration changed): same key.
+            self._by_descriptor[doc["uid"]] = run
+            return doc
+        run.descriptor_uid = doc["uid"]
+        self._by_descriptor[doc["uid"]] = run
+        keys = doc["data_keys"]
+        try:
+            run.data_key = _pick_data_key(keys, self.data_key, self.stream_name)
+        except ProcessingError as exc:
+            run.summary.disabled = str(exc)
+            logger.warning("live_bgsub: run %s: %s", run.uid, exc)
+            return doc
+        run.external = keys[run.data_key].get("external")
+        for device in (doc.get("configuration") or {}).values():
+            run.config.update(device.get("data") or {})
+        return doc
+
+    def event(self, doc):
+        run = self._by_descriptor.get(doc["descriptor"])
+        if run is None or run.data_key is None:
+            return doc
+        seq = int(doc["seq_num"])
+        run.event_times[seq] = doc["time"]
+        if run.external and run.external.startswith("STREAM:"):
+            return doc  # the frame reference comes with the StreamDatum
+        if self.select is not None and seq not in self.select:
+            return doc
+        now = time.monotonic()
+        value = doc["data"].get(run.data_key)
+        if run.external:  # legacy Resource/Datum: the event holds a datum id
+            datum = self._datums.get(value)
+            if datum is None:
+                run.waiting_datum.setdefault(value, []).append((seq, now))
+                return doc
+            self._enqueue(run, self._datum_ref(seq, now, *datum))
+        else:
+            self._enqueue(run, _FrameRef(seq, now, array=np.asarray(value)))
+        return doc
+
+    def stream_resource(self, doc):
+        self._stream_resources[doc["uid"]] = doc
+        return doc
+
+    def stream_datum(self, doc):
+        run = self._by_descriptor.get(doc.get("descriptor", ""))
+        sres = self._stream_resources.get(doc["stream_resource"])
+        if run is None or run.data_key is None:
+            return doc
+        if sres is None:
+            raise ProcessingError(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
+        if sres["data_key"] != run.data_key:
+            return doc
+        path, dataset, error = _hdf5_location(sres)
+        now = time.monotonic()
+        indices = range(doc["indices"]["start"], doc["indices"]["stop"])
+        seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
+        if len(seqs) != len(indices):
+            raise ProcessingError(
+                f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}"
+            )
+        for seq, index in zip(seqs, indices):
+            if self.select is not None and seq not in self.select:
+                continue
+            self._enqueue(run, _FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error))
+        return doc
+
+    def resource(self, doc):
+        self._resources[doc["uid"]] = doc
+        return doc
+
+    def datum(self, doc):
+        self._datums[doc["datum_id"]] = (doc["resource"], doc.get("datum_kwargs") or {})
+        for run in self.runs.values():
+            waiting = run.waiting_datum.pop(doc["datum_id"], None)
+            for seq, received in waiting or ():
+                self._enqueue(run, self._datum_ref(seq, received, doc["resource"], doc.get("datum_kwargs") or {}))
+        return doc
+
+    def datum_page(self, doc):
+        ids = doc["datum_id"]
+        for datum_id, kwargs in zip(ids, _unpack_kwargs(doc.get("datum_kwargs") or {}, len(ids))):
+            self.datum({"datum_id": datum_id, "resource": doc["resource"], "datum_kwargs": kwargs})
+        return doc
+
+    def stop(self, doc):
+        run = self.runs.get(doc["run_start"])
+        if run is None:
+            return doc
+        run.stop_doc = doc
+        run.stop_at = time.monotonic()
+        for seqs in run.waiting_datum.values():
+            for seq, _ in seqs:
+                run.summary.unprocessed[seq] = "its datum document never arrived"
+        run.waiting_datum.clear()
+        with self._cond:
+            self._items.append(("stop", run, None))
+            self._cond.notify_all()
+        return doc
+
+    def _datum_ref(self, seq, received, resource_uid, kwargs) -> _FrameRef:
+        resource = self._resources.get(resource_uid)
+        if resource is None:
+            return _FrameRef(seq, received, error=f"datum refers to unknown resource {resource_uid!r}")
+        spec = resource.get("spec")
+        if spec not in AD_HDF5_SPECS:
+            return _FrameRef(seq, received, error=f"resource spec {spec!r} is not supported (expected one of {AD_HDF5_SPECS})")
+        root = resource.get("root") or ""
+        path = str(Path(root) / resource["resource_path"]) if root else resource["resource_path"]
+        per_point = int((resource.get("resource_kwargs") or {}).get("frame_per_point", 1))
+        index = int(kwargs.get("point_number", 0)) * per_point
+        return _FrameRef(seq, received, path=path, dataset=_AD_DATASET, index=index)
+
+    def _enqueue(self, run: _Run, ref: _FrameRef) -> None:
+        run.summary.received += 1
+        with self._cond:
+            if self._frames_queued >= self.queue_size:
+                if self.on_full == "skip":
+                    run.summary.skipped.append(ref.seq_num)
+                    return
+                while self._frames_queued >= self.queue_size and not self._closed:
+                    self._cond.wait()
+            self._items.append(("frame", run, ref))
+            self._frames_queued += 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _next_items(self) -> list:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            first = self._items.popleft()
+            if first[0] != "frame":
+                return [first]
+            items = [first]
+            wait_for_batch = self.step.batched and self.batch_timeout_s > 0
+            deadline = time.monotonic() + self.batch_timeout_s
+            while len(items) < self.batch_size:
+                if self._items:
+                    kind, run, _ = self._items[0]
+                    if kind != "frame" or run is not first[1]:
+                        break
+                    items.append(self._items.popleft())
+                    continue
+                remaining = deadline - time.monotonic()
+                if not wait_for_batch or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._frames_queued -= len(items)
+            self._cond.notify_all()
+            return items
+
+    def _work(self) -> None:
+        while True:
+            items = self._next_items()
+            kind, run, _ = items[0]
+            try:
+                if kind == "close":
+                    return
+                if kind == "stop":
+                    self._finish(run)
+                else:
+                    self._frames(run, [ref for _, _, ref in items])
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                logger.exception("live_bgsub worker failed on run %s", run.uid if run else None)
+                self._errors.append(f"worker: {type(exc).__name__}: {exc}")
+                if kind == "stop":
+                    run.done.set()
+
+    def _frames(self, run: _Run, refs: list[_FrameRef]) -> None:
+        if run.summary.disabled:
+            for ref in refs:
+                run.summary.unprocessed[ref.seq_num] = run.summary.disabled
+            return
+        if run.stop_at is not None and time.monotonic() - run.stop_at > self.stop_timeout_s:
+            run.summary.timed_out = True
+            for ref in refs:
+                run.summary.unprocessed[ref.seq_num] = f"not processed within stop_timeout_s={self.stop_timeout_s} s of the stop"
+            return
+        frames = []
+        for ref in refs:
+            try:
+                frames.append((ref, self._read(ref)))
+            except Exception as exc:  # noqa: BLE001 - a missing or bad file fails its frames only
+                self._fail(run, [FrameResult(ref.seq_num, error=f"{type(exc).__name__}: {exc}")])
+        if not frames:
+            return
+        if run.engine is None:
+            run.buffer.extend(frames)
+            if run.geometry is None and self._geometry_known(run) is None and len(run.buffer) < self.geometry_frames:
+                return  # keep collecting frames for the geometry estimate
+            frames, run.buffer = run.buffer, []
+            self._build_engine(run, frames)
+            if run.engine is None:
+                return
+        self._process(run, frames)
+
+    def _geometry_known(self, run: _Run):
+        if run.geometry is not None:
+            return run.geometry
+        if self._fixed_geometry is not None:
+            run.geometry, run.geometry_source = self._fixed_geometry, "config"
+        else:
+            found = _geometry_from(run.start, "start")
+            if found is None:
+                found = _geometry_from_config(run.config)
+            if found is not None:
+                run.geometry, run.geometry_source = found
+        return run.geometry
+
+    def _build_engine(self, run: _Run, frames) -> None:
+        try:
+            shape = np.shape(frames[0][1])
+            if len(shape) != 2:
+                raise ProcessingError(f"frames must be 2-D, got shape {shape} for data key {run.data_key!r}")
+            if self._geometry_known(run) is None:
+                usable = [mask_invalid(np.asarray(a)) for _, a in frames if np.shape(a) == shape][: self.geometry_frames]
+                estimate = find_run_geometry([d for d, _ in usable], [m for _, m in usable])
+                run.geometry, run.geometry_source = estimate.geometry, f"estimated from {len(usable)} frame(s)"
+            roi = {k: self._roi[k] if self._roi[k] is not None else _lookup(run, k) for k in self._roi}
+            run.engine = Engine(self.step, run.geometry, shape, metrics=self.compute_metrics, **roi)
+        except Exception as exc:  # noqa: BLE001 - the run cannot be processed: say why
+            run.summary.disabled = f"cannot set up processing: {type(exc).__name__}: {exc}"
+            logger.error("live_bgsub: run %s: %s", run.uid, run.summary.disabled)
+            for ref, _ in frames:
+                run.summary.unprocessed[ref.seq_num] = run.summary.disabled
+            return
+        run.summary.geometry = {
+            "center": list(run.geometry.center),
+            "rotation_deg": run.geometry.rotation_deg,
+            "source": run.geometry_source,
+        }
+
+    def _process(self, run: _Run, frames) -> None:
+        results = run.engine.process([a for _, a in frames], [ref.seq_num for ref, _ in frames])
+        received = {ref.seq_num: ref.received for ref, _ in frames}
+        self._ensure_started(run)
+        good = [r for r in results if r.ok]
+        self._fail(run, [r for r in results if not r.ok])
+        if not good:
+            return
+        start, stop = run.writer.append(np.stack([r.corrected for r in good]))
+        desc = run.descriptors["primary"]
+        first_seq = start + 1
+        datum = run.sres_bundle.compose_stream_datum(
+            indices={"start": start, "stop": stop},
+            seq_nums={"start": first_seq, "stop": first_seq + len(good)},
+            descriptor=desc.descriptor_doc,
+        )
+        self._emit("stream_datum", datum)
+        now_mono, now = time.monotonic(), time.time()
+        for i, r in enumerate(good):
+            raw_time = run.event_times.get(r.seq_num)
+            data = {k: _number(r.metrics.get(k)) for k in METRIC_KEYS}
+            data["equator_found"] = bool(r.metrics.get("equator_found", False))
+            data["raw_seq_num"] = r.seq_num
+            data["latency_s"] = now_mono - received[r.seq_num]
+            data["lag_s"] = now - raw_time if raw_time is not None else math.nan
+            event = desc.compose_event(
+                data=data, timestamps={k: now for k in data}, seq_num=first_seq + i, time=now
+            )
+            self._emit("event", event)
+            run.done_seqs.add(r.seq_num)
+        run.summary.processed += len(good)
+
+    def _fail(self, run: _Run, results: list[FrameResult]) -> None:
+        for r in results:
+            run.done_seqs.add(r.seq_num)
+            run.summary.failed[r.seq_num] = r.error
+            run.pending_failures.append((r.seq_num, "failed", r.error))
+            logger.warning("live_bgsub: run %s frame %s failed: %s", run.uid, r.seq_num, r.error)
+        if run.engine is not None:
+            self._ensure_started(run)
+
+    def _emit_failure(self, run: _Run, seq: int, status: str, error: str) -> None:
+        desc = run.descriptors.get("failures")
+        if desc is None:
+            desc = run.descriptors["failures"] = run.bundle.compose_descriptor(
+                name="failures",
+                data_keys={
+                    "raw_seq_num": {"source": "live_bgsub", "dtype": "integer", "shape": []},
+                    "status": {"source": "live_bgsub", "dtype": "string", "shape": []},
+                    "error": {"source": "live_bgsub", "dtype": "string", "shape": []},
+                },
+            )
+            self._emit("descriptor", desc.descriptor_doc)
+        now = time.time()
+        data = {"raw_seq_num": int(seq), "status": status, "error": str(error)}
+        self._emit("event", desc.compose_event(data=data, timestamps={k: now for k in data}, time=now))
+
+    def _start_derived(self, run: _Run) -> None:
+        raw = run.start
+        metadata = {
+            "plan_name": "live_bgsub",
+            "raw_uid": raw["uid"],
+            "live_bgsub_version": __version__,
+            "processing": self.step.describe(),
+            "data_key": run.data_key,
+        }
+        if raw.get("scan_id") is not None:
+            metadata["raw_scan_id"] = raw["scan_id"]
+        if run.engine is not None:
+            metadata["geometry"] = run.summary.geometry
+            metadata["fold_shape"] = list(run.engine.fold_shape)
+            metadata["shape"] = list(run.engine.shape)
+        if run.summary.disabled:
+            metadata["disabled"] = run.summary.disabled
+        run.bundle = compose_run(metadata=metadata)
+        run.summary.derived_uid = run.bundle.start_doc["uid"]
+        self._emit("start", run.bundle.start_doc)
+
+    def _ensure_started(self, run: _Run) -> None:
+        """Emit the derived start (once), the primary stream's descriptor and stream
+        resource (once the engine exists), then any failures recorded so far."""
+        if run.bundle is None:
+            self._start_derived(run)
+        if run.engine is not None and "primary" not in run.descriptors:
+            self._start_primary(run)
+        pending, run.pending_failures = run.pending_failures, []
+        for seq, status, error in pending:
+            self._emit_failure(run, seq, status, error)
+
+    def _start_primary(self, run: _Run) -> None:
+        fold_shape = list(run.engine.fold_shape)
+        data_keys = {
+            "corrected": {
+                "source": "live_bgsub",
+                "dtype": "array",
+                "dtype_numpy": "<f4",
+                "shape": fold_shape,
+                "external": "STREAM:",
+            },
+            "raw_seq_num": {"source": "live_bgsub", "dtype": "integer", "shape": []},
+            "latency_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+            "lag_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+            "equator_found": {"source": "live_bgsub", "dtype": "boolean", "shape": []},
+        }
+        for k in METRIC_KEYS:
+            data_keys[k] = {"source": "live_bgsub", "dtype": "number", "shape": []}
+        desc = run.descriptors["primary"] = run.bundle.compose_descriptor(name="primary", data_keys=data_keys)
+        self._emit("descriptor", desc.descriptor_doc)
+        derived_uid = run.summary.derived_uid
+        run.writer = FoldWriter(self.directory / f"{derived_uid}_corrected.h5", fold_shape)
+        run.sres_bundle = run.bundle.compose_stream_resource(
+            mimetype="application/x-hdf5",
+            uri=run.writer.uri,
+            data_key="corrected",
+            parameters={"dataset": DATASET, "chunk_shape": [1, *fold_shape]},
+        )
+        self._emit("stream_resource", run.sres_bundle.stream_resource_doc)
+
+    def _finish(self, run: _Run) -> None:
+        try:
+            if run.buffer:  # fewer frames than geometry_frames: estimate from what came
+                frames, run.buffer = run.buffer, []
+                self._build_engine(run, frames)
+                if run.engine is not None:
+                    self._process(run, frames)
+            self._ensure_started(run)
+            s = run.summary
+            for seq in s.skipped:
+                self._emit_failure(run, seq, "skipped", "the queue was full (on_full='skip')")
+            for seq, why in sorted(s.unprocessed.items()):
+                self._emit_failure(run, seq, "unprocessed", why)
+            s.reason = (
+                f"received {s.received}, processed {s.processed}, failed {len(s.failed)}, "
+                f"skipped {len(s.skipped)}, unprocessed {len(s.unprocessed)}"
+            )
+            if s.timed_out:
+                s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
+            if s.disabled:
+                s.reason += f"; {s.disabled}"
+            raw_exit = (run.stop_doc or {}).get("exit_status")
+            if raw_exit and raw_exit != "success":
+                s.reason += f"; raw run exit_status {raw_exit!r}"
+            s.exit_status = "success" if s.complete else "fail"
+            stop = run.bundle.compose_stop(exit_status=s.exit_status, reason=s.reason)
+            if run.writer is not None:
+                run.writer.close()
+            self._emit("stop", stop)
+            logger.info("live_bgsub: run %s -> derived %s: %s", run.uid, s.derived_uid, s.reason)
+        finally:
+            self._close_files()
+            run.done.set()
+
+    def _emit(self, name: str, doc: dict) -> None:
+        for publish in self._publishers:
+            try:
+                publish(name, doc)
+            except Exception:  # noqa: BLE001 - one sink failing must not stop the others
+                logger.exception("live_bgsub: publishing %s failed", name)
+                self._errors.append(f"publish {name}: failed (see log)")
+
+    # ------------------------------------------------------------------ frame reading
+
+    def _read(self, ref: _FrameRef) -> np.ndarray:
+        if ref.error:
+            raise ProcessingError(ref.error)
+        if ref.array is not None:
+            return ref.array
+        dataset = self._dataset(ref.path, ref.dataset)
+        if ref.index >= dataset.shape[0]:
+            dataset.refresh()
+        if ref.index >= dataset.shape[0]:
+            raise ProcessingError(f"{ref.path}: frame index {ref.index} not written yet ({dataset.shape[0]} frames)")
+        return dataset[ref.index]
+
+    def _dataset(self, path: str, name: str):
+        import h5py
+
+        key = f"{path}::{name}"
+        ds = self._files.get(key)
+        if ds is None:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"HDF5 file {path} does not exist")
+            try:
+                f = h5py.File(path, "r", libver="latest", swmr=True)
+            except OSError:
+                f = h5py.File(path, "r")  # a finished file written without SWMR
+            if name not in f:
+                f.close()
+                raise ProcessingError(f"{path}: no dataset {name!r}")
+            ds = self._files[key] = f[name]
+        return ds
+
+    def _close_files(self) -> None:
+        for ds in self._files.values():
+            try:
+                ds.file.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._files.clear()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _pick_data_key(keys: dict, wanted: str | None, stream: str) -> str:
+    if wanted is not None:
+        if wanted not in keys:
+            raise ProcessingError(f"data key {wanted!r} is not in stream {stream!r} (keys: {sorted(keys)})")
+        return wanted
+    images = [k for k, v in keys.items() if len([d for d in (v.get("shape") or []) if d not in (None, 1)]) == 2]
+    if len(images) > 1:
+        named = [k for k in images if k.endswith("_image")]
+        images = named if len(named) == 1 else images
+    if len(images) != 1:
+        raise ProcessingError(
+            f"cannot tell which data key of stream {stream!r} holds the frames: 2-D keys {sorted(images)} "
+            f"among {sorted(keys)}; pass data_key="
+        )
+    return images[0]
+
+
+def _hdf5_location(sres: dict) -> tuple[str | None, str | None, str | None]:
+    mimetype = sres.get("mimetype", "")
+    if mimetype not in ("application/x-hdf5", "application/x-hdf5; swmr"):
+        return None, None, f"stream_resource mimetype {mimetype!r} is not supported (expected 'application/x-hdf5')"
+    uri = urlparse(sres["uri"])
+    if uri.scheme not in ("file", ""):
+        return None, None, f"stream_resource uri {sres['uri']!r} is not a file:// uri"
+    dataset = (sres.get("parameters") or {}).get("dataset", _AD_DATASET)
+    return uri.path, dataset, None
+
+
+def _as_geometry(value, what: str) -> Geometry:
+    if isinstance(value, Geometry):
+        return value
+    if isinstance(value, dict) and "center" in value and "rotation_deg" in value:
+        center = value["center"]
+        if len(center) != 2:
+            raise ValueError(f"{what}: center must be (x, y), got {center!r}")
+        return Geometry((float(center[0]), float(center[1])), float(value["rotation_deg"]))
+    raise ValueError(f"{what} must be a Geometry or a dict with 'center' (x, y) and 'rotation_deg', got {value!r}")
+
+
+def _geometry_from(md: dict, where: str):
+    for candidate in (md.get("geometry"), md):
+        if isinstance(candidate, dict) and "center" in candidate and "rotation_deg" in candidate:
+            try:
+                return _as_geometry(candidate, f"{where} metadata"), where
+            except (ValueError, TypeError) as exc:
+                logger.warning("live_bgsub: ignoring geometry in %s: %s", where, exc)
+    return None
+
+
+def _geometry_from_config(config: dict):
+    """Geometry in a detector's configuration: ``*_center`` (x, y) or ``*_center_x`` and
+    ``*_center_y``, with ``*_rotation_deg`` (exactly one of each)."""
+
+    def one(suffix):
+        found = [v for k, v in config.items() if k.endswith(suffix)]
+        return found[0] if len(found) == 1 else None
+
+    center = one("center")
+    if center is None and one("center_x") is not None and one("center_y") is not None:
+        center = (one("center_x"), one("center_y"))
+    rotation = one("rotation_deg")
+    if center is not None and rotation is not None:
+        try:
+            return _as_geometry({"center": center, "rotation_deg": rotation}, "detector configuration"), "configuration"
+        except (ValueError, TypeError) as exc:
+            logger.warning("live_bgsub: ignoring geometry in the detector configuration: %s", exc)
+    return None
+
+
+def _lookup(run: _Run, key: str):
+    value = run.start.get(key)
+    if value is None:
+        found = [v for k, v in run.config.items() if k.endswith(key)]
+        value = found[0] if len(found) == 1 else None
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _unpack_kwargs(columns: dict, n: int) -> list[dict]:
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]

@@ -1,0 +1,89 @@
+"""HDF5 sink: the derived run's corrected folds, appended frame by frame.
+
+A derived run's corrected folds are not put inline in events: they go to one HDF5 file
+per run, dataset ``/entry/data/corrected`` of shape ``(n, rows, cols)`` float32, one
+chunk per frame, written in SWMR mode and flushed after every append so that a reader
+(Tiled, a notebook) sees each frame as soon as its StreamDatum is published. The
+derived run references the file with a StreamResource (mimetype
+``application/x-hdf5``) and each batch of frames with a StreamDatum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FoldWriter", "DATASET"]
+
+#: Dataset path of the corrected folds inside the derived run's HDF5 file.
+DATASET = "/entry/data/corrected"
+
+
+class FoldWriter:
+    """Append corrected folds of one derived run to an HDF5 file.
+
+    Parameters
+    ----------
+    path : path-like
+        File to create (its directory is created; an existing file is an error, so
+        nothing written before is ever overwritten).
+    fold_shape : (int, int)
+        Shape of every fold.
+    dataset : str, optional
+        Dataset path (default :data:`DATASET`).
+
+    Attributes
+    ----------
+    count : int
+        Folds written so far.
+    """
+
+    def __init__(self, path, fold_shape, *, dataset: str = DATASET):
+        import h5py
+
+        self.path = Path(path).resolve()
+        self.fold_shape = tuple(int(s) for s in fold_shape)
+        self.dataset = dataset
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # "x": fail if the file exists rather than truncate someone's data.
+        self._file = h5py.File(self.path, "x", libver="latest")
+        self._data = self._file.create_dataset(
+            dataset,
+            shape=(0, *self.fold_shape),
+            maxshape=(None, *self.fold_shape),
+            chunks=(1, *self.fold_shape),
+            dtype="<f4",
+        )
+        self._file.swmr_mode = True
+        self.count = 0
+
+    @property
+    def uri(self) -> str:
+        """``file://localhost/ABSOLUTE/PATH`` as StreamResource documents expect."""
+        return "file://localhost" + self.path.as_posix()
+
+    def append(self, folds) -> tuple[int, int]:
+        """Append folds ``(n, rows, cols)`` (or one fold); return their ``(start, stop)`` rows."""
+        folds = np.asarray(folds, dtype=np.float32)
+        if folds.ndim == 2:
+            folds = folds[None]
+        if folds.shape[1:] != self.fold_shape:
+            raise ValueError(f"fold shape {folds.shape[1:]} does not match the file's {self.fold_shape}")
+        start = self.count
+        stop = start + len(folds)
+        self._data.resize(stop, axis=0)
+        self._data[start:stop] = folds
+        self._data.flush()
+        self.count = stop
+        return start, stop
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,406 @@
+"""Publish Bluesky documents to Tiled through one writer thread, with a JSON-lines backup.
+
+A :class:`TiledPublisher` is a document callback, ``publisher(name, doc)``, that only
+puts the document on an unbounded queue and returns: it never blocks on the network
+and never raises, so it can be subscribed on the RunEngine thread. One daemon thread
+owns one :class:`bluesky_tiled_plugins.TiledWriter` and writes the queued documents in
+arrival order. Feed every run bound for one server (the raw run from the RunEngine and
+the derived, background-subtracted run from its own thread) through the same
+publisher: the server then sees a single writer, which SQLite and DuckDB table stores
+need (two concurrent writers give HTTP 500 "database is locked" on SQLite and crashed
+a DuckDB-backed server). A PostgreSQL-backed server also accepts several writers.
+
+Backup
+------
+With ``backup_directory``, each document is appended to ``<run uid>.jsonl`` in that
+directory (one ``{"name": ..., "doc": ...}`` object per line, numpy values as lists)
+by the writer thread *before* it is sent to Tiled, and the line is flushed to the
+operating system. If Tiled is down or rejects a run, the complete run is still on
+disk; :func:`read_backup` yields its documents for a replay into any callback (e.g. a
+``TiledWriter`` once the server is back). Documents still in the queue when the
+process dies are not in the backup yet: call :meth:`TiledPublisher.flush` or
+:meth:`TiledPublisher.close` at the end of acquisition.
+
+Failures
+--------
+An exception while writing a document is caught, logged on the
+``live_bgsub.sinks.tiled`` logger, and recorded in :attr:`TiledPublisher.errors`.
+The rest of that run is then *not* sent to Tiled (it is still backed up), so that a
+half-written run never receives its stop document and cannot pass for a complete
+one, and a server that is down costs one client timeout per run rather than one per
+document; other runs go on. The number of documents held back this way is in
+:attr:`TiledPublisher.skipped`. How long one failing request takes is the tiled
+client's retry policy: environment variables ``TILED_RETRY_ATTEMPTS`` (default 10) and
+``TILED_RETRY_TIMEOUT`` (default 45 s), read when ``tiled.client`` is first imported.
+When the writer's first document of a run fails, event-model's RunRouter also emits a
+UserWarning that blames "factory functions"; it is noise, the error is the one
+recorded here.
+
+Reading back
+------------
+Event columns of a run written here are read with ``catalog[uid]["primary"]``. On a
+PostgreSQL table store tiled 0.2.20 returns rows without ``ORDER BY`` (SQLite and
+DuckDB order by rowid), so after concurrent writes rows can come back out of order:
+sort by the ``seq_num`` column. Array nodes (in-event arrays, external HDF5 frames)
+are indexed by position, which follows the run's event order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["TiledPublisher", "read_backup"]
+
+logger = logging.getLogger("live_bgsub.sinks.tiled")
+
+#: Backup file for documents whose run could not be determined.
+UNASSIGNED_BACKUP = "unassigned.jsonl"
+
+
+class _Flush:
+    """Queue marker: the writer thread sets ``event`` when it reaches it."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+
+_CLOSE = object()  # Queue marker: the writer thread stops after it.
+
+
+def _json_default(value: Any) -> Any:
+    """JSON fallback for numpy arrays and scalars (anything with ``tolist``)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"a document holds a value that is not JSON serializable: {type(value).__name__}")
+
+
+def read_backup(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield ``(name, doc)`` pairs from a JSON-lines backup written by TiledPublisher.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``<run uid>.jsonl`` file from the publisher's ``backup_directory``.
+    """
+    with open(path) as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                yield item["name"], item["doc"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number} is not a backed-up document ({error}): {line[:200]!r}") from None
+
+
+class _RunIndex:
+    """Which run a document belongs to, from the uids documents refer to."""
+
+    def __init__(self) -> None:
+        self._run_of: dict[str, str] = {}  # descriptor / (stream_)resource uid -> run uid
+        self._keys_of_run: dict[str, list[str]] = {}
+
+    def _remember(self, key: str, run_uid: str | None) -> None:
+        if run_uid is not None:
+            self._run_of[key] = run_uid
+            self._keys_of_run.setdefault(run_uid, []).append(key)
+
+    def run_of(self, name: str, doc: dict) -> str | None:
+        """Return the uid of the run ``doc`` belongs to (None when unknown)."""
+        if name == "start":
+            return doc.get("uid")
+        if name in ("stop", "descriptor", "stream_resource", "resource"):
+            run_uid = doc.get("run_start")
+            if name != "stop":
+                self._remember(doc.get("uid"), run_uid)
+            return run_uid
+        if name in ("event", "event_page"):
+            return self._run_of.get(doc.get("descriptor"))
+        if name == "stream_datum":
+            return self._run_of.get(doc.get("descriptor")) or self._run_of.get(doc.get("stream_resource"))
+        if name in ("datum", "datum_page"):
+            return self._run_of.get(doc.get("resource"))
+        return None
+
+    def forget(self, run_uid: str) -> None:
+        """Drop what is known about a finished run."""
+        for key in self._keys_of_run.pop(run_uid, []):
+            self._run_of.pop(key, None)
+
+
+class TiledPublisher:
+    """Document callback that writes runs to Tiled from one background thread.
+
+    Parameters
+    ----------
+    client : tiled client node
+        The run catalog, e.g. from :func:`live_bgsub.tiled_server.connect`.
+    batch_size : int, optional
+        Events (and StreamDatums) per write, passed to ``TiledWriter``. The default,
+        1, streams: each event is visible in Tiled as soon as it is written. Larger
+        values write faster but make rows visible only per batch (or at the stop).
+    backup_directory : str or path-like, optional
+        Where every document is appended to ``<run uid>.jsonl`` before it is
+        written (see the module docstring). None (default) keeps no backup.
+    name : str, optional
+        Name of the writer thread.
+    **writer_kwargs
+        Further ``TiledWriter`` options (``patches``, ...). ``max_array_size``
+        defaults to 0 here (every array in an event is stored as an array node, none
+        in the SQL table), because a SQLite table store cannot hold list columns.
+
+    Attributes
+    ----------
+    errors : list of dict
+        One entry per failure: ``{"name", "run_uid", "doc_uid", "stage", "error"}``;
+        ``stage`` is ``"write"`` (Tiled), ``"backup"`` (disk) or ``"enqueue"``
+        (called after :meth:`close`).
+    skipped : dict
+        Run uid -> number of its documents not sent to Tiled after a failure.
+    client, writer, batch_size, backup_directory
+        As configured; ``writer`` is the ``TiledWriter`` (used by the thread only).
+
+    Notes
+    -----
+    ``publisher(name, doc)`` costs a queue put. The queue is unbounded: if the writer
+    cannot keep up, memory grows, and documents are held (not copied), so callers
+    must not mutate a document after handing it over. Documents from several threads
+    are written in the order they were enqueued; each run's own order is kept.
+
+    Examples
+    --------
+    >>> with TiledPublisher.from_uri(server.uri, api_key=server.api_key,
+    ...                              backup_directory="backup") as publisher:
+    ...     RE.subscribe(publisher)
+    ...     RE(count([det], 10))
+    ...     publisher.flush()
+    """
+
+    def __init__(
+        self,
+        client,
+        *,
+        batch_size: int = 1,
+        backup_directory: str | Path | None = None,
+        name: str = "tiled-publisher",
+        **writer_kwargs,
+    ):
+        from bluesky_tiled_plugins import TiledWriter
+
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (1 streams every event), got {batch_size!r}")
+        if "backup_directory" in writer_kwargs or "backup_dictionary" in writer_kwargs:
+            raise TypeError("TiledPublisher keeps its own backup: pass backup_directory to TiledPublisher only")
+        self.client = client
+        self.batch_size = batch_size
+        self.backup_directory = Path(backup_directory) if backup_directory is not None else None
+        if self.backup_directory is not None:
+            self.backup_directory.mkdir(parents=True, exist_ok=True)
+        # Internal arrays go to array storage by default, whatever their size:
+        # TiledWriter's own default keeps arrays of <= 16 elements in the SQL table,
+        # which a SQLite table store rejects (HTTP 500 "Unsupported PyArrow type:
+        # list<item: double>", retried for ~25 s before failing).
+        writer_kwargs.setdefault("max_array_size", 0)
+        self.writer = TiledWriter(client, batch_size=batch_size, **writer_kwargs)
+        self.errors: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = {}
+
+        self._queue: SimpleQueue = SimpleQueue()
+        self._lock = threading.Lock()  # Guards _closed and _enqueued together with the put.
+        self._closed = False
+        self._enqueued = 0
+        self._done = 0
+        self._runs = _RunIndex()
+        self._failed_runs: set[str] = set()
+        self._backup_files: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_uri(cls, uri: str, api_key: str | None = None, catalog: str = "runs", **kwargs) -> TiledPublisher:
+        """Connect to the run catalog at ``uri`` (see :func:`~live_bgsub.tiled_server.connect`).
+
+        Parameters
+        ----------
+        uri : str
+            Tiled server URI, e.g. ``http://127.0.0.1:8000/api/v1``.
+        api_key : str, optional
+            API key (default: environment variable ``TILED_API_KEY``).
+        catalog : str, optional
+            Path of the ``CatalogOfBlueskyRuns`` container, created if missing.
+        **kwargs
+            Passed to :class:`TiledPublisher`.
+        """
+        from live_bgsub.tiled_server import connect
+
+        return cls(connect(uri, api_key=api_key, catalog=catalog), **kwargs)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {state}, pending={self.pending}, errors={len(self.errors)}>"
+
+    # -- caller side -------------------------------------------------------------
+
+    def __call__(self, name: str, doc: dict) -> None:
+        """Enqueue one document; returns at once and never raises."""
+        try:
+            with self._lock:
+                if not self._closed:
+                    self._queue.put((name, doc))
+                    self._enqueued += 1
+                    return
+            self._record(name, doc, None, "enqueue", "the publisher is closed; document not written")
+        except Exception as error:  # noqa: BLE001 - a sink must never break the RunEngine
+            logger.error("TiledPublisher: could not enqueue a %r document: %r", name, error)
+            self._record(name, doc, None, "enqueue", f"{type(error).__name__}: {error}")
+
+    @property
+    def pending(self) -> int:
+        """Number of documents enqueued but not yet handled by the writer thread."""
+        with self._lock:
+            return self._enqueued - self._done
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every document enqueued before this call has been handled.
+
+        Handled means written to Tiled, or failed and recorded in :attr:`errors`.
+        With ``batch_size > 1`` rows may still sit in the writer's batch.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait; None waits as long as it takes.
+
+        Returns
+        -------
+        bool
+            True when everything was handled, False on timeout.
+        """
+        marker = _Flush()
+        with self._lock:
+            if self._closed:
+                marker = None
+            else:
+                self._queue.put(marker)
+        if marker is None:  # Closed: the thread ends after the last document.
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return marker.event.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting documents, write those queued, and end the writer thread.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait for the queue to drain; None waits as long as it takes.
+
+        Returns
+        -------
+        bool
+            True when the thread has finished (everything handled), False on timeout;
+            the thread then goes on writing in the background.
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_CLOSE)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- writer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _CLOSE:
+                    break
+                if isinstance(item, _Flush):
+                    item.event.set()
+                    continue
+                name, doc = item
+                try:
+                    self._handle(name, doc)
+                except Exception as error:
+                    logger.exception("TiledPublisher: unexpected failure on a %r document", name)
+                    self._record(name, doc, None, "write", f"{type(error).__name__}: {error}")
+                finally:
+                    with self._lock:
+                        self._done += 1
+        finally:
+            for file in self._backup_files.values():
+                file.close()
+            self._backup_files.clear()
+
+    def _handle(self, name: str, doc: dict) -> None:
+        run_uid = self._runs.run_of(name, doc)
+        if self.backup_directory is not None:
+            self._backup(run_uid, name, doc)
+        if run_uid is not None and run_uid in self._failed_runs:
+            self.skipped[run_uid] = self.skipped.get(run_uid, 0) + 1
+        else:
+            try:
+                self.writer(name, doc)
+            except Exception as error:
+                text = f"{type(error).__name__}: {error}"
+                logger.error(
+                    "TiledPublisher: writing a %r document of run %s failed (%s); the rest of this run "
+                    "is not sent to Tiled%s",
+                    name,
+                    run_uid,
+                    text,
+                    f" but is kept in {self.backup_directory}" if self.backup_directory else "",
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+                self._record(name, doc, run_uid, "write", text)
+                if run_uid is not None:
+                    self._failed_runs.add(run_uid)
+        if name == "stop" and run_uid is not None:
+            self._runs.forget(run_uid)
+            self._failed_runs.discard(run_uid)
+            file = self._backup_files.pop(run_uid, None)
+            if file is not None:
+                file.close()
+
+    def _backup(self, run_uid: str | None, name: str, doc: dict) -> None:
+        try:
+            key = run_uid or ""
+            file = self._backup_files.get(key)
+            if file is None:
+                filename = f"{run_uid}.jsonl" if run_uid else UNASSIGNED_BACKUP
+                # Kept open for the run; closed at its stop or when the thread ends.
+                file = open(self.backup_directory / filename, "a")  # noqa: SIM115
+                self._backup_files[key] = file
+            file.write(json.dumps({"name": name, "doc": doc}, default=_json_default) + "\n")
+            file.flush()
+        except Exception as error:  # noqa: BLE001 - a full disk must not stop the writes
+            text = f"{type(error).__name__}: {error}"
+            logger.error("TiledPublisher: backing up a %r document of run %s failed: %s", name, run_uid, text)
+            self._record(name, doc, run_uid, "backup", text)
+
+    def _record(self, name: str, doc: Any, run_uid: str | None, stage: str, text: str) -> None:
+        doc_uid = doc.get("uid") if isinstance(doc, dict) else None
+        self.errors.append({"name": name, "run_uid": run_uid, "doc_uid": doc_uid, "stage": stage, "error": text})

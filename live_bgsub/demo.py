@@ -116,13 +116,9 @@ def _figures(catalog, raw_uid, summary, frames, acquisition_s) -> dict:
 
 
 def _table(run) -> dict:
-    """The derived run's primary-stream scalar columns (numpy arrays), read through Tiled."""
-    stream = run["primary"]
-    data = stream.read()
-    columns = {name: np.asarray(data[name]) for name in data if name != "corrected"}
-    if "time" in getattr(data, "coords", {}):
-        columns["time"] = np.asarray(data["time"])
-    return columns
+    from .catalog import metrics_table
+
+    return metrics_table(run)
 
 
 def plot_summary(catalog, raw_uid: str, derived_uid: str, path) -> Path:

@@ -53,10 +53,18 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="doc", desc=f"replay {_short(run)}", leave=True)
+    stream_names: dict[str, str] = {}
+    data_keys: dict[str, str] = {}
     try:
         for name, doc in run.documents():
             if name == "start":
                 raw_uid = doc["uid"]
+            elif name == "descriptor":
+                stream_names[doc["uid"]] = doc["name"]
+            elif name == "stream_resource":
+                data_keys[doc["uid"]] = doc["data_key"]
+            elif name == "stream_datum" and _empty(doc):
+                doc = _repair_stream_datum(run, doc, stream_names.get(doc.get("descriptor")), data_keys.get(doc["stream_resource"]))
             callback(name, doc)
             if bar is not None:
                 bar.update(1)
@@ -126,6 +134,29 @@ def replay_runs(catalog, uids=(), callback=None, *, query=None, last=None, progr
         logger.info("replayed %s -> %s: %s", summary.raw_uid, summary.derived_uid, summary.reason)
         summaries.append(summary)
     return summaries
+
+
+def _empty(doc) -> bool:
+    return doc["indices"]["stop"] <= doc["indices"]["start"] and doc["seq_nums"]["stop"] <= doc["seq_nums"]["start"]
+
+
+def _repair_stream_datum(run, doc, stream, data_key):
+    """Fill in an empty StreamDatum from the array Tiled registered for it.
+
+    bluesky-tiled-plugins 2.0.12's json-seq exporter gives runs written from
+    area-detector Resource/Datum documents one StreamDatum with empty ``indices`` and
+    ``seq_nums`` ({0, 0} and {1, 1}), although Tiled holds the frames: its array has one
+    row per event, in seq_num order. Rebuild the ranges from that array's length.
+    """
+    try:
+        rows = int(run[stream][data_key].shape[0])
+    except Exception as exc:  # noqa: BLE001 - leave the document as it came
+        logger.warning("replay: stream_datum %s is empty and could not be repaired: %s", doc["uid"], exc)
+        return doc
+    logger.warning(
+        "replay: stream_datum %s of %r is empty (exporter defect); using the %d rows Tiled holds", doc["uid"], data_key, rows
+    )
+    return {**doc, "indices": {"start": 0, "stop": rows}, "seq_nums": {"start": 1, "stop": rows + 1}}
 
 
 def _document_count(run) -> int | None:

@@ -13,7 +13,8 @@ def test_science_core_imports_no_heavy_library():
     code = (
         "import sys, live_bgsub, live_bgsub.io, live_bgsub.geometry, live_bgsub.background, "
         "live_bgsub.synth, live_bgsub.metrics, live_bgsub.cli, live_bgsub.inference, live_bgsub.resample, "
-        "live_bgsub.provenance\n"
+        "live_bgsub.provenance, live_bgsub.engine, live_bgsub.sim, live_bgsub.sinks, live_bgsub.tiled_server, "
+        "live_bgsub.beamline, live_bgsub.demo, live_bgsub.replay, live_bgsub.catalog\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -9,8 +9,9 @@ it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's docu
 - stream ``primary``: one event per processed frame with the ROI metrics (``i10``,
   ``i11``, ``i11_i10``, ``s10_px``, ``m3_px``, ``m3_intensity``, ``tdi``,
   ``background_sum``, ``d10_nm``, ``equator_found``), the raw ``raw_seq_num``, the
-  per-frame ``latency_s`` (frame available to the callback -> derived event) and
-  ``lag_s`` (raw event time -> derived event); the corrected fold ``corrected`` lives in
+  per-frame ``latency_s`` (frame available to the callback -> derived event),
+  ``lag_s`` (raw event time -> derived event) and ``processing_s`` (fold, background
+  and metrics of this frame, its share of a batched step included); the corrected fold ``corrected`` lives in
   an HDF5 file referenced by StreamResource/StreamDatum;
 - stream ``failures``: one event per raw frame that did not make it, with
   ``raw_seq_num``, ``status`` (``failed``, ``skipped`` or ``unprocessed``) and ``error``;
@@ -553,6 +554,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             data["equator_found"] = bool(r.metrics.get("equator_found", False))
             data["raw_seq_num"] = r.seq_num
             data["latency_s"] = now_mono - received[r.seq_num]
+            data["processing_s"] = float(sum(r.timings_s.values()))
             data["lag_s"] = now - raw_time if raw_time is not None else math.nan
             event = desc.compose_event(
                 data=data, timestamps={k: now for k in data}, seq_num=first_seq + i, time=now
@@ -631,6 +633,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             "raw_seq_num": {"source": "live_bgsub", "dtype": "integer", "shape": []},
             "latency_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
             "lag_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+            "processing_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
             "equator_found": {"source": "live_bgsub", "dtype": "boolean", "shape": []},
         }
         for k in METRIC_KEYS:

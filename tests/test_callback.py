@@ -142,7 +142,7 @@ def _callback(tmp_path, **kw):
 
 
 def _metrics(event):
-    return {k: v for k, v in event["data"].items() if k not in ("latency_s", "lag_s")}
+    return {k: v for k, v in event["data"].items() if k not in ("latency_s", "lag_s", "processing_s")}
 
 
 def test_inline_frames_match_process_image(tmp_path, frames, raw_file):
@@ -161,6 +161,7 @@ def test_inline_frames_match_process_image(tmp_path, frames, raw_file):
     events = out.events()
     assert [e["data"]["raw_seq_num"] for e in events] == [1, 2, 3, 4, 5]
     assert all(e["data"]["latency_s"] >= 0 and e["data"]["lag_s"] >= 0 for e in events)
+    assert all(0 < e["data"]["processing_s"] <= e["data"]["latency_s"] for e in events)
     corrected = out.corrected()
     assert corrected.shape == (5, *start["fold_shape"]) and corrected.dtype == np.float32
     # Derived frames equal `live-bgsub process` on the same frames with the same geometry.

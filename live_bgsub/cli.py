@@ -225,6 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
     p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select runs whose start metadata KEY equals VALUE (repeatable)")
     p.add_argument("--last", type=int, metavar="N", help="the N most recent selected runs")
+    p.add_argument("--fill", metavar="DERIVED_UID", help="replay only the raw frames this derived run skipped, left unprocessed or failed")
     p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
@@ -357,8 +358,11 @@ def _cmd_replay(args) -> int:
     if not uri:
         _fail("no Tiled server: pass --tiled URI or set TILED_URI")
         return 2
-    if not (args.uids or args.query or args.last):
-        _fail("no runs selected: pass UIDs, --query KEY=VALUE or --last N")
+    if not (args.uids or args.query or args.last or args.fill):
+        _fail("no runs selected: pass UIDs, --query KEY=VALUE, --last N or --fill DERIVED_UID")
+        return 2
+    if args.fill and (args.uids or args.query or args.last):
+        _fail("--fill DERIVED_UID replays that run's raw run: give no other selection")
         return 2
     try:
         from .background import parse_params
@@ -370,6 +374,16 @@ def _cmd_replay(args) -> int:
         query = _split_query(args.query)
         params = {} if args.method.startswith(MODEL_PREFIX) else parse_params(args.method, args.param)
         catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
+        seq_nums = None
+        if args.fill:
+            from .replay import frames_to_fill
+
+            raw_uid, seq_nums = frames_to_fill(catalog, args.fill)
+            if not seq_nums:
+                print(f"derived run {args.fill} processed every frame of {raw_uid}: nothing to fill")
+                return 0
+            args.uids = [raw_uid]
+            print(f"filling {len(seq_nums)} frame(s) of raw run {raw_uid}: {seq_nums}")
         publisher = TiledPublisher(catalog)
         callback = LiveBackgroundSubtraction(
             publisher,
@@ -379,6 +393,7 @@ def _cmd_replay(args) -> int:
             data_key=args.data_key,
             directory=args.directory,
             on_full="block",
+            seq_nums=seq_nums,
         )
     except (ValueError, KeyError) as exc:
         _fail(str(exc))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["replay_run", "replay_runs", "select_runs"]
+__all__ = ["replay_run", "replay_runs", "select_runs", "frames_to_fill"]
 
 logger = logging.getLogger("live_bgsub.replay")
 
@@ -134,6 +134,31 @@ def replay_runs(catalog, uids=(), callback=None, *, query=None, last=None, progr
         logger.info("replayed %s -> %s: %s", summary.raw_uid, summary.derived_uid, summary.reason)
         summaries.append(summary)
     return summaries
+
+
+def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
+    """The raw run and the raw seq_nums a derived run did not process.
+
+    Reads the derived run's ``failures`` stream (frames ``skipped`` on a full queue,
+    ``unprocessed`` at a stop timeout, and ``failed``). Replaying the raw run with
+    ``seq_nums=`` set to these makes a derived run that fills the gaps.
+
+    Returns
+    -------
+    raw_uid : str
+    seq_nums : list of int
+        Sorted; empty when the derived run processed everything.
+    """
+    from .catalog import metrics_table
+
+    derived = catalog[derived_uid]
+    start = derived.metadata["start"]
+    if "raw_uid" not in start:
+        raise ValueError(f"run {derived_uid!r} is not a derived run (its start has no raw_uid)")
+    if "failures" not in derived:
+        return start["raw_uid"], []
+    table = metrics_table(derived, "failures")
+    return start["raw_uid"], sorted({int(s) for s in table["raw_seq_num"]})
 
 
 def _empty(doc) -> bool:

@@ -428,3 +428,34 @@ def test_engine_batches_match_single_frames(frames):
         [single] = engine.process([frames[i]], [i + 1])
         np.testing.assert_array_equal(single.corrected, batch[i].corrected)
         assert single.metrics["i11_i10"] == batch[i].metrics["i11_i10"]
+
+
+def test_model_step_micro_batches(tmp_path, frames, raw_file):
+    from live_bgsub.inference import BackgroundModel
+
+    model = BackgroundModel.load("model:white-top-hat")
+    cb, out = _callback(tmp_path, method=model, batch_size=4, batch_timeout_s=5.0)
+    uid = _run_inline(cb, frames)
+    assert cb.wait(uid, timeout=300)
+    assert cb.summary(uid).processed == 5
+    # Two micro-batches: 4 frames (full batch), then 1 (the stop ends the wait).
+    datums = [d for n, d in out.docs if n == "stream_datum"]
+    assert [(d["indices"]["start"], d["indices"]["stop"]) for d in datums] == [(0, 4), (4, 5)]
+    start = out.start()
+    assert start["processing"]["method"] == "model:white-top-hat"
+    assert start["processing"]["card_sha256"] == model.card_sha256()
+    corrected = out.corrected()
+    for i in (0, 4):
+        _, arrays = process_image(raw_file, frame=i, center=CENTER, rotation_deg=ROTATION, model=model)
+        np.testing.assert_allclose(corrected[i], arrays["corrected"], rtol=1e-4, atol=1e-3)
+
+
+def test_replay_fills_in_only_the_selected_frames(tmp_path, frames):
+    # A live run skipped frames 4-6; a replay restricted to them processes just those.
+    cb, out = _callback(tmp_path, seq_nums=[4, 5, 6])
+    uid = _run_inline(cb, frames + frames[:1])
+    assert cb.wait(uid, timeout=120)
+    summary = cb.summary(uid)
+    assert (summary.received, summary.processed) == (3, 3)
+    assert [e["data"]["raw_seq_num"] for e in out.events()] == [4, 5, 6]
+    assert out.stop()["exit_status"] == "success"

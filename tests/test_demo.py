@@ -51,6 +51,11 @@ def test_demo_runs_end_to_end(demo):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"{raw_uid} -> " in proc.stdout and "received 6, processed 6" in proc.stdout
+        proc = subprocess.run(
+            [*CLI, "replay", "--tiled", server.uri, "--api-key", key, "--fill", derived_uid, "--no-progress"],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0 and "processed every frame" in proc.stdout, proc.stderr[-3000:]
         live, replayed = derived_runs(catalog, raw_uid)
         a, b = metrics_table(live), metrics_table(replayed)
         for k in ("i10", "i11", "i11_i10", "s10_px", "raw_seq_num"):

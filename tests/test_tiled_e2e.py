@@ -182,3 +182,46 @@ def test_live_run_and_replay_on_postgresql(postgres_catalog, dirs):
     uid, det, summary = _acquire(postgres_catalog, dirs, raw_writer="independent", seed=41)
     _, table = _check_live_run(postgres_catalog, uid, det, summary)
     _check_replay(postgres_catalog, uid, dirs, table)
+
+
+def test_skipped_frames_are_listed_and_a_replay_fills_them(sqlite_catalog, dirs):
+    import threading
+
+    from live_bgsub.engine import ProcessingStep, make_step
+    from live_bgsub.replay import frames_to_fill
+
+    class Gate(ProcessingStep):
+        method = "white-top-hat"
+
+        def __init__(self):
+            self.inner, self.gate = make_step("white-top-hat"), threading.Event()
+
+        def subtract(self, folds, masks):
+            assert self.gate.wait(120)
+            return self.inner.subtract(folds, masks)
+
+        def describe(self):
+            return self.inner.describe()
+
+    step = Gate()
+    publisher = TiledPublisher(sqlite_catalog)
+    det = SimDetector(name="det", directory=dirs / "raw", n_patterns=2, seed=51)
+    cb = LiveBackgroundSubtraction(publisher, method=step, directory=dirs / "derived", on_full="skip", queue_size=1, batch_size=1)
+    RE = RunEngine({})
+    RE.subscribe(publisher)
+    RE.subscribe(cb)
+    (uid,) = RE(count([det], num=5))  # the worker is held: the queue overflows
+    step.gate.set()
+    assert cb.wait(uid, timeout=180) and publisher.flush(timeout=180)
+    summary = cb.summary(uid)
+    assert summary.skipped and summary.processed + len(summary.skipped) == 5
+    assert sqlite_catalog[uid].metadata["stop"]["num_events"]["primary"] == 5  # the raw run is whole
+    raw_uid, missing = frames_to_fill(sqlite_catalog, summary.derived_uid)
+    assert raw_uid == uid and missing == sorted(summary.skipped)
+    [filled] = replay_runs(sqlite_catalog, [uid], publish=publisher, directory=dirs / "replayed", seq_nums=missing, timeout=180)
+    assert publisher.flush(timeout=180)
+    publisher.close()
+    assert filled.processed == len(missing) and filled.exit_status == "success"
+    live_rows = metrics_table(sqlite_catalog[summary.derived_uid])["raw_seq_num"].tolist()
+    filled_rows = metrics_table(sqlite_catalog[filled.derived_uid])["raw_seq_num"].tolist()
+    assert sorted(live_rows + filled_rows) == [1, 2, 3, 4, 5]

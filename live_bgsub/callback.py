@@ -14,9 +14,12 @@ it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's docu
   and metrics of this frame, its share of a batched step included); the corrected fold ``corrected`` lives in
   an HDF5 file referenced by StreamResource/StreamDatum;
 - stream ``failures``: one event per raw frame that did not make it, with
-  ``raw_seq_num``, ``status`` (``failed``, ``skipped`` or ``unprocessed``) and ``error``;
-- stop: ``exit_status`` ``success`` only when every received frame was processed;
-  ``reason`` gives the counts (received, processed, failed, skipped, unprocessed).
+  ``raw_seq_num``, ``status`` (``failed``, ``skipped``, ``unprocessed`` or ``missing``)
+  and ``error``;
+- stop: ``exit_status`` ``success`` only when every received frame was processed and
+  the raw run succeeded (an aborted or failed raw run gives its own exit status);
+  ``reason`` gives the counts (received, processed, failed, skipped, unprocessed,
+  missing) and the raw run's exit status when it was not a success.
 
 Threads: the document handlers run on the caller's thread (the RunEngine's) and only
 record the document and put a frame reference on a bounded queue. One worker thread
@@ -63,7 +66,9 @@ class RunSummary:
 
     ``failed`` maps raw seq_num -> error; ``skipped`` lists frames dropped because the
     queue was full (``on_full="skip"``); ``unprocessed`` maps seq_num -> why (stop
-    timeout, datum never arrived).
+    timeout, datum never arrived); ``missing`` maps seq_num -> why for frames whose
+    documents never reached the callback (a transport reported them lost:
+    :meth:`LiveBackgroundSubtraction.mark_missing`).
     """
 
     raw_uid: str
@@ -73,6 +78,7 @@ class RunSummary:
     failed: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
     unprocessed: dict = field(default_factory=dict)
+    missing: dict = field(default_factory=dict)
     disabled: str | None = None
     timed_out: bool = False
     exit_status: str | None = None
@@ -81,7 +87,7 @@ class RunSummary:
 
     @property
     def complete(self) -> bool:
-        return self.received == self.processed and not self.disabled
+        return self.received == self.processed and not self.disabled and not self.missing
 
 
 @dataclass
@@ -262,6 +268,19 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if not run.done.wait(remaining):
                 return False
         return True
+
+    def mark_missing(self, raw_uid: str, seq_nums, reason: str) -> None:
+        """Record raw frames whose documents never arrived (call before the run's stop).
+
+        A transport that detects gaps (0MQ drops) reports them here; they are listed in
+        the derived run's ``failures`` stream with status ``missing`` and counted in its
+        stop, so a replay from Tiled can fill them (:func:`live_bgsub.replay.frames_to_fill`).
+        """
+        run = self.runs.get(raw_uid)
+        if run is None:
+            raise KeyError(f"run {raw_uid!r} was never started on this callback")
+        for seq in seq_nums:
+            run.summary.missing[int(seq)] = str(reason)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work and stop the worker thread."""
@@ -663,18 +682,27 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 self._emit_failure(run, seq, "skipped", "the queue was full (on_full='skip')")
             for seq, why in sorted(s.unprocessed.items()):
                 self._emit_failure(run, seq, "unprocessed", why)
+            for seq, why in sorted(s.missing.items()):
+                self._emit_failure(run, seq, "missing", why)
             s.reason = (
                 f"received {s.received}, processed {s.processed}, failed {len(s.failed)}, "
                 f"skipped {len(s.skipped)}, unprocessed {len(s.unprocessed)}"
             )
+            if s.missing:
+                s.reason += f", missing {len(s.missing)}"
             if s.timed_out:
                 s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
             if s.disabled:
                 s.reason += f"; {s.disabled}"
             raw_exit = (run.stop_doc or {}).get("exit_status")
-            if raw_exit and raw_exit != "success":
-                s.reason += f"; raw run exit_status {raw_exit!r}"
             s.exit_status = "success" if s.complete else "fail"
+            if raw_exit and raw_exit != "success":
+                # The raw run itself is incomplete: so is the derived run.
+                s.reason += f"; raw run exit_status {raw_exit!r}"
+                raw_reason = (run.stop_doc or {}).get("reason")
+                if raw_reason:
+                    s.reason += f" ({raw_reason})"
+                s.exit_status = raw_exit if raw_exit in ("abort", "fail") else "fail"
             stop = run.bundle.compose_stop(exit_status=s.exit_status, reason=s.reason)
             if run.writer is not None:
                 run.writer.close()

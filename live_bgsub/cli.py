@@ -1,10 +1,15 @@
-"""The ``live-bgsub`` command line: ``live-bgsub process IMAGE... --method NAME --out DIR``.
+"""The ``live-bgsub`` command line: ``process``, ``demo``, ``replay``, ``tiled-server``.
 
 ``process`` folds each image, subtracts the chosen background and writes, per image,
 ``DIR/<stem>.json`` (geometry, method, parameters, ROI metrics, timings) and
 ``DIR/<stem>.h5`` (float32 datasets ``folded``, ``background``, ``corrected``,
 ``count``). A bad file is reported on one line and the batch goes on; the exit status
 is 1 when any image failed, 2 for a usage error (unknown method or parameter).
+
+``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`), ``replay``
+sends archived runs from Tiled through the live callback (:mod:`live_bgsub.replay`),
+and ``tiled-server`` serves a demo directory's catalog again. Heavy libraries are
+imported only inside the command that needs them.
 """
 
 from __future__ import annotations

@@ -459,3 +459,22 @@ def test_replay_fills_in_only_the_selected_frames(tmp_path, frames):
     assert (summary.received, summary.processed) == (3, 3)
     assert [e["data"]["raw_seq_num"] for e in out.events()] == [4, 5, 6]
     assert out.stop()["exit_status"] == "success"
+
+
+def test_missing_frames_and_an_aborted_raw_run_mark_the_derived_run(tmp_path, frames):
+    cb, out = _callback(tmp_path)
+    bundle, desc = _stream_of(cb, frames, 2)
+    t0 = time.time()
+    cb("event", desc.compose_event(data={KEY: frames[0], "det_frame_number": 0}, timestamps={KEY: t0, "det_frame_number": t0}, seq_num=1))
+    cb("event", desc.compose_event(data={KEY: frames[2], "det_frame_number": 2}, timestamps={KEY: t0, "det_frame_number": t0}, seq_num=3))
+    cb.mark_missing(bundle.start_doc["uid"], [2], "lost in transport")
+    cb("stop", bundle.compose_stop(exit_status="abort", reason="detector stopped answering"))
+    assert cb.wait(timeout=120)
+    summary = cb.summary(bundle.start_doc["uid"])
+    assert summary.processed == 2 and summary.missing == {2: "lost in transport"}
+    stop = out.stop()
+    assert stop["exit_status"] == "abort"
+    assert "missing 1" in stop["reason"] and "raw run exit_status 'abort' (detector stopped answering)" in stop["reason"]
+    assert [(e["data"]["raw_seq_num"], e["data"]["status"]) for e in out.events("failures")] == [(2, "missing")]
+    with pytest.raises(KeyError, match="never started"):
+        cb.mark_missing("nope", [1], "x")

@@ -6,6 +6,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Channel Access on loopback for the EPICS tests, set before pyepics or caproto load
+# (libca reads them once). Several IOCs on one host: a unicast search to 127.0.0.1
+# reaches only one of the servers sharing UDP 5064; the loopback broadcast address
+# reaches all of them (checked here with two caproto IOCs).
+os.environ.setdefault("EPICS_CA_AUTO_ADDR_LIST", "NO")
+os.environ.setdefault("EPICS_CA_ADDR_LIST", "127.255.255.255")
+os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", "20000000")
 REAL_DATA = Path(os.environ.get("LIVE_BGSUB_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 
 #: MuscleX 2.1.1's automatic geometry on the real frames (shared/data/real/README.md).

@@ -211,8 +211,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "running a count with the live callback subscribed; print run uids, rates and lag, and write a PNG summary.",
     )
     p.add_argument("--dir", type=Path, default=Path("live_bgsub_demo"), help="where data, catalog and PNG go (default: ./live_bgsub_demo)")
-    p.add_argument("--frames", type=int, default=40, help="frames to acquire (default 40)")
-    p.add_argument("--rate", type=float, default=10.0, metavar="HZ", help="detector frame rate (default 10 Hz)")
+    p.add_argument("--frames", type=int, default=30, help="frames to acquire (default 30)")
+    p.add_argument("--rate", type=float, default=5.0, metavar="HZ", help="detector frame rate (default 5 Hz: what 2 CPU cores process live)")
     p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
     p.add_argument("--preset", default="pilatus-1m", help="simulated detector: pilatus-1m (default), eiger2-9m, mar")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated frames (default 0)")

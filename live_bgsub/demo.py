@@ -22,8 +22,8 @@ __all__ = ["run_demo", "plot_summary"]
 def run_demo(
     directory="live_bgsub_demo",
     *,
-    frames: int = 40,
-    rate_hz: float = 10.0,
+    frames: int = 30,
+    rate_hz: float = 5.0,
     method: str = "white-top-hat",
     preset: str = "pilatus-1m",
     seed: int = 0,

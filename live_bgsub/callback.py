@@ -55,6 +55,8 @@ __all__ = ["LiveBackgroundSubtraction", "RunSummary"]
 logger = logging.getLogger("live_bgsub.callback")
 
 ON_FULL = ("block", "skip")
+#: Summaries of finished runs kept for ``summary()`` (older ones are dropped).
+KEEP_RUNS = 100
 #: Area-detector Resource specs whose frames are read from ``/entry/data/data``.
 AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "AD_EIGER", "AD_HDF5_GERM")
 _AD_DATASET = "/entry/data/data"
@@ -710,7 +712,30 @@ class LiveBackgroundSubtraction(DocumentRouter):
             logger.info("live_bgsub: run %s -> derived %s: %s", run.uid, s.derived_uid, s.reason)
         finally:
             self._close_files()
+            self._forget(run)
             run.done.set()
+
+    def _forget(self, run: _Run) -> None:
+        """Drop a finished run's heavy state (fold map, buffers, document maps); keep
+        its summary (the last ``KEEP_RUNS`` runs)."""
+        run.engine = None
+        run.buffer = []
+        run.event_times = {}
+        run.descriptors = {}
+        run.writer = None
+        run.sres_bundle = None
+        for mapping in (self._by_descriptor,):
+            for key in [k for k, v in list(mapping.items()) if v is run]:
+                mapping.pop(key, None)
+        for mapping in (self._stream_resources, self._resources):
+            for key in [k for k, v in list(mapping.items()) if v.get("run_start") == run.uid]:
+                mapping.pop(key, None)
+        gone = {k for k, (resource, _) in list(self._datums.items()) if resource not in self._resources}
+        for key in gone:
+            self._datums.pop(key, None)
+        finished = [uid for uid, r in list(self.runs.items()) if r.done.is_set()]
+        for uid in finished[: max(0, len(finished) - KEEP_RUNS)]:
+            self.runs.pop(uid, None)
 
     def _emit(self, name: str, doc: dict) -> None:
         for publish in self._publishers:

@@ -170,6 +170,7 @@ def _report(print, bl, raw_uid, summary, f) -> None:  # noqa: A002
     print("    from tiled.client import from_uri")
     print(f"    catalog = from_uri({uri!r}, api_key=open({str(bl.directory / 'tiled' / 'api_key')!r}).read().strip())[{bl.config.catalog!r}]")
     print(f"    derived = catalog[{summary.derived_uid!r}]")
-    print("    derived['primary'].read()                 # metrics per frame (xarray)")
+    print("    from live_bgsub.catalog import metrics_table")
+    print("    metrics_table(derived)                    # metrics per frame, sorted by seq_num")
     print("    derived['primary']['corrected'][0]        # first corrected fold (numpy)")
     print(f"    catalog[{raw_uid!r}]['primary']['det_image'][0]   # first raw frame")

@@ -1,4 +1,4 @@
-"""The ``live-bgsub`` command line: ``process``, ``demo``, ``replay``, ``tiled-server``.
+"""The ``live-bgsub`` command line: ``process``, ``demo``, ``replay``, ``tiled-server``, ``sim-ioc``.
 
 ``process`` folds each image, subtracts the chosen background and writes, per image,
 ``DIR/<stem>.json`` (geometry, method, parameters, ROI metrics, timings) and
@@ -8,7 +8,8 @@ is 1 when any image failed, 2 for a usage error (unknown method or parameter).
 
 ``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`), ``replay``
 sends archived runs from Tiled through the live callback (:mod:`live_bgsub.replay`),
-and ``tiled-server`` serves a demo directory's catalog again. Heavy libraries are
+``tiled-server`` serves a demo directory's catalog again, and ``sim-ioc`` runs the
+simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`). Heavy libraries are
 imported only inside the command that needs them.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from . import __version__
 
-__all__ = ["main", "process_image", "SAMPLE_FRAME"]
+__all__ = ["SAMPLE_FRAME", "main", "process_image"]
 
 #: A real Pilatus 1M frame shipped with the package (MuscleX test image P40_1_3_00000).
 SAMPLE_FRAME = "P40_1_3_00000.h5"
@@ -217,6 +218,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="pilatus-1m", help="simulated detector: pilatus-1m (default), eiger2-9m, mar")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated frames (default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep the Tiled server up after the run (Ctrl-C stops it)")
+    p.add_argument("--epics", action="store_true", help="acquire through a simulated areaDetector IOC over Channel Access (ophyd EpicsPilatus)")
 
     p = sub.add_parser(
         "replay",
@@ -237,6 +239,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
     p.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the server must be able to read it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "sim-ioc",
+        add_help=False,
+        help="run the simulated areaDetector IOC (caproto) for a prefix; see `live-bgsub sim-ioc --help`",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser(
         "tiled-server",
@@ -338,6 +347,7 @@ def _cmd_demo(args) -> int:
             preset=args.preset,
             seed=args.seed,
             keep_serving=args.keep_serving,
+            epics=args.epics,
         )
     except ValueError as exc:
         _fail(str(exc))
@@ -450,6 +460,11 @@ def _cmd_tiled_server(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sim-ioc"]:  # its options belong to live_bgsub.sim.ioc (imports caproto)
+        from .sim.ioc import main as sim_ioc_main
+
+        return sim_ioc_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "process":

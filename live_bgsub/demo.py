@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run_demo", "plot_summary"]
+__all__ = ["plot_summary", "run_demo"]
 
 
 def run_demo(
@@ -28,7 +28,8 @@ def run_demo(
     preset: str = "pilatus-1m",
     seed: int = 0,
     keep_serving: bool = False,
-    print=print,  # noqa: A002 - the CLI's output function
+    epics: bool = False,
+    print=print,
 ) -> dict:
     """Run the demo; return its figures (also printed).
 
@@ -46,16 +47,20 @@ def run_demo(
         Simulated detector (``pilatus-1m``, ``eiger2-9m``, ``mar``).
     keep_serving : bool
         Keep the Tiled server up after the run until Ctrl-C.
+    epics : bool
+        Acquire through the simulated areaDetector IOC (a caproto subprocess) and the
+        ophyd ``EpicsPilatus`` over Channel Access, instead of the in-process detector.
     """
-    from bluesky.plans import count
-
-    from .beamline import Beamline, BeamlineConfig
+    from .beamline import BeamlineConfig
 
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not rate_hz > 0:
         raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
     directory = Path(directory).resolve()
+    if epics:
+        return _run_epics(directory, frames=frames, rate_hz=rate_hz, method=method, preset=preset, seed=seed,
+                          keep_serving=keep_serving, print=print)
     config = BeamlineConfig(
         directory=str(directory),
         method=method,
@@ -66,9 +71,47 @@ def run_demo(
         queue_size=max(256, 2 * frames),
     )
     print(f"live-bgsub demo: {frames} frames at {rate_hz:g} Hz from a simulated {preset}, method {method}")
+    return _acquire(config, frames, keep_serving, print)
+
+
+def _run_epics(directory, *, frames, rate_hz, method, preset, seed, keep_serving, print):
+    import secrets
+
+    from .beamline import BeamlineConfig
+    from .sim.ioc import run_ioc_subprocess, use_loopback_ca
+
+    use_loopback_ca()
+    prefix = f"LBDEMO{secrets.token_hex(3).upper()}:"
+    raw_dir = directory / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    config = BeamlineConfig(
+        directory=str(directory),
+        method=method,
+        detector="epics",
+        epics_prefix=prefix,
+        on_full="skip",
+        queue_size=max(256, 2 * frames),
+    )
+    print(f"live-bgsub demo --epics: {frames} frames at {rate_hz:g} Hz from a simulated {preset} IOC "
+          f"(prefix {prefix}) over Channel Access, method {method}")
+    period = 1.0 / rate_hz
+    with run_ioc_subprocess(prefix, directory=raw_dir, preset=preset, seed=seed, acquire_time=period, acquire_period=period):
+        return _acquire(config, frames, keep_serving, print)
+
+
+def _acquire(config, frames, keep_serving, print) -> dict:
+    from bluesky.plans import count
+
+    from .beamline import Beamline
+
+    directory = Path(config.directory)
     with Beamline(config) as bl:
         print(f"Tiled server: {bl.server.uri if bl.server else config.tiled_uri} (catalog {config.catalog!r})")
-        bl.detector.geometry  # render the detector's frame bank before timing
+        # Before timing: render the simulated frame bank, or connect to the IOC.
+        if config.detector == "sim":
+            _ = bl.detector.geometry
+        else:
+            bl.detector.wait_for_connection(timeout=30)
         t0 = time.perf_counter()
         (raw_uid,) = bl.RE(count([bl.detector], num=frames), sample="synthetic muscle fiber (demo)")
         acquisition_s = time.perf_counter() - t0
@@ -157,7 +200,7 @@ def plot_summary(catalog, raw_uid: str, derived_uid: str, path) -> Path:
     return path
 
 
-def _report(print, bl, raw_uid, summary, f) -> None:  # noqa: A002
+def _report(print, bl, raw_uid, summary, f) -> None:
     uri = bl.server.uri if bl.server else bl.config.tiled_uri
     print(f"raw run:     {raw_uid}  ({f['raw_events_in_tiled']} events in Tiled)")
     print(f"derived run: {summary.derived_uid}  ({summary.reason}; exit_status {summary.exit_status})")

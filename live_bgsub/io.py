@@ -207,7 +207,12 @@ def _read_hdf5(path: Path, frame: int, dataset: str | None) -> DetectorImage:
     try:
         h5 = h5py.File(path, "r", swmr=False)
     except OSError as exc:
-        raise ImageReadError(f"{str(path)!r}: not a readable HDF5 file ({exc})") from exc
+        try:
+            # A file still open for writing in SWMR mode (a live detector), or left
+            # marked so by a writer that died, opens only as a SWMR reader.
+            h5 = h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError:
+            raise ImageReadError(f"{str(path)!r}: not a readable HDF5 file ({exc})") from exc
     with h5:
         candidates = (dataset,) if dataset else _HDF5_DATA_PATHS
         name = next((p for p in candidates if p in h5 and isinstance(h5[p], h5py.Dataset)), None)

@@ -67,3 +67,22 @@ def test_replay_usage_errors():
     assert proc.returncode == 2 and "no runs selected" in proc.stderr
     proc = subprocess.run([*CLI, "demo", "--frames", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "frames must be >= 1, got 0" in proc.stderr
+
+
+def test_demo_through_the_epics_ioc(tmp_path):
+    proc = subprocess.run(
+        [*CLI, "demo", "--epics", "--dir", str(tmp_path), "--frames", "4", "--rate", "20"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"from a simulated pilatus-1m IOC \(prefix LBDEMO[0-9A-F]{6}:\) over Channel Access", proc.stdout)
+    assert re.search(r"raw run:\s+\S+\s+\(4 events in Tiled\)", proc.stdout)
+    assert "received 4, processed 4, failed 0, skipped 0" in proc.stdout
+
+
+def test_sim_ioc_lists_its_pvs():
+    proc = subprocess.run([*CLI, "sim-ioc", "--prefix", "XX:", "--list-pvs"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split("\t")[0] for line in proc.stdout.splitlines()]
+    for pv in ("XX:cam1:Acquire", "XX:cam1:DetectorState_RBV", "XX:image1:ArrayData", "XX:HDF1:NumCaptured_RBV", "XX:HDF1:FullFileName_RBV"):
+        assert pv in names

@@ -51,8 +51,9 @@ class BeamlineConfig:
     downsample : int
         Working resolution of a classical method.
     detector : str
-        ``"sim"`` (simulated Pilatus writing HDF5) or ``"epics"`` (needs
-        ``epics_prefix``; the EPICS issue provides the device).
+        ``"sim"`` (simulated Pilatus writing HDF5) or ``"epics"`` (an areaDetector IOC
+        over Channel Access, :class:`live_bgsub.devices.EpicsPilatus`; needs
+        ``epics_prefix``; connected within ``connection_timeout_s`` at start).
     epics_prefix : str or None
     preset : str
         Simulated detector layout (``pilatus-1m``, ``eiger2-9m``, ``mar``).
@@ -79,6 +80,7 @@ class BeamlineConfig:
     queue_size: int = 256
     batch_size: int = 8
     stop_timeout_s: float = 120.0
+    connection_timeout_s: float = 5.0
 
     def __post_init__(self):
         if self.detector not in ("sim", "epics"):
@@ -190,13 +192,12 @@ class Beamline:
     def _make_detector(self, raw_dir: Path):
         cfg = self.config
         if cfg.detector == "epics":
-            try:
-                from .devices import EpicsPilatus
-            except ImportError as exc:
-                raise ValueError(
-                    f"an EPICS detector ({cfg.epics_prefix!r}) needs live_bgsub.devices, not available here: {exc}"
-                ) from exc
-            return EpicsPilatus(cfg.epics_prefix, name="det", write_path=str(raw_dir))
+            from .devices import EpicsPilatus
+
+            detector = EpicsPilatus(cfg.epics_prefix, name="det", write_path=str(raw_dir))
+            # Fail here, with the prefix and the PVs named, rather than at the first plan.
+            detector.wait_for_connection(timeout=cfg.connection_timeout_s)
+            return detector
         from .sim.detector import SimDetector
 
         return SimDetector(name="det", directory=raw_dir, preset=cfg.preset, period_s=cfg.period_s, seed=cfg.seed)

@@ -142,15 +142,32 @@ def test_profile_runs_count_and_publishes_raw_and_derived_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_epics_prefix_without_device_reports_and_exits(tmp_path):
-    proc = _run_profile(tmp_path, "print('SESSION CODE RAN')", LIVE_BGSUB_EPICS_PREFIX="XX:")
+def test_an_unreachable_epics_prefix_reports_and_exits(tmp_path):
+    proc = _run_profile(tmp_path, "print('SESSION CODE RAN')", LIVE_BGSUB_EPICS_PREFIX="LBNOIOC:")
     assert proc.returncode == 1, _output(proc)
     assert "SESSION CODE RAN" not in proc.stdout, "the session started without a beamline"
     assert "the beamline did not start" in proc.stderr
-    assert "'XX:'" in proc.stderr and "EPICS" in proc.stderr, _output(proc)
+    assert "EpicsConnectionError" in proc.stderr and "'LBNOIOC:'" in proc.stderr, _output(proc)
     # The embedded server had started before the detector failed, and was stopped.
     uris = _server_uris(tmp_path / "data" / "tiled" / "server.log")
     assert uris, "the embedded server never started, so this test proves nothing about stopping it"
     assert not any(_accepts_connections(uri) for uri in uris)
     if Path("/proc").is_dir():
         assert _live_processes_mentioning(str(tmp_path / "data" / "tiled")) == []
+
+
+@pytest.mark.slow
+def test_profile_with_an_epics_prefix_counts_through_the_ioc(tmp_path):
+    from live_bgsub.sim.ioc import run_ioc_subprocess
+
+    prefix = f"LBPROF{os.getpid()}:"
+    code = (
+        "uid, = RE(count([det], 3))\n"
+        "assert callback.wait(uid, timeout=120)\n"
+        "print('RESULT', type(det).__name__, callback.summary(uid).processed)\n"
+    )
+    with run_ioc_subprocess(prefix, acquire_time=0.0, acquire_period=0.0):
+        proc = _run_profile(tmp_path, code, LIVE_BGSUB_EPICS_PREFIX=prefix)
+    assert proc.returncode == 0, _output(proc)
+    assert "RESULT EpicsPilatus 3" in proc.stdout, _output(proc)
+    assert f"EPICS, prefix {prefix!r}" in proc.stdout

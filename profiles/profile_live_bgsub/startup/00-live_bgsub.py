@@ -7,8 +7,8 @@ profiles/README.md), starts a :class:`live_bgsub.beamline.Beamline` and puts the
 conventional names in the namespace: ``RE``, ``det``, ``callback``, ``catalog``,
 ``publisher``, ``bl``, ``bp``, ``bps``, ``count`` and ``derived(uid)``.
 
-If the beamline cannot start (bad configuration, an EPICS detector that is not
-available yet, a Tiled server that does not answer) the error is printed and IPython
+If the beamline cannot start (bad configuration, an EPICS detector whose PVs do not
+connect, a Tiled server that does not answer) the error is printed and IPython
 exits with status 1: no shell without a RunEngine. ``Beamline.start`` has already
 stopped whatever it had started (the embedded Tiled server) by then.
 
@@ -66,9 +66,9 @@ def _report_failure(exc: BaseException, config) -> None:
     lines.append(f"  configuration file: {source or '(none; defaults and environment only)'}")
     if config is not None and config.detector == "epics":
         lines.append(
-            f"  detector: EPICS prefix {config.epics_prefix!r}. EPICS detectors land with the EPICS issue; "
-            "for the simulated detector unset LIVE_BGSUB_EPICS_PREFIX and drop epics_prefix/detector "
-            "from the configuration file."
+            f"  detector: EPICS prefix {config.epics_prefix!r}: is the IOC running, and does "
+            "EPICS_CA_ADDR_LIST reach it? For the simulated detector unset LIVE_BGSUB_EPICS_PREFIX "
+            "and drop epics_prefix/detector from the configuration file."
         )
     lines.append("  Nothing was left running. Exiting (status 1); see profiles/README.md.")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""The ``live-bgsub`` command line: ``process``, ``demo``, ``replay``, ``tiled-server``, ``sim-ioc``.
+"""The ``live-bgsub`` command line: ``process``, ``demo``, ``replay``, ``serve``, ...
 
 ``process`` folds each image, subtracts the chosen background and writes, per image,
 ``DIR/<stem>.json`` (geometry, method, parameters, ROI metrics, timings) and
@@ -9,7 +9,8 @@ is 1 when any image failed, 2 for a usage error (unknown method or parameter).
 ``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`), ``replay``
 sends archived runs from Tiled through the live callback (:mod:`live_bgsub.replay`),
 ``tiled-server`` serves a demo directory's catalog again, and ``sim-ioc`` runs the
-simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`). Heavy libraries are
+simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`), and ``serve`` the live
+callback in its own process behind bluesky's 0MQ proxy (:mod:`live_bgsub.serve`). Heavy libraries are
 imported only inside the command that needs them.
 """
 
@@ -219,6 +220,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated frames (default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep the Tiled server up after the run (Ctrl-C stops it)")
     p.add_argument("--epics", action="store_true", help="acquire through a simulated areaDetector IOC over Channel Access (ophyd EpicsPilatus)")
+    p.add_argument("--remote", action="store_true", help="process in a `live-bgsub serve` subprocess fed through bluesky's 0MQ proxy")
 
     p = sub.add_parser(
         "replay",
@@ -239,6 +241,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
     p.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the server must be able to read it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "serve",
+        add_help=False,
+        help="run the live callback in its own process, fed by bluesky's 0MQ proxy; see `live-bgsub serve --help`",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser(
         "sim-ioc",
@@ -348,6 +357,7 @@ def _cmd_demo(args) -> int:
             seed=args.seed,
             keep_serving=args.keep_serving,
             epics=args.epics,
+            remote=args.remote,
         )
     except ValueError as exc:
         _fail(str(exc))
@@ -465,6 +475,10 @@ def main(argv=None) -> int:
         from .sim.ioc import main as sim_ioc_main
 
         return sim_ioc_main(argv[1:])
+    if argv[:1] == ["serve"]:  # its options belong to live_bgsub.serve (imports bluesky, 0MQ)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "process":

@@ -29,6 +29,7 @@ def run_demo(
     seed: int = 0,
     keep_serving: bool = False,
     epics: bool = False,
+    remote: bool = False,
     print=print,
 ) -> dict:
     """Run the demo; return its figures (also printed).
@@ -50,6 +51,12 @@ def run_demo(
     epics : bool
         Acquire through the simulated areaDetector IOC (a caproto subprocess) and the
         ophyd ``EpicsPilatus`` over Channel Access, instead of the in-process detector.
+    remote : bool
+        Process in another process: the RunEngine only publishes to a
+        ``bluesky-0MQ-proxy``, and ``live-bgsub serve`` (a subprocess) runs the callback
+        and writes the derived run to Tiled. The embedded SQLite catalog takes one
+        writer at a time, so this demo writes the raw run to it after the derived run
+        has finished (a PostgreSQL-backed server takes both at once).
     """
     from .beamline import BeamlineConfig
 
@@ -58,6 +65,10 @@ def run_demo(
     if not rate_hz > 0:
         raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
     directory = Path(directory).resolve()
+    if epics and remote:
+        raise ValueError("choose one of --epics and --remote")
+    if remote:
+        return _run_remote(directory, frames=frames, rate_hz=rate_hz, method=method, preset=preset, seed=seed, print=print)
     if epics:
         return _run_epics(directory, frames=frames, rate_hz=rate_hz, method=method, preset=preset, seed=seed,
                           keep_serving=keep_serving, print=print)
@@ -97,6 +108,125 @@ def _run_epics(directory, *, frames, rate_hz, method, preset, seed, keep_serving
     period = 1.0 / rate_hz
     with run_ioc_subprocess(prefix, directory=raw_dir, preset=preset, seed=seed, acquire_time=period, acquire_period=period):
         return _acquire(config, frames, keep_serving, print)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
+    import subprocess
+    import sys
+
+    from bluesky import RunEngine
+    from bluesky.callbacks.zmq import Publisher
+    from bluesky.plans import count
+
+    from .beamline import _persistent_key
+    from .catalog import derived_runs
+    from .serve import read_status, wait_for_subscriber
+    from .sim.detector import SimDetector
+    from .sinks.tiled import TiledPublisher
+    from .tiled_server import EmbeddedTiledServer, connect
+
+    raw_dir, derived_dir = directory / "raw", directory / "derived"
+    for d in (raw_dir, derived_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    in_port, out_port = _free_port(), _free_port()
+    status_path = directory / "serve-status.json"
+    print(f"live-bgsub demo --remote: {frames} frames at {rate_hz:g} Hz from a simulated {preset}; "
+          f"RunEngine -> bluesky-0MQ-proxy (127.0.0.1:{in_port} -> {out_port}) -> live-bgsub serve, method {method}")
+    processes = []
+    key = _persistent_key(directory / "tiled")
+    with EmbeddedTiledServer(directory / "tiled", readable_storage=[raw_dir, derived_dir], api_key=key) as server:
+        try:
+            proxy = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+            processes.append(subprocess.Popen(
+                [str(proxy), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            log = open(directory / "serve.log", "w")  # noqa: SIM115 - the child keeps it
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "live_bgsub.serve", "--zmq", f"127.0.0.1:{out_port}", "--tiled", server.uri,
+                 "--directory", str(derived_dir), "--method", method, "--status-file", str(status_path),
+                 "--queue-size", str(max(256, 2 * frames)), "--run-timeout", "120"],
+                env={**__import__("os").environ, "TILED_API_KEY": key}, stdout=log, stderr=subprocess.STDOUT,
+            ))
+            log.close()
+            publisher = Publisher(f"127.0.0.1:{in_port}")
+            wait_for_subscriber(publisher, lambda t: t in _status(read_status, status_path).get("probes", []), timeout=60)
+            raw_docs = []
+            RE = RunEngine({})
+            RE.subscribe(publisher)
+            RE.subscribe(lambda name, doc: raw_docs.append((name, doc)))
+            det = SimDetector(name="det", directory=raw_dir, preset=preset, period_s=1.0 / rate_hz, seed=seed)
+            _ = det.geometry
+            t0 = time.perf_counter()
+            (raw_uid,) = RE(count([det], num=frames), sample="synthetic muscle fiber (demo)")
+            acquisition_s = time.perf_counter() - t0
+            deadline = time.monotonic() + 300
+            entry = {}
+            while time.monotonic() < deadline:  # the serve process reports through its status file
+                entry = next((r for r in _status(read_status, status_path).get("runs", []) if r.get("raw_uid") == raw_uid), {})
+                if "exit_status" in entry:
+                    break
+                time.sleep(0.2)
+            else:
+                print("warning: serve did not finish the derived run in 300 s; see serve.log")
+            catalog = connect(server.uri, api_key=key)
+            raw_publisher = TiledPublisher(catalog, backup_directory=str(directory / "backup"))
+            for name, doc in raw_docs:
+                raw_publisher(name, doc)
+            raw_publisher.flush(timeout=300)
+            raw_publisher.close()
+            [derived] = derived_runs(catalog, raw_uid) or [None]
+            if derived is None:
+                raise RuntimeError(f"no derived run of {raw_uid} in Tiled; see {directory / 'serve.log'}")
+            summary = _RemoteSummary(raw_uid, derived)
+            figures = _figures(catalog, raw_uid, summary, frames, acquisition_s)
+            figures["png"] = str(plot_summary(catalog, raw_uid, summary.derived_uid, directory / "summary.png"))
+            print(f"raw run:     {raw_uid}  ({figures['raw_events_in_tiled']} events in Tiled)")
+            print(f"derived run: {summary.derived_uid}  ({summary.reason}; exit_status {summary.exit_status})")
+            print(f"acquisition: {figures['acquisition_fps']:.1f} frames/s (the RunEngine only publishes to 0MQ)")
+            print(f"derived:     {figures['derived_fps']:.1f} frames/s in the serve process; lag per frame "
+                  f"p50 {figures['lag_p50_ms']:.0f} ms, p99 {figures['lag_p99_ms']:.0f} ms")
+            print(f"summary PNG: {figures['png']}; serve log: {directory / 'serve.log'}")
+            return figures
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _status(read_status, path) -> dict:
+    try:
+        return read_status(path)
+    except (OSError, ValueError):
+        return {}
+
+
+class _RemoteSummary:
+    """The counts of a derived run made in another process, read back from Tiled."""
+
+    def __init__(self, raw_uid, derived):
+        stop = derived.metadata.get("stop") or {}
+        self.raw_uid = raw_uid
+        self.derived_uid = derived.metadata["start"]["uid"]
+        self.reason = stop.get("reason", "not finished")
+        self.exit_status = stop.get("exit_status")
+        from .catalog import metrics_table
+
+        self.processed = len(metrics_table(derived).get("raw_seq_num", []))
+        statuses = list(metrics_table(derived, "failures").get("status", [])) if "failures" in derived else []
+        self.failed = [s for s in statuses if s == "failed"]
+        self.skipped = [s for s in statuses if s == "skipped"]
 
 
 def _acquire(config, frames, keep_serving, print) -> dict:

@@ -140,8 +140,10 @@ def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
     """The raw run and the raw seq_nums a derived run did not process.
 
     Reads the derived run's ``failures`` stream (frames ``skipped`` on a full queue,
-    ``unprocessed`` at a stop timeout, and ``failed``). Replaying the raw run with
-    ``seq_nums=`` set to these makes a derived run that fills the gaps.
+    ``unprocessed`` at a stop timeout, ``missing`` in transport, and ``failed``) and,
+    when the raw run is in the catalog, adds every raw event the derived run never
+    processed (frames after a lost stop). Replaying the raw run with ``seq_nums=`` set
+    to these makes a derived run that fills the gaps.
 
     Returns
     -------
@@ -155,10 +157,24 @@ def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
     start = derived.metadata["start"]
     if "raw_uid" not in start:
         raise ValueError(f"run {derived_uid!r} is not a derived run (its start has no raw_uid)")
-    if "failures" not in derived:
-        return start["raw_uid"], []
-    table = metrics_table(derived, "failures")
-    return start["raw_uid"], sorted({int(s) for s in table["raw_seq_num"]})
+    raw_uid = start["raw_uid"]
+    missing = set()
+    if "failures" in derived:
+        missing |= {int(s) for s in metrics_table(derived, "failures")["raw_seq_num"]}
+    # Frames the derived run never heard of (a stop lost in transport: "frames after
+    # seq_num K unknown"): every raw event the archived raw run holds but the derived
+    # run did not process.
+    try:
+        raw_stop = catalog[raw_uid].metadata.get("stop") or {}
+    except KeyError:
+        raw_stop = {}
+    n_raw = int((raw_stop.get("num_events") or {}).get("primary", 0))
+    if n_raw:
+        processed = set()
+        if "primary" in derived:
+            processed = {int(s) for s in metrics_table(derived).get("raw_seq_num", [])}
+        missing |= set(range(1, n_raw + 1)) - processed
+    return raw_uid, sorted(missing)
 
 
 def _empty(doc) -> bool:

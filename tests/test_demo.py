@@ -86,3 +86,14 @@ def test_sim_ioc_lists_its_pvs():
     names = [line.split("\t")[0] for line in proc.stdout.splitlines()]
     for pv in ("XX:cam1:Acquire", "XX:cam1:DetectorState_RBV", "XX:image1:ArrayData", "XX:HDF1:NumCaptured_RBV", "XX:HDF1:FullFileName_RBV"):
         assert pv in names
+
+
+def test_demo_through_the_0mq_proxy_and_serve(tmp_path):
+    proc = subprocess.run(
+        [*CLI, "demo", "--remote", "--dir", str(tmp_path), "--frames", "5", "--rate", "20"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+    assert "RunEngine -> bluesky-0MQ-proxy" in proc.stdout
+    assert re.search(r"raw run:\s+\S+\s+\(5 events in Tiled\)", proc.stdout)
+    assert "received 5, processed 5, failed 0, skipped 0" in proc.stdout and "exit_status success" in proc.stdout

@@ -428,7 +428,7 @@ def _derived_figures(catalog, raw_uid: str, first_raw_event_time: float) -> dict
         "lag_p50_ms": _ms(lag),
         "lag_p99_ms": _ms(lag, 99),
         "processing_p50_ms": _ms(processing),
-        "derived_fps": processed / (times.max() - first_raw_event_time) if times.size else float("nan"),
+        "derived_fps": processed / float(times.max() - first_raw_event_time) if times.size else float("nan"),
     }
 
 

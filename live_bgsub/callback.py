@@ -184,6 +184,12 @@ class LiveBackgroundSubtraction(DocumentRouter):
         Compute ROI metrics (default True).
     seq_nums : iterable of int, optional
         Process only these raw frames (a replay filling in skipped frames).
+    accelerate : bool or None, optional
+        Run a model step on the device path (:class:`live_bgsub.device_path.DevicePath`:
+        fold, U-Net and metrics compiled as one function per batch shape; the metrics
+        are window integrals frozen from ``roi_metrics`` on the run's first frame with
+        an equator, see docs/device.md). None (default): on for a model step, off for
+        a classical method (which has no device path).
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         distance_mm: float | None = None,
         metrics: bool = True,
         seq_nums=None,
+        accelerate: bool | None = None,
     ):
         super().__init__()
         if on_full not in ON_FULL:
@@ -233,6 +240,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._roi = {"pixel_size_mm": pixel_size_mm, "wavelength_nm": wavelength_nm, "distance_mm": distance_mm}
         self.compute_metrics = bool(metrics)
         self.select = None if seq_nums is None else {int(s) for s in seq_nums}
+        self.accelerate = self.step.batched if accelerate is None else bool(accelerate)
+        if self.accelerate and not self.step.batched:
+            raise ValueError(f"accelerate=True needs a model step, got the classical method {self.step.method!r}")
 
         self.runs: dict[str, _Run] = {}
         self._by_descriptor: dict[str, _Run] = {}
@@ -539,6 +549,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 run.geometry, run.geometry_source = estimate.geometry, f"estimated from {len(usable)} frame(s)"
             roi = {k: self._roi[k] if self._roi[k] is not None else _lookup(run, k) for k in self._roi}
             run.engine = Engine(self.step, run.geometry, shape, metrics=self.compute_metrics, **roi)
+            if self.accelerate:
+                from .device_path import DevicePath
+
+                run.engine = DevicePath.from_engine(run.engine, batch_size=self.batch_size)
         except Exception as exc:  # noqa: BLE001 - the run cannot be processed: say why
             run.summary.disabled = f"cannot set up processing: {type(exc).__name__}: {exc}"
             logger.error("live_bgsub: run %s: %s", run.uid, run.summary.disabled)
@@ -552,7 +566,11 @@ class LiveBackgroundSubtraction(DocumentRouter):
         }
 
     def _process(self, run: _Run, frames) -> None:
-        results = run.engine.process([a for _, a in frames], [ref.seq_num for ref, _ in frames])
+        arrays, seqs = [a for _, a in frames], [ref.seq_num for ref, _ in frames]
+        if self.accelerate:
+            results = run.engine.results(arrays, seqs)
+        else:
+            results = run.engine.process(arrays, seqs)
         received = {ref.seq_num: ref.received for ref, _ in frames}
         self._ensure_started(run)
         good = [r for r in results if r.ok]
@@ -615,7 +633,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             "plan_name": "live_bgsub",
             "raw_uid": raw["uid"],
             "live_bgsub_version": __version__,
-            "processing": self.step.describe(),
+            "processing": run.engine.describe() if run.engine is not None else self.step.describe(),
             "data_key": run.data_key,
         }
         if raw.get("scan_id") is not None:

@@ -66,11 +66,11 @@ def postgres_catalog(tmp_path_factory, dirs):
         database.__exit__(None, None, None)
 
 
-def _acquire(catalog, dirs, *, raw_writer="publisher", asset_docs="stream", seed=21):
+def _acquire(catalog, dirs, *, raw_writer="publisher", asset_docs="stream", seed=21, method="white-top-hat"):
     """Run a count with the callback subscribed; raw + derived go to ``catalog``."""
     publisher = TiledPublisher(catalog)
     det = SimDetector(name="det", directory=dirs / "raw", n_patterns=2, seed=seed, asset_docs=asset_docs)
-    cb = LiveBackgroundSubtraction(publisher, directory=dirs / "derived", on_full="block")
+    cb = LiveBackgroundSubtraction(publisher, method=method, directory=dirs / "derived", on_full="block")
     RE = RunEngine({})
     if raw_writer == "publisher":
         RE.subscribe(publisher)  # raw and derived share one writer path
@@ -110,9 +110,9 @@ def _check_live_run(catalog, uid, det, summary):
     return derived, table
 
 
-def _check_replay(catalog, uid, dirs, live_table):
+def _check_replay(catalog, uid, dirs, live_table, method="white-top-hat"):
     publisher = TiledPublisher(catalog)
-    [summary] = replay_runs(catalog, [uid], publish=publisher, directory=dirs / "replayed", timeout=180)
+    [summary] = replay_runs(catalog, [uid], publish=publisher, method=method, directory=dirs / "replayed", timeout=180)
     assert publisher.flush(timeout=180) and publisher.errors == []
     publisher.close()
     assert (summary.processed, summary.exit_status) == (N, "success")
@@ -225,3 +225,21 @@ def test_skipped_frames_are_listed_and_a_replay_fills_them(sqlite_catalog, dirs)
     live_rows = metrics_table(sqlite_catalog[summary.derived_uid])["raw_seq_num"].tolist()
     filled_rows = metrics_table(sqlite_catalog[filled.derived_uid])["raw_seq_num"].tolist()
     assert sorted(live_rows + filled_rows) == [1, 2, 3, 4, 5]
+
+
+def test_model_step_on_the_device_path_lands_and_replays(sqlite_catalog, dirs):
+    uid, det, summary = _acquire(sqlite_catalog, dirs, seed=61, method="model:white-top-hat")
+    [derived] = derived_runs(sqlite_catalog, uid)
+    processing = derived.metadata["start"]["processing"]
+    assert processing["method"] == "model:white-top-hat" and processing["device"]["metrics"] == "windows"
+    table = metrics_table(derived)
+    assert table["raw_seq_num"].tolist() == list(range(1, N + 1)) and np.all(table["i10"] > 0)
+    # Corrected folds equal `live-bgsub process --method model:white-top-hat` (fp32 device path).
+    from live_bgsub.inference import BackgroundModel
+
+    model = BackgroundModel.load("model:white-top-hat")
+    geometry = derived.metadata["start"]["geometry"]
+    corrected = frames(derived, "corrected")
+    _, arrays = process_image(det.file_path, frame=1, center=geometry["center"], rotation_deg=geometry["rotation_deg"], model=model)
+    np.testing.assert_allclose(corrected[1], arrays["corrected"], rtol=1e-4, atol=1e-3 * float(np.abs(arrays["corrected"]).max()))
+    _check_replay(sqlite_catalog, uid, dirs, table, method="model:white-top-hat")

@@ -1,0 +1,922 @@
+"""The device-resident processing path: one compiled function per batch shape from raw frames to
+corrected folds and window metrics, built for one run's fixed geometry.
+
+:class:`DevicePath` is the numpy side: it turns a run's :class:`~live_bgsub.geometry.FoldMap`
+and a :class:`~live_bgsub.inference.BackgroundModel` into the constant tensors of a
+:class:`live_bgsub.model.pipeline.DevicePipeline` (fold taps :func:`fold_taps`, the
+reference frame's validity :func:`reference_taps`, the window weights), pads
+micro-batches to a few fixed batch sizes so that the pipeline compiles once per size,
+and fits the window metrics once per run on a reference frame (:func:`fit_windows`, on
+the CPU with :func:`live_bgsub.metrics.roi_metrics`'s model). Design, accuracy and
+measurements: ``docs/device.md``.
+
+Keras (and the backend) is imported when a :class:`DevicePath` is built, never by
+``import live_bgsub.device_path``.
+
+Examples
+--------
+>>> from live_bgsub.device_path import DevicePath                      # doctest: +SKIP
+>>> path = DevicePath("model:white-top-hat", geometry, frame.shape, batch_size=8)
+>>> corrected, metrics = path.process(frames)                     # (n, fh, fw), {name: (n,)}
+>>> path.compilations                                             # 1 per batch size used
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import METRIC_KEYS
+from .errors import ProcessingError
+from .geometry import FoldMap, Geometry
+
+__all__ = [
+    "METRIC_NAMES",
+    "WINDOW_COLUMNS",
+    "DevicePath",
+    "WindowFit",
+    "choose_batch_size",
+    "fit_windows",
+    "fold_taps",
+    "frame_validity",
+    "reference_taps",
+]
+
+#: Metric columns of the device pipeline's output, in order (the callback's metric keys).
+METRIC_NAMES = METRIC_KEYS
+
+#: Columns of the window matrix (``live_bgsub.model.pipeline`` reads them in this order).
+WINDOW_COLUMNS = ("i10", "i11", "d10", "m3", "dm3")
+
+#: Frame dtypes uploaded as they are (cast to float32 on the device); others are cast on the host.
+NATIVE_DTYPES = ("float32", "int16", "uint16", "int32")
+
+
+# ---------------------------------------------------------------------- fold taps
+
+
+def fold_taps(fold_map: FoldMap) -> tuple[np.ndarray, np.ndarray]:
+    """The fold map as a fixed 16-tap gather: ``(tap_index, tap_weight)``, each ``(4 * fh * fw * 4,)``.
+
+    Quadrant-major: tap ``t`` of quadrant ``q``'s sample for fold pixel ``k`` sits at
+    ``(q * fh * fw + k) * 4 + t`` (each quadrant walks its own part of the frame in
+    order, which keeps the gather cache-friendly). Taps are the bilinear corners
+    ``(0, 0), (0, 1), (1, 0), (1, 1)`` (``base + 0, 1, w, w + 1``) with the weights of
+    ``FoldMap._build_matrix`` (without the quadrant mean). A tap that carries no weight
+    points at the sample's first tap (which always carries weight), so that a NaN
+    (unusable) pixel there only invalidates a sample whose own footprint is unusable,
+    exactly as the fold map's footprint test. Samples off the detector get NaN weights
+    (and index 0): they are never valid.
+    """
+    h, w = fold_map.shape
+    if h * w + w + 1 >= 2**31:
+        raise ProcessingError(f"frames of {h} x {w} pixels are too large for int32 tap indices")
+    base = fold_map._base.T  # (4, n_fold) int32: top-left tap of each quadrant sample
+    fx, fy = fold_map._fx.T, fold_map._fy.T
+    gx, gy = 1 - fx, 1 - fy
+    weight = np.empty(base.shape + (4,), np.float32)
+    for t, (wy, wx) in enumerate(((gy, gx), (gy, fx), (fy, gx), (fy, fx))):
+        np.multiply(wy, wx, out=weight[:, :, t])  # = FoldMap._build_matrix's wy * wx
+    index = np.empty(base.shape + (4,), np.int32)
+    for t, offset in enumerate((0, 1, w, w + 1)):
+        tap = np.minimum(base + np.int32(offset), np.int32(h * w - 1))
+        index[:, :, t] = np.where(weight[:, :, t] > 0, tap, base)
+    outside = ~fold_map._inside.T
+    index[outside] = 0
+    weight[outside] = np.nan
+    return index.ravel(), weight.ravel()
+
+
+def frame_validity(frame, sentinel: float, static_mask=None) -> np.ndarray:
+    """The device's validity rule on the host: float32 value >= 0, below ``sentinel``, not NaN."""
+    x = np.asarray(frame).astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore"):
+        valid = (x >= 0) & (x < np.float32(sentinel))
+    if static_mask is not None:
+        valid &= static_mask
+    return valid
+
+
+def reference_taps(fold_map: FoldMap, valid, tap_weight=None) -> tuple[np.ndarray, np.ndarray]:
+    """Fold weights for frames whose validity is ``valid``: ``(tap_weight_reference, reference_count)``.
+
+    The bilinear weights of :func:`fold_taps` (``tap_weight``, computed when not given)
+    times the quadrant mean's ``1 / count`` for the samples that the fold map counts for
+    this validity (``edge`` erosion and footprint test, ``FoldMap._usable_from`` and
+    ``FoldMap._sample_ok``), 0 for the others; ``reference_count`` is the count
+    ``(fh, fw)`` as float32. Same layout as :func:`fold_taps`.
+    """
+    ok = fold_map._sample_ok(fold_map._usable_from(np.asarray(valid, bool) & fold_map.mask))  # (n_fold, 4)
+    count = ok.sum(axis=1)
+    scale = np.where(ok, 1.0 / np.maximum(count, 1)[:, None], 0.0).astype(np.float32).T[:, :, None]
+    if tap_weight is None:
+        tap_weight = fold_taps(fold_map)[1]
+    weight = tap_weight.reshape(4, -1, 4) * scale
+    weight[np.broadcast_to(scale == 0, weight.shape)] = 0.0  # off the detector: NaN * 0
+    return weight.ravel(), count.reshape(fold_map.fold_shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- window metrics
+
+
+@dataclass
+class WindowFit:
+    """Fixed per-run window weights for the device metrics, fitted on a reference frame.
+
+    Attributes
+    ----------
+    matrix : ndarray of float32, ``(hm * wm, 5)``
+        Columns :data:`WINDOW_COLUMNS` over the top-left ``(hm, wm)`` of the fold:
+        ``corrected[:hm, :wm].ravel() @ matrix`` gives the intensities ``i10``, ``i11``,
+        ``m3`` and the position-derivative coefficients ``d10``, ``dm3`` (intensity x
+        shift: ``S10 = s10_px + d10 / i10``, ``M3 = m3_px + dm3 / m3``).
+    shape : (int, int)
+        ``(hm, wm)``.
+    s10_px, m3_px : float
+        Positions of the reference fit (NaN for M3 when it was not found).
+    equator_found, m3_found : bool
+    params : dict
+        The reference fit: ``roi_metrics`` output and the equatorial model parameters.
+    """
+
+    matrix: np.ndarray
+    shape: tuple
+    s10_px: float
+    m3_px: float
+    equator_found: bool
+    m3_found: bool
+    params: dict = field(default_factory=dict)
+
+
+def _profile_operator(valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
+    """The linear map fold -> radial profile of ``live_bgsub.metrics._Profile``.
+
+    Returns ``(rows, cols, pix_weight_low, pix_weight_high, k0, scale, ok, var)``: fold
+    pixels ``(rows, cols)`` of the sector add ``pix_weight_low * value`` to bin ``k0``
+    and ``pix_weight_high * value`` to bin ``k0 + 1``; bin values are then multiplied by
+    ``scale`` (coverage); ``ok`` and ``var`` as the profile's.
+    """
+    nr = math.floor(rmax) + 2
+    fh, fw = valid.shape
+    if axis == "equator":
+        hmax = min(fh, math.ceil(rmax * math.sin(math.radians(hi_deg))) + 2)
+        wmax = min(fw, nr)
+    else:
+        hmax = min(fh, nr)
+        wmax = min(fw, math.ceil(rmax * math.sin(math.radians(90.0 - lo_deg))) + 2)
+    ii, jj = np.indices((hmax, wmax))
+    r = np.hypot(ii, jj)
+    phi = np.degrees(np.arctan2(ii, jj))
+    sector = (phi >= lo_deg) & (phi <= hi_deg) & (r <= rmax)
+    w = np.where(ii > 0, 2.0, 1.0) if axis == "equator" else np.where(jj > 0, 2.0, 1.0)
+    r, w, good = r[sector], w[sector], valid[:hmax, :wmax][sector]
+    k0 = np.floor(r).astype(np.intp)
+    f = r - k0
+
+    def hist(weights, power=1):
+        low = np.bincount(k0, weights**power * (1 - f) ** power, minlength=nr + 1)
+        high = np.bincount(k0 + 1, weights**power * f**power, minlength=nr + 1)
+        return low[: nr + 1] + high[: nr + 1]
+
+    geo_all = hist(w)
+    geo = hist(w * good)
+    var = hist(w * good, power=2)
+    cover = np.zeros_like(geo_all)
+    np.divide(geo, geo_all, out=cover, where=geo_all > 0)
+    ok = (cover >= min_coverage) & (geo_all > 0)
+    ok[math.floor(rmax) :] = False
+    scale = np.zeros_like(cover)
+    np.divide(1.0, cover, out=scale, where=ok & (cover > 0))
+    var = np.where(ok, var * scale**2, np.inf)
+    return ii[sector], jj[sector], w * (1 - f), w * f, k0, scale, ok, var
+
+
+def _pixel_weights(op, q, shape):
+    """Fold-pixel weights ``(hm * wm, n_coef)`` of coefficients ``q @ profile``; ``q``: (n_coef, n_bins)."""
+    rows, cols, low, high, k0, scale, _, _ = op
+    qs = q * scale[None, :]
+    out = np.zeros((shape[0] * shape[1], q.shape[0]))
+    np.add.at(out, rows * shape[1] + cols, low[:, None] * qs[:, k0].T + high[:, None] * qs[:, k0 + 1].T)
+    return out
+
+
+def _solver(columns, var):
+    """Weighted least squares ``(A^T W A)^-1 A^T W``: (n_columns, n_bins)."""
+    a = np.column_stack(columns)
+    wt = 1.0 / var
+    g = a.T @ (a * wt[:, None])
+    return np.linalg.pinv(g) @ (a * wt[:, None]).T
+
+
+def _bin_solver(op, sel, columns, n_bins):
+    q = np.zeros((len(columns), n_bins))
+    q[:, sel] = _solver(columns, op[7][sel])
+    return q
+
+
+def _peak_derivatives(r, center, sigma):
+    """First and second derivatives of ``metrics._peak(r, center, sigma)`` with respect to the centre."""
+    from .metrics import _peak
+
+    peak = _peak(r, center, sigma)
+    a = -1.0 / center + (r - center) / sigma**2
+    return [peak * a, peak * (a * a + 1.0 / center**2 - 1.0 / sigma**2)]
+
+
+def fit_windows(
+    corrected,
+    valid,
+    *,
+    background=None,
+    sector_deg: float = 15.0,
+    rmax: float | None = None,
+    shape=None,
+    wavelength_nm: float | None = None,
+    distance_mm: float | None = None,
+    pixel_size_mm: float | None = None,
+) -> WindowFit:
+    """Fit :func:`~live_bgsub.metrics.roi_metrics` on a reference fold and freeze its model into window weights.
+
+    Parameters
+    ----------
+    corrected : ndarray, (fh, fw)
+        A corrected fold of the run (the first frame).
+    valid : ndarray of bool
+        Its validity (``count > 0``); the coverage correction of the profiles is frozen
+        with it.
+    background : ndarray, optional
+        Passed to ``roi_metrics`` (recorded in ``params``).
+    sector_deg, rmax, wavelength_nm, distance_mm, pixel_size_mm
+        As :func:`~live_bgsub.metrics.roi_metrics`.
+    shape : (int, int), optional
+        ``(hm, wm)`` of the window matrix (default: the smallest that holds both sectors).
+
+    Returns
+    -------
+    WindowFit
+        With ``equator_found`` False (and a zero matrix) when ``roi_metrics`` finds no
+        fiber equator on the reference.
+
+    Notes
+    -----
+    ``roi_metrics`` fits four arced peaks at ``S10 * (1, z, sqrt(3), 2)`` plus a quadratic
+    baseline to the equatorial sector's radial profile. With the non-linear parameters
+    (S10, widths, Z position) frozen at the reference fit, the intensities are a linear
+    least-squares solution, hence a linear function of the fold: one weight map per
+    coefficient. Peaks move during a run (S10 by ~1 %, M3 with it), and a peak frozen
+    at the reference position under-reads a moved one (-36 % for M3 moved by one
+    width in the tests). So the 1,0 and 1,1 (and M3) columns come with their first and
+    second derivatives with respect to the position (a second-order Taylor expansion
+    of ``I p(r; c + delta)``): the intensity is read off unbiased to second order in
+    ``delta / sigma`` and ``d / I = delta`` is the position shift. M3: one arced peak,
+    linear baseline and the two derivatives over the meridional profile. The map uses
+    the private profile and fit helpers of :mod:`live_bgsub.metrics` (same model, same
+    windows); keep the two in step.
+    """
+    from . import metrics as m
+
+    corrected = np.asarray(corrected, np.float64)
+    valid = np.asarray(valid, bool) & np.isfinite(corrected)
+    fh, fw = corrected.shape
+    rmax = float(min(corrected.shape) - 1) if rmax is None else float(rmax)
+    nr = math.floor(rmax) + 2
+    if shape is None:
+        shape = (min(fh, nr), min(fw, nr))
+    shape = tuple(int(s) for s in shape)
+    geometry = None
+    if wavelength_nm is not None and distance_mm is not None and pixel_size_mm is not None:
+        geometry = float(wavelength_nm) * float(distance_mm) / float(pixel_size_mm)
+    reference = m.roi_metrics(
+        corrected,
+        mask=valid,
+        background=background,
+        wavelength_nm=wavelength_nm,
+        distance_mm=distance_mm,
+        pixel_size_mm=pixel_size_mm,
+        rmax=rmax,
+        sector_deg=sector_deg,
+    )
+    empty = WindowFit(
+        np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)), np.float32), shape, math.nan, math.nan, False, False,
+        {"roi_metrics": reference},
+    )
+    if not reference["equator_found"]:
+        return empty
+    img0 = np.where(valid, corrected, 0.0)
+
+    # Equator: the roi_metrics search and refinement, then its linear part frozen.
+    eq = m._Profile(img0, valid, axis="equator", lo_deg=0.0, hi_deg=sector_deg, rmax=rmax)
+    r_first = float(np.nonzero(eq.ok)[0][0])
+    found = m._search_equator(eq, max(r_first + 3.0, 5.0), rmax / 2.0, r_first, rmax)
+    # roi_metrics refines its best candidate (or the strongest 1,0): take the one it reported.
+    fits = [(cand[1], m._fit_equator(eq, cand[1], cand[2], cand[3], r_first, rmax)[0]) for cand in found]
+    s0, p = min(fits, key=lambda f: abs(f[1][0] - reference["s10_px"]))
+    op = _profile_operator(valid, axis="equator", lo_deg=0.0, hi_deg=sector_deg, rmax=rmax)
+    n_bins = nr + 1
+    r_bins = np.arange(n_bins, dtype=np.float64)
+    lo, hi = m._eq_window(s0, r_first, rmax)  # the window roi_metrics fitted over
+    sel = op[6] & (r_bins >= lo) & (r_bins <= hi)
+    r = r_bins[sel]
+    positions, sigmas = m._eq_sigmas(*p[:5])
+    # I10, IZ, I11, I20, b0, b1, b2, then d/dS and d2/dS2 of the 1,0 and the 1,1 peaks.
+    columns = m._eq_columns(r, *p[:5]) + _peak_derivatives(r, positions[0], sigmas[0])
+    columns += _peak_derivatives(r, positions[2], sigmas[2])
+    q = _bin_solver(op, sel, columns, n_bins)
+    matrix = np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)))
+    matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[7]]), shape)
+
+    # M3: the arced peak roi_metrics found, plus its linear baseline and derivatives.
+    m3_px = math.nan
+    m3_found = bool(np.isfinite(reference["m3_px"]))
+    params = {"roi_metrics": reference, "equator": [float(v) for v in p], "equator_window": [float(lo), float(hi)]}
+    if m3_found:
+        mer = m._Profile(img0, valid, axis="meridian", lo_deg=90.0 - sector_deg, hi_deg=90.0, rmax=rmax)
+        # roi_metrics' search range for M3 (it may pin M3 at its bound), narrowed around its answer.
+        if geometry is not None:
+            m_lo, m_hi = 0.9 * geometry / m._M3_NM, 1.1 * geometry / m._M3_NM
+        else:
+            m_lo, m_hi = 2.3 * reference["s10_px"], 2.95 * reference["s10_px"]
+        margin = 0.08 * m_lo
+        lo_m3, hi_m3 = max(m_lo, reference["m3_px"] - 1.0), min(m_hi, reference["m3_px"] + 1.0)
+        fit = m._fit_single_peak(mer, lo_m3, hi_m3, margin)
+        if fit is None:
+            m3_found = False
+        else:
+            c, _, _, sig = fit
+            half = max(margin, 6.0 * sig)
+            mop = _profile_operator(valid, axis="meridian", lo_deg=90.0 - sector_deg, hi_deg=90.0, rmax=rmax)
+            msel = mop[6] & (r_bins >= c - half) & (r_bins <= c + half)
+            rm = r_bins[msel]
+            mcols = [m._peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + _peak_derivatives(rm, c, sig)
+            mq = _bin_solver(mop, msel, mcols, n_bins)
+            matrix[:, 3:] = _pixel_weights(mop, np.stack([mq[0], mq[3]]), shape)
+            m3_px = float(c)
+            params["m3"] = [float(c), float(sig)]
+            params["m3_window"] = [float(c - half), float(c + half)]
+    return WindowFit(matrix.astype(np.float32), shape, float(p[0]), m3_px, True, m3_found, params)
+
+
+def _metrics_from_coef(coef, tdi, background_sum, reference):
+    """Host twin of ``DevicePipeline.window_metrics``'s last step: ``{name: (n,) float64}``."""
+    coef = np.asarray(coef, np.float64)
+    s10_ref, m3_ref, d10_factor, has_eq, has_m3 = (float(v) for v in reference)
+    i10, i11, d10, m3, dm3 = coef.T
+    nan = np.full(len(coef), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s10 = s10_ref + d10 / i10
+        values = {
+            "i10": i10,
+            "i11": i11,
+            "i11_i10": i11 / i10,
+            "s10_px": s10,
+            "m3_px": m3_ref + dm3 / m3,
+            "m3_intensity": m3,
+            "d10_nm": d10_factor / s10,
+        }
+    out = {}
+    for name in METRIC_NAMES:
+        if name == "tdi":
+            out[name] = np.asarray(tdi, np.float64)
+        elif name == "background_sum":
+            out[name] = np.asarray(background_sum, np.float64)
+        elif name in ("m3_px", "m3_intensity"):
+            out[name] = values[name] if (has_eq and has_m3) else nan.copy()
+        else:
+            out[name] = values[name] if has_eq else nan.copy()
+    return out
+
+
+# ---------------------------------------------------------------------- batch sizing
+
+
+def choose_batch_size(batch_times_s: dict, latency_budget_s: float, frame_period_s: float = 0.0) -> int:
+    """The largest batch size whose worst frame latency fits a budget.
+
+    Parameters
+    ----------
+    batch_times_s : dict
+        Measured seconds per batch, by batch size (:meth:`DevicePath.measure_batch_times`).
+    latency_budget_s : float
+        Most seconds from a frame's arrival to its result.
+    frame_period_s : float, optional
+        Seconds between frames. The first frame of a batch of ``b`` waits ``(b - 1)``
+        periods for the batch to fill, then the batch time: worst latency
+        ``(b - 1) * period + t(b)``. Default 0 (frames already queued: latency ``t(b)``).
+
+    Returns
+    -------
+    int
+        The largest ``b`` meeting the budget (larger batches have more frames/s on every
+        backend measured); the smallest measured size when none does.
+
+    Examples
+    --------
+    >>> choose_batch_size({1: 0.04, 4: 0.12, 8: 0.22}, 0.15)
+    4
+    >>> choose_batch_size({1: 0.04, 4: 0.12, 8: 0.22}, 0.15, frame_period_s=0.02)
+    1
+    """
+    if not batch_times_s:
+        raise ValueError("batch_times_s is empty: measure at least one batch size")
+    if not latency_budget_s > 0:
+        raise ValueError(f"latency_budget_s must be positive, got {latency_budget_s!r}")
+    fits = [b for b, t in batch_times_s.items() if (b - 1) * frame_period_s + t <= latency_budget_s]
+    return int(max(fits)) if fits else int(min(batch_times_s))
+
+
+def _buckets(batch_size: int) -> tuple[int, ...]:
+    """Batch sizes the pipeline is compiled for: powers of two below ``batch_size``, and it."""
+    sizes = {batch_size}
+    b = 1
+    while b < batch_size:
+        sizes.add(b)
+        b *= 2
+    return tuple(sorted(sizes))
+
+
+def _upload_dtype(dtype) -> tuple[np.dtype, float]:
+    """(dtype the frames are uploaded in, sentinel: values >= it are invalid)."""
+    dtype = np.dtype(dtype)
+    sentinel = float(np.float32(np.iinfo(dtype).max)) if dtype.kind in "iu" else math.inf
+    upload = dtype if dtype.name in NATIVE_DTYPES else np.dtype(np.float32)
+    return upload, sentinel
+
+
+# ---------------------------------------------------------------------- the path
+
+
+class DevicePath:
+    """Raw frames of one run -> corrected folds and metrics, in one compiled function per batch size.
+
+    Parameters
+    ----------
+    model : str, BackgroundModel or a model ProcessingStep
+        ``"model:NAME"`` / a ``.keras`` path, a loaded
+        :class:`~live_bgsub.inference.BackgroundModel`, or the engine's model step.
+    geometry : Geometry
+        The run's fixed beam centre and rotation.
+    shape : (int, int)
+        Raw frame shape.
+    mask : ndarray of bool, optional
+        Static detector validity (True = valid), as :class:`~live_bgsub.engine.Engine`'s.
+        Each frame's own invalid pixels (negative, NaN, the integer dtype's maximum) are
+        found on the device.
+    edge : int, optional
+        The fold map's edge erosion (default 1).
+    batch_size : int, optional
+        Most frames per device call (default 8); a smaller batch is padded (with copies
+        of its last frame) to the next of :attr:`batch_sizes`: the powers of two below
+        ``batch_size``, and ``batch_size``; one compilation each.
+    precision : {"float32", "bfloat16", "float16"}, optional
+        Compute dtype of the U-Net (the fold, normalisation, restore and metrics stay
+        float32).
+    jit_compile : bool or "auto", optional
+        XLA (TensorFlow, JAX) / ``torch.compile`` (PyTorch) for the whole function.
+        ``"auto"``: True on TensorFlow and JAX, False on PyTorch.
+    metrics : bool, optional
+        Fit the window metrics on the run's first frame(s) with an equator (default True).
+        The radial totals (``tdi``, ``background_sum``) are always computed.
+    with_background : bool, optional
+        Also return the background folds (``process(...)[1]["background"]``).
+    fold_map : FoldMap, optional
+        A fold map already built for ``shape``, ``geometry`` and ``mask`` (an Engine's).
+    pixel_size_mm, wavelength_nm, distance_mm : float, optional
+        For ``d10_nm`` and the M3 search, as ``roi_metrics``.
+    sector_deg : float, optional
+        Sector half-width of the metrics (default 15, as ``roi_metrics``).
+    reference_attempts : int, optional
+        Frames tried as the metrics reference before giving up for the run (default 5).
+    validity_refit : int, optional
+        After this many consecutive batches whose invalid pixels differ from the
+        reference frame's (the fold's slower general path), the last frame becomes the
+        new reference (default 3; 0 never).
+
+    Attributes
+    ----------
+    compilations : int
+        Traces of the device function so far (one per batch size used).
+    windows : WindowFit or None
+        The metrics reference fit once made.
+    fold_paths : dict
+        Batches folded on the reference-validity path and on the general path, and
+        the reference validity refits.
+    last_timings_s : dict
+        Seconds of the last :meth:`process` call per stage: ``stage`` (host copy into
+        the upload buffer), ``device`` (the compiled call: upload, fold, model, metrics,
+        download), ``reference`` (the one-off CPU fit of the window metrics).
+    """
+
+    def __init__(
+        self,
+        model,
+        geometry: Geometry,
+        shape,
+        mask=None,
+        *,
+        edge: int = 1,
+        batch_size: int = 8,
+        precision: str = "float32",
+        jit_compile="auto",
+        metrics: bool = True,
+        with_background: bool = False,
+        fold_map: FoldMap | None = None,
+        pixel_size_mm: float | None = None,
+        wavelength_nm: float | None = None,
+        distance_mm: float | None = None,
+        sector_deg: float = 15.0,
+        reference_attempts: int = 5,
+        validity_refit: int = 3,
+    ):
+        from .inference import BackgroundModel
+
+        if hasattr(model, "model") and isinstance(model.model, BackgroundModel):
+            model = model.model  # the engine's model step
+        if not isinstance(model, BackgroundModel):
+            if not (isinstance(model, str) or hasattr(model, "__fspath__")):
+                raise ProcessingError(f"model must be 'model:NAME', a .keras path or a BackgroundModel, got {model!r}")
+            model = BackgroundModel.load(model)
+        if model.normalization != "unified":
+            raise ProcessingError(f"model {model.name!r} uses {model.normalization!r} normalisation: only 'unified' works")
+        if not isinstance(geometry, Geometry):
+            raise ProcessingError(f"geometry must be a live_bgsub.geometry.Geometry, got {geometry!r}")
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ProcessingError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if precision not in ("float32", "bfloat16", "float16"):
+            raise ProcessingError(f"precision must be 'float32', 'bfloat16' or 'float16', got {precision!r}")
+        self.model = model
+        self.geometry = geometry
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 2:
+            raise ProcessingError(f"frame shape must be (rows, cols), got {shape!r}")
+        if fold_map is None:
+            fold_map = FoldMap(self.shape, geometry, mask, edge=edge)
+        elif fold_map.shape != self.shape:
+            raise ProcessingError(f"fold_map is for frames of shape {fold_map.shape}, not {self.shape}")
+        self.fold_map = fold_map
+        self.fold_shape = tuple(fold_map.fold_shape)
+        self.batch_size = int(batch_size)
+        self.batch_sizes = _buckets(self.batch_size)
+        self.precision = precision
+        self.jit_compile = jit_compile
+        self.compute_metrics = bool(metrics)
+        self.with_background = bool(with_background)
+        self.roi = {"pixel_size_mm": pixel_size_mm, "wavelength_nm": wavelength_nm, "distance_mm": distance_mm}
+        self.sector_deg = float(sector_deg)
+        self.reference_attempts = int(reference_attempts)
+        self.rmax = float(min(self.fold_shape) - 1)
+        nr = math.floor(self.rmax) + 2
+        self.window_shape = (min(self.fold_shape[0], nr), min(self.fold_shape[1], nr))
+        self.windows: WindowFit | None = None
+        self.reference_seq: int | None = None
+        self._attempts = 0
+        self.pipeline = None
+        self.upload_dtype = None
+        self.frame_dtype = None
+        self._staging: dict = {}
+        self.last_timings_s: dict = {}
+        self.validity_refit = int(validity_refit)
+        self.fold_paths = {"reference": 0, "general": 0, "validity_refits": 0}
+        self._misses = 0
+        self._reference_valid = None
+
+    @classmethod
+    def from_engine(cls, engine, **kwargs) -> DevicePath:
+        """A device path with an :class:`~live_bgsub.engine.Engine`'s model, geometry, fold map and ROI geometry."""
+        kwargs.setdefault("metrics", engine.compute_metrics)
+        for key in ("pixel_size_mm", "wavelength_nm", "distance_mm"):
+            kwargs.setdefault(key, getattr(engine, key))
+        return cls(engine.step, engine.geometry, engine.shape, fold_map=engine.fold_map, **kwargs)
+
+    # ------------------------------------------------------------------ building
+
+    @property
+    def compilations(self) -> int:
+        return 0 if self.pipeline is None else int(self.pipeline.traces)
+
+    @property
+    def backend(self) -> str:
+        import keras
+
+        return keras.backend.backend()
+
+    def build(self, dtype=np.float32) -> None:
+        """Build the device function for frames of ``dtype`` (done by the first :meth:`process`)."""
+        import keras
+
+        from .model.pipeline import DevicePipeline, background_head
+
+        upload, sentinel = _upload_dtype(dtype)
+        fm = self.fold_map
+        static = not bool(fm.mask.all())
+        pipeline = DevicePipeline(
+            self.shape,
+            self.fold_shape,
+            background_head(self.model.model, self.precision),
+            downsample=self.model.downsample,
+            depth=self.model.depth,
+            window_shape=self.window_shape,
+            edge=fm.edge,
+            sentinel=sentinel,
+            static_mask=static,
+            with_background=self.with_background,
+        )
+        pipeline.build((None, *self.shape))
+        index, self._tap_weight = fold_taps(fm)
+        pipeline.fold_layer.tap_index.assign(index)
+        pipeline.fold_layer.tap_weight.assign(self._tap_weight)
+        if static:
+            pipeline.fold_layer.static_valid.assign(fm.mask)
+        ii, jj = np.indices(self.window_shape)
+        self._radial_row = (np.hypot(ii, jj) <= self.rmax).astype(np.float32).ravel()
+        weights = np.zeros((len(WINDOW_COLUMNS) + 1, ii.size), np.float32)
+        weights[-1] = self._radial_row
+        pipeline.window_weights.assign(weights)
+        jit = self.jit_compile
+        if jit == "auto":
+            jit = keras.backend.backend() in ("tensorflow", "jax")
+        pipeline.compile(jit_compile=bool(jit))
+        self.pipeline = pipeline
+        self.upload_dtype = upload
+        self.frame_dtype = np.dtype(dtype)
+        self._staging = {}
+        if self.windows is not None:
+            self._assign_windows(self.windows)
+
+    def _assign_windows(self, fit: WindowFit) -> None:
+        self.pipeline.window_weights.assign(np.vstack([fit.matrix.T, self._radial_row[None]]))
+        self.pipeline.reference.assign(self._reference_vector(fit))
+
+    def _reference_vector(self, fit: WindowFit) -> np.ndarray:
+        """S10 and M3 of the fit, ``wavelength * distance / pixel`` (NaN unknown), found flags."""
+        geometry = math.nan
+        if all(self.roi[k] is not None for k in self.roi):
+            geometry = self.roi["wavelength_nm"] * self.roi["distance_mm"] / self.roi["pixel_size_mm"]
+        return np.array(
+            [fit.s10_px, fit.m3_px if fit.m3_found else 0.0, geometry, float(fit.equator_found), float(fit.m3_found)],
+            np.float32,
+        )
+
+    def warmup(self, dtype=np.float32, batch_sizes=None) -> None:
+        """Compile for every batch size (default :attr:`batch_sizes`) before the first real frame
+        (on TensorFlow the second trace is shape-relaxed and covers the other sizes)."""
+        if self.pipeline is None:
+            self.build(dtype)
+        for b in batch_sizes or self.batch_sizes:
+            self.pipeline.predict_on_batch(self._buffer(b))
+
+    def measure_batch_times(self, batch_sizes=None, repeats: int = 5, frames=None, dtype=np.float32) -> dict:
+        """Median seconds of one device call per batch size, for :func:`choose_batch_size`.
+
+        ``frames`` (default: zero frames with the run's reference invalid pixels, so
+        that the fold takes its usual path) are tiled to each batch size.
+        """
+        import statistics
+
+        if self.pipeline is None:
+            self.build(dtype if frames is None else np.asarray(frames[0]).dtype)
+        if frames is None:
+            frame = np.zeros(self.shape, self.upload_dtype)
+            if self._reference_valid is not None:
+                bad = np.iinfo(frame.dtype).max if frame.dtype.kind == "u" else -1
+                frame[~self._reference_valid] = bad
+            frames = [frame]
+        frames = [np.asarray(f) for f in frames]
+        out = {}
+        for b in batch_sizes or self.batch_sizes:
+            buf = np.stack([frames[i % len(frames)] for i in range(b)]).astype(self.upload_dtype, copy=False)
+            self.pipeline.predict_on_batch(buf)  # compile
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                self.pipeline.predict_on_batch(buf)
+                times.append(time.perf_counter() - t)
+            out[int(b)] = statistics.median(times)
+        return out
+
+    def _buffer(self, size: int) -> np.ndarray:
+        buf = self._staging.get(size)
+        if buf is None:
+            buf = self._staging[size] = np.zeros((size, *self.shape), self.upload_dtype)
+        return buf
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.batch_sizes if b >= n)
+
+    # ------------------------------------------------------------------ processing
+
+    def process(self, frames):
+        """Fold, subtract the background and measure a batch of raw frames of the run.
+
+        Parameters
+        ----------
+        frames : ndarray ``(n, rows, cols)`` or sequence of 2-D arrays
+            Raw frames as the detector wrote them, all of the run's shape and dtype
+            (negative, non-finite and integer-maximum pixels are invalid).
+
+        Returns
+        -------
+        corrected : ndarray of float32, ``(n, fh, fw)``
+            Corrected folds, 0 at invalid fold pixels.
+        metrics : dict
+            ``{name: ndarray (n,)}`` for the names of :data:`METRIC_NAMES` (float64;
+            NaN where not measured), ``equator_found`` (bool: the run's reference fit
+            found an equator and this frame's I10 and I11 are positive), ``count``
+            (uint8 ``(n, fh, fw)``: valid quadrant samples per fold pixel) and, with
+            ``with_background``, ``background`` (float32 ``(n, fh, fw)``).
+
+        Raises
+        ------
+        ProcessingError
+            A frame of another shape or dtype than the run's.
+        """
+        frames = frames if isinstance(frames, np.ndarray) and frames.ndim == 3 else [np.asarray(f) for f in frames]
+        n = len(frames)
+        if n == 0:
+            raise ProcessingError("process() needs at least one frame")
+        dtype = frames.dtype if isinstance(frames, np.ndarray) else frames[0].dtype
+        for f in frames:
+            if f.shape != self.shape:
+                raise ProcessingError(f"frame has shape {f.shape}, expected {self.shape} like the run's first frame")
+            if f.dtype != dtype:
+                raise ProcessingError(f"frames of one batch must share a dtype, got {dtype} and {f.dtype}")
+        if self.pipeline is None:
+            self.build(dtype)
+            self.set_reference_validity(frames[0])
+        elif dtype != self.frame_dtype:
+            raise ProcessingError(f"frames have dtype {dtype}; this run's device path was built for {self.frame_dtype} frames")
+        fh, fw = self.fold_shape
+        corrected = np.empty((n, fh, fw), np.float32)
+        count = np.empty((n, fh, fw), np.uint8)
+        background = np.empty((n, fh, fw), np.float32) if self.with_background else None
+        values = np.empty((n, len(METRIC_NAMES)), np.float64)
+        timings = {"stage": 0.0, "device": 0.0, "reference": 0.0}
+        for start in range(0, n, self.batch_size):
+            chunk = frames[start : start + self.batch_size]
+            m = len(chunk)
+            t0 = time.perf_counter()
+            buf = self._buffer(self._bucket(m))
+            for i in range(m):
+                buf[i] = chunk[i]
+            buf[m:] = chunk[m - 1]  # padding: a copy of a real frame keeps the fold on its usual path
+            t1 = time.perf_counter()
+            out = self.pipeline.predict_on_batch(buf)
+            corrected[start : start + m] = out[0][:m]
+            count[start : start + m] = out[1][:m]
+            values[start : start + m] = out[2][:m]
+            if background is not None:
+                background[start : start + m] = out[4][:m]
+            t2 = time.perf_counter()
+            self._track_fold_path(bool(out[3][0] > 0.5), chunk[m - 1])
+            timings["stage"] += t1 - t0
+            timings["device"] += t2 - t1
+        metrics = {name: values[:, i] for i, name in enumerate(METRIC_NAMES)}
+        if self.compute_metrics and self.windows is None and self._attempts < self.reference_attempts:
+            t = time.perf_counter()
+            if self._fit_reference(corrected, count, values):
+                metrics = self._host_window_metrics(corrected, values)
+            timings["reference"] = time.perf_counter() - t
+        metrics["equator_found"] = np.isfinite(metrics["i10"]) & (metrics["i10"] > 0) & (metrics["i11"] > 0)
+        metrics["count"] = count
+        if background is not None:
+            metrics["background"] = background
+        self.last_timings_s = timings
+        return corrected, metrics
+
+    def set_reference_validity(self, frame) -> None:
+        """Take ``frame``'s invalid pixels as the run's usual ones (the fold's fast path).
+
+        Done on the first frame of the run, and again when ``validity_refit``
+        consecutive batches had other invalid pixels (a new dead or saturated pixel).
+        """
+        layer = self.pipeline.fold_layer
+        static = self.fold_map.mask if layer.static_valid is not None else None
+        valid = frame_validity(frame, layer.sentinel, static)
+        weight, count = reference_taps(self.fold_map, valid, self._tap_weight)
+        layer.reference_valid.assign(valid)
+        self._reference_valid = valid
+        layer.tap_weight_reference.assign(weight)
+        layer.reference_count.assign(count)
+        self.fold_paths["validity_refits"] += 1
+
+    def _track_fold_path(self, reference: bool, last_frame) -> None:
+        if reference:
+            self.fold_paths["reference"] += 1
+            self._misses = 0
+            return
+        self.fold_paths["general"] += 1
+        self._misses += 1
+        if self.validity_refit and self._misses >= self.validity_refit:
+            self.set_reference_validity(last_frame)
+            self._misses = 0
+
+    def _fit_reference(self, corrected, count, values) -> bool:
+        """Fit the window metrics on the first frames with data; True once found."""
+        for i in range(len(corrected)):
+            if self._attempts >= self.reference_attempts:
+                return False
+            valid = count[i] > 0
+            if not valid.any() or not np.isfinite(corrected[i]).all():
+                continue
+            self._attempts += 1
+            fit = fit_windows(corrected[i], valid, sector_deg=self.sector_deg, rmax=self.rmax, shape=self.window_shape, **self.roi)
+            if fit.equator_found:
+                self.windows = fit
+                self._assign_windows(fit)
+                return True
+        return False
+
+    def _host_window_metrics(self, corrected, values):
+        """The window metrics of frames processed before the reference existed (numpy)."""
+        hm, wm = self.window_shape
+        coef = corrected[:, :hm, :wm].reshape(len(corrected), -1).astype(np.float64) @ self.windows.matrix.astype(np.float64)
+        tdi = values[:, METRIC_NAMES.index("tdi")]
+        bg = values[:, METRIC_NAMES.index("background_sum")]
+        return _metrics_from_coef(coef, tdi, bg, self._reference_vector(self.windows))
+
+    def results(self, frames, seq_nums=None) -> list:
+        """Like :meth:`live_bgsub.engine.Engine.process`: one FrameResult per frame, never raising for a bad frame.
+
+        A frame of the wrong shape or dtype, a fold without a valid pixel or non-finite
+        output fails alone (``error`` set); the others are processed in one batch.
+        ``metrics`` holds the :data:`METRIC_NAMES`, ``equator_found`` and ``reason``;
+        ``background`` is set with ``with_background``.
+        """
+        from .engine import FrameResult
+
+        frames = list(frames)
+        if seq_nums is None:
+            seq_nums = range(1, len(frames) + 1)
+        results = [FrameResult(int(s)) for s in seq_nums]
+        if len(results) != len(frames):
+            raise ProcessingError(f"got {len(frames)} frames but {len(results)} seq_nums")
+        good, arrays = [], []
+        dtype = self.frame_dtype
+        for result, raw in zip(results, frames):
+            raw = np.asarray(raw)
+            if raw.shape != self.shape:
+                result.error = f"ProcessingError: frame has shape {raw.shape}, expected {self.shape} like the run's first frame"
+                continue
+            if dtype is None:
+                dtype = raw.dtype
+            if raw.dtype != dtype:
+                result.error = f"ProcessingError: frame has dtype {raw.dtype}, expected {dtype} like the run's first frame"
+                continue
+            good.append(result)
+            arrays.append(raw)
+        if not good:
+            return results
+        t = time.perf_counter()
+        try:
+            corrected, metrics = self.process(np.stack(arrays))
+        except Exception as exc:  # noqa: BLE001 - recorded per frame, never raised
+            for result in good:
+                result.error = f"device path failed: {type(exc).__name__}: {exc}"
+            return results
+        share = (time.perf_counter() - t) / len(good)
+        reason = None
+        if self.compute_metrics and self.windows is None:
+            reason = "window metrics not fitted yet: no reference frame with a fiber equator"
+        for i, result in enumerate(good):
+            count = metrics["count"][i]
+            if not count.any():
+                result.error = "ProcessingError: the fold holds no valid pixel"
+                continue
+            if not np.isfinite(corrected[i]).all():
+                result.error = "device path returned non-finite values"
+                continue
+            result.corrected = corrected[i]
+            result.count = count.astype(np.int8)
+            if self.with_background:
+                result.background = metrics["background"][i]
+            result.metrics = {name: float(metrics[name][i]) for name in METRIC_NAMES}
+            result.metrics["equator_found"] = bool(metrics["equator_found"][i])
+            result.metrics["reason"] = reason
+            result.timings_s["device"] = share
+        return results
+
+    def describe(self) -> dict:
+        """Provenance, as :meth:`live_bgsub.engine.Engine.describe` plus ``"device"`` (goes into the derived run's start)."""
+        from .engine import make_step
+
+        device = {
+            "backend": self.backend,
+            "precision": self.precision,
+            "jit_compile": self.jit_compile if self.pipeline is None else bool(self.pipeline.jit_compile),
+            "batch_sizes": list(self.batch_sizes),
+            "metrics": "windows" if self.compute_metrics else "totals",
+            "metrics_reference": None
+            if self.windows is None
+            else {"s10_px": self.windows.s10_px, "m3_px": self.windows.m3_px if self.windows.m3_found else None},
+            "fold_paths": dict(self.fold_paths),
+        }
+        return {
+            **make_step(self.model).describe(),
+            "center": [float(self.geometry.center[0]), float(self.geometry.center[1])],
+            "rotation_deg": float(self.geometry.rotation_deg),
+            "shape": list(self.shape),
+            "fold_shape": list(self.fold_shape),
+            "device": device,
+        }

@@ -1,0 +1,375 @@
+"""The device path (live_bgsub.device_path + live_bgsub.model.pipeline) against the numpy reference path.
+
+Tolerances (measured values and reasons in docs/device.md), relative to the fold's
+maximum |value|:
+
+- fold: counts identical; values within 1e-6 (float32 rounding; measured <= 2e-7);
+- corrected, float32: within 1e-5 of ``Engine.process`` (measured <= 2e-7);
+- corrected, bfloat16 U-Net: within 5e-3 and PSNR >= 80 dB (measured 5.6e-4, 94 dB on
+  Pilatus frames);
+- window metrics vs ``roi_metrics`` on the engine's corrected folds of a synthetic run
+  (lattice +-1 %, I11/I10 0.4..2): I10, I11 and I11/I10 within 3 %, S10 within 0.1 px,
+  M3 position within 0.6 px and intensity within 20 % (M3 is weak: roi_metrics' own
+  standard error is ~10 %); tdi and background_sum within 1e-5 (float32 sums).
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from live_bgsub.device_path import (
+    METRIC_NAMES,
+    DevicePath,
+    choose_batch_size,
+    fold_taps,
+    frame_validity,
+    reference_taps,
+)
+from live_bgsub.engine import METRIC_KEYS, Engine, make_step
+from live_bgsub.geometry import FoldMap, Geometry
+from live_bgsub.inference import BackgroundModel
+from live_bgsub.io import mask_invalid
+from live_bgsub.synth import DetectorPreset, make_pattern
+
+SAMPLE = Path(__file__).resolve().parents[1] / "live_bgsub" / "data" / "P40_1_3_00000.h5"
+
+# A small detector (twice the Pilatus pixel: lengths halved) with a horizontal gap.
+SMALL = DetectorPreset(
+    name="small", shape=(300, 280), pixel_size_mm=0.344, module_shape=(97, 280), module_gap=(4, 0),
+    nominal_center=(140.0, 150.0), beam_stop_radius_px=7.0, n_dead=12,
+)  # fmt: skip
+SMALL_GEOMETRY = Geometry((141.3, 148.6), 4.0)
+# One "run": lattice, widths and geometry fixed, S10 within +-1 %, intensities free.
+RUN_FIXED = {"d10_nm": 37.5, "z_ratio": 1.46, "sigma_k": 0.015, "sigma_phi_deg": 3.0}
+
+FOLD_TOL = 1e-6
+FP32_TOL = 1e-5
+BF16_TOL = 5e-3
+
+
+def _same_detector(raws):
+    """Frames of one detector: the first frame's gaps and dead pixels everywhere."""
+    invalid = raws[0] < 0
+    return [np.where(invalid, raws[0], np.maximum(r, 0)) for r in raws]
+
+
+def _small_frames(n=4, seed=0):
+    widths = {"sigma_c_px": 1.2, "sigma_z_px": 1.2, "meridional_sigma_px": 0.8, "meridional_width_px": 3.0}
+    s10 = 27.0 * (1 + np.random.default_rng(seed).uniform(-0.01, 0.01, n))
+    pats = [
+        make_pattern(SMALL, seed=seed + i, s10_px=s, center=SMALL_GEOMETRY.center, rotation_deg=SMALL_GEOMETRY.rotation_deg,
+                     counts=4.0, **RUN_FIXED, **widths)
+        for i, s in enumerate(s10)
+    ]  # fmt: skip
+    return _same_detector([p.raw() for p in pats])
+
+
+def _peak(fold):
+    return float(np.abs(fold).max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return BackgroundModel.load("model:white-top-hat")
+
+
+@pytest.fixture(scope="module")
+def small_run(model):
+    """Small synthetic frames, the engine's results and the device path's (float32)."""
+    frames = _small_frames()
+    engine = Engine(make_step(model), SMALL_GEOMETRY, frames[0].shape)
+    reference = engine.process(frames)
+    path = DevicePath.from_engine(engine, batch_size=4, with_background=True)
+    corrected, metrics = path.process(np.stack(frames))
+    again, _ = path.process(np.stack(frames))
+    return {"frames": frames, "engine": engine, "reference": reference, "path": path, "corrected": corrected,
+            "metrics": metrics, "again": again}  # fmt: skip
+
+
+def _fold_layer(fold_map, sentinel):
+    from live_bgsub.model.pipeline import FoldGather
+
+    layer = FoldGather(fold_map.shape, fold_map.fold_shape, edge=fold_map.edge, sentinel=sentinel)
+    layer.build()
+    index, weight = fold_taps(fold_map)
+    layer.tap_index.assign(index)
+    layer.tap_weight.assign(weight)
+    return layer
+
+
+def _set_reference(layer, fold_map, frame):
+    valid = frame_validity(frame, layer.sentinel)
+    weight, count = reference_taps(fold_map, valid)
+    layer.reference_valid.assign(valid)
+    layer.tap_weight_reference.assign(weight)
+    layer.reference_count.assign(count)
+
+
+def _assert_fold_equal(layer, fold_map, frames):
+    fold, count, same = (keras.ops.convert_to_numpy(t) for t in layer(np.stack(frames)))
+    for i, frame in enumerate(frames):
+        data, mask = mask_invalid(frame)
+        ref_fold, ref_count = fold_map.fold(data, mask)
+        np.testing.assert_array_equal(count[i], ref_count)
+        np.testing.assert_allclose(fold[i], ref_fold, rtol=0, atol=FOLD_TOL * _peak(ref_fold))
+    return bool(same)
+
+
+def test_fold_matches_fold_map_with_per_frame_invalid_pixels():
+    frames = _small_frames(3)
+    fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)
+    layer = _fold_layer(fold_map, float(np.float32(np.iinfo(np.int32).max)))
+    # No reference validity yet: the general path (erosion, NaN taps) is exact.
+    assert not _assert_fold_equal(layer, fold_map, frames)
+    _set_reference(layer, fold_map, frames[0])
+    assert _assert_fold_equal(layer, fold_map, frames)  # the reference-validity path
+    # Extra invalid pixels in one frame: dead (-2), a saturated sentinel, next to a gap.
+    odd = [f.copy() for f in frames]
+    odd[1][150, 100:104] = -2
+    odd[1][60, 200] = np.iinfo(np.int32).max
+    odd[1][99, 50] = -1
+    assert not _assert_fold_equal(layer, fold_map, odd)
+
+
+def test_fold_of_float_frames_with_nan():
+    frames = [f.astype(np.float32) for f in _small_frames(2)]
+    frames[0][120:123, 90] = np.nan
+    frames[1][10, 10] = np.inf
+    frames[1][200, 150] = -0.5
+    fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)
+    layer = _fold_layer(fold_map, math.inf)
+    _assert_fold_equal(layer, fold_map, frames)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_eiger_style_unsigned_frames(model, dtype):
+    """Gaps and dead pixels at the dtype's maximum (EIGER); uint32 is cast to float32 on the host."""
+    frames = [np.where(f < 0, np.iinfo(dtype).max, f).astype(dtype) for f in _small_frames(2)]
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=2, metrics=False, with_background=True)
+    corrected, metrics = path.process(np.stack(frames))
+    assert path.upload_dtype == (np.uint16 if dtype == np.uint16 else np.float32)
+    for i, frame in enumerate(frames):
+        fold, count = path.fold_map.fold(*mask_invalid(frame))
+        np.testing.assert_array_equal(metrics["count"][i], count)
+        np.testing.assert_allclose(corrected[i] + metrics["background"][i], fold, rtol=0, atol=FP32_TOL * _peak(fold))
+
+
+def test_reference_and_general_paths_agree():
+    frames = _small_frames(2)
+    fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)
+    layer = _fold_layer(fold_map, float(np.float32(np.iinfo(np.int32).max)))
+    _set_reference(layer, fold_map, frames[0])
+    batch = np.stack(frames)
+    fast = [keras.ops.convert_to_numpy(t) for t in layer._fold_reference(batch)]
+    general = [keras.ops.convert_to_numpy(t) for t in layer._fold_general(batch)]
+    np.testing.assert_array_equal(fast[1], general[1])
+    np.testing.assert_allclose(fast[0], general[0], rtol=0, atol=FOLD_TOL * _peak(general[0]))
+
+
+def test_corrected_matches_engine_float32(small_run):
+    for i, result in enumerate(small_run["reference"]):
+        peak = _peak(result.corrected + result.background)
+        np.testing.assert_array_equal(small_run["metrics"]["count"][i], result.count)
+        np.testing.assert_allclose(small_run["corrected"][i], result.corrected, rtol=0, atol=FP32_TOL * peak)
+        np.testing.assert_allclose(small_run["metrics"]["background"][i], result.background, rtol=0, atol=FP32_TOL * peak)
+    np.testing.assert_array_equal(small_run["again"], small_run["corrected"])
+    path = small_run["path"]
+    assert path.compilations == 1  # the reference fit assigned variables: no recompile
+    assert path.fold_paths["reference"] == 2 and path.fold_paths["general"] == 0
+
+
+def test_totals_match_roi_metrics(small_run):
+    for i, result in enumerate(small_run["reference"]):
+        for key in ("tdi", "background_sum"):
+            ref = result.metrics[key]
+            assert small_run["metrics"][key][i] == pytest.approx(ref, rel=1e-5, abs=1e-5 * abs(ref) + 1e-3)
+
+
+def test_compilations_once_per_batch_size(model):
+    frames = _small_frames(4)
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=4, metrics=False)
+    batch = np.stack(frames)
+    full = None
+    for _ in range(4):
+        full, _ = path.process(batch)
+    assert path.compilations == 1
+    part, _ = path.process(batch[:3])  # padded to the compiled batch size 4
+    assert path.compilations == 1
+    np.testing.assert_allclose(part, full[:3], rtol=0, atol=FP32_TOL * _peak(full))
+    path.process(batch[:1])  # batch size 1: a new shape, one more compilation
+    assert path.compilations == 2
+    path.process(batch)
+    path.process(batch[:1])
+    assert path.compilations == 2
+    assert path.batch_sizes == (1, 2, 4)
+    times = path.measure_batch_times(batch_sizes=(1, 4), repeats=1)
+    assert sorted(times) == [1, 4] and all(t > 0 for t in times.values())
+    assert path.compilations == 2
+    assert path.fold_paths["general"] == 0  # the measurement frames keep the run's invalid pixels
+
+
+def test_bfloat16_within_stated_tolerance(small_run, model):
+    frames = small_run["frames"]
+    path = DevicePath.from_engine(small_run["engine"], batch_size=4, precision="bfloat16")
+    corrected, metrics = path.process(np.stack(frames))
+    for i, result in enumerate(small_run["reference"]):
+        valid = result.count > 0
+        peak = _peak(result.corrected + result.background)
+        diff = corrected[i] - result.corrected
+        assert np.abs(diff).max() <= BF16_TOL * peak
+        psnr = 10 * math.log10(peak**2 / np.mean(diff[valid] ** 2))
+        assert psnr >= 80.0
+        assert metrics["tdi"][i] == pytest.approx(result.metrics["tdi"], rel=2e-2)
+
+
+@pytest.fixture(scope="module")
+def pilatus_run(model):
+    """A synthetic Pilatus 1M run: the engine's roi_metrics and the device path's window metrics."""
+    rng = np.random.default_rng(5)
+    center, rotation = (412.3, 489.7), 3.0
+    widths = {"sigma_c_px": 2.2, "sigma_z_px": 2.3, "meridional_sigma_px": 1.5, "meridional_width_px": 6.0}
+    s10 = [55.0] + list(55.0 * (1 + rng.uniform(-0.01, 0.01, 5)))
+    pats = [
+        make_pattern("pilatus-1m", seed=100 + i, s10_px=s, i11_i10=rng.uniform(0.4, 2.0), center=center,
+                     rotation_deg=rotation, **RUN_FIXED, **widths)
+        for i, s in enumerate(s10)
+    ]  # fmt: skip
+    frames = _same_detector([p.raw() for p in pats])
+    roi = {k: pats[0].params[k] for k in ("pixel_size_mm", "wavelength_nm", "distance_mm")}
+    engine = Engine(make_step(model), Geometry(center, rotation), frames[0].shape, **roi)
+    reference = engine.process(frames)
+    path = DevicePath.from_engine(engine, batch_size=8)
+    corrected, first = path.process(np.stack(frames))  # fits the windows: this batch's metrics on the host
+    _, metrics = path.process(np.stack(frames))  # from here on, on the device
+    return {"reference": reference, "corrected": corrected, "first": first, "metrics": metrics, "path": path}
+
+
+def test_pilatus_corrected_matches_engine(pilatus_run):
+    for i, result in enumerate(pilatus_run["reference"]):
+        peak = _peak(result.corrected + result.background)
+        np.testing.assert_allclose(pilatus_run["corrected"][i], result.corrected, rtol=0, atol=FP32_TOL * peak)
+    assert pilatus_run["path"].compilations == 1
+
+
+def test_window_metrics_on_device_equal_host_twin(pilatus_run):
+    for key in METRIC_NAMES:
+        np.testing.assert_allclose(pilatus_run["metrics"][key], pilatus_run["first"][key], rtol=1e-4, err_msg=key)
+
+
+def test_window_metrics_agree_with_roi_metrics(pilatus_run):
+    metrics = pilatus_run["metrics"]
+    for i, result in enumerate(pilatus_run["reference"]):
+        ref = result.metrics
+        assert ref["equator_found"] and metrics["equator_found"][i]
+        for key in ("i10", "i11", "i11_i10"):
+            assert metrics[key][i] == pytest.approx(ref[key], rel=0.03), key
+        assert metrics["s10_px"][i] == pytest.approx(ref["s10_px"], abs=0.1)
+        assert metrics["d10_nm"][i] == pytest.approx(ref["d10_nm"], rel=0.002)
+        assert metrics["m3_px"][i] == pytest.approx(ref["m3_px"], abs=0.6)
+        assert metrics["m3_intensity"][i] == pytest.approx(ref["m3_intensity"], rel=0.2)
+        for key in ("tdi", "background_sum"):
+            assert metrics[key][i] == pytest.approx(ref[key], rel=1e-5)
+    assert set(METRIC_NAMES) == set(METRIC_KEYS)
+
+
+def test_real_frame(model):
+    h5py = pytest.importorskip("h5py")
+    from live_bgsub.geometry import find_geometry
+    from live_bgsub.io import read_image
+
+    image = read_image(SAMPLE)
+    with h5py.File(SAMPLE, "r") as f:
+        raw = f["entry/data/data"][()]  # int16, -1 gaps and -2 dead pixels
+    geometry = find_geometry(image.data, image.mask)
+    engine = Engine(make_step(model), geometry, raw.shape)
+    [result] = engine.process([raw])
+    path = DevicePath.from_engine(engine, batch_size=1)
+    corrected, metrics = path.process(raw[None])
+    assert path.upload_dtype == np.int16  # uploaded as the detector wrote it
+    peak = _peak(result.corrected + result.background)
+    np.testing.assert_array_equal(metrics["count"][0], result.count)
+    np.testing.assert_allclose(corrected[0], result.corrected, rtol=0, atol=FP32_TOL * peak)
+    ref = result.metrics
+    # The reference frame itself: I10 and S10 as roi_metrics; the weak 1,1 (roi_metrics'
+    # standard error 27 %) and M3 (8 %) within a fraction of their errors.
+    assert metrics["i10"][0] == pytest.approx(ref["i10"], rel=0.01)
+    assert metrics["s10_px"][0] == pytest.approx(ref["s10_px"], abs=0.05)
+    assert metrics["i11"][0] == pytest.approx(ref["i11"], rel=0.1)
+    assert metrics["m3_intensity"][0] == pytest.approx(ref["m3_intensity"], rel=0.1)
+    assert metrics["m3_px"][0] == pytest.approx(ref["m3_px"], abs=1.0)
+
+
+def test_results_like_engine(small_run):
+    path = small_run["path"]
+    frames = small_run["frames"]
+    blank = np.full_like(frames[0], -1)
+    results = path.results([frames[0], np.zeros((5, 5), np.int32), blank, frames[1]], seq_nums=[7, 8, 9, 10])
+    assert [r.seq_num for r in results] == [7, 8, 9, 10]
+    assert results[0].ok and results[3].ok
+    assert "shape" in results[1].error and "no valid pixel" in results[2].error
+    assert set(results[0].metrics) == set(METRIC_KEYS) | {"equator_found", "reason"}
+    peak = _peak(small_run["corrected"][0])
+    np.testing.assert_allclose(results[0].corrected, small_run["corrected"][0], rtol=0, atol=FP32_TOL * peak)
+
+
+def test_choose_batch_size():
+    times = {1: 0.04, 2: 0.07, 4: 0.12, 8: 0.22}
+    assert choose_batch_size(times, 0.15) == 4
+    assert choose_batch_size(times, 1.0) == 8
+    assert choose_batch_size(times, 0.15, frame_period_s=0.02) == 2
+    assert choose_batch_size(times, 0.01) == 1  # nothing fits: the smallest
+    with pytest.raises(ValueError, match="empty"):
+        choose_batch_size({}, 0.1)
+
+
+def test_bad_arguments_are_named(model):
+    with pytest.raises(ValueError, match="precision"):
+        DevicePath(model, SMALL_GEOMETRY, SMALL.shape, precision="int8")
+    with pytest.raises(ValueError, match="batch_size"):
+        DevicePath(model, SMALL_GEOMETRY, SMALL.shape, batch_size=0)
+    path = DevicePath(model, SMALL_GEOMETRY, SMALL.shape, metrics=False)
+    with pytest.raises(ValueError, match="shape"):
+        path.process(np.zeros((1, 10, 10), np.int32))
+
+
+def test_import_does_not_load_keras():
+    code = "import sys, live_bgsub.device_path; assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_jax_backend_gives_the_same_fold(tmp_path):
+    """Where JAX is installed (GPU hosts): the same code under KERAS_BACKEND=jax, without TensorFlow."""
+    pytest.importorskip("jax")
+    frames = np.stack(_small_frames(2))
+    np.save(tmp_path / "frames.npy", frames)
+    code = (
+        "import sys, numpy as np\n"
+        "from live_bgsub.device_path import DevicePath\n"
+        "from live_bgsub.geometry import Geometry\n"
+        f"frames = np.load({str(tmp_path / 'frames.npy')!r})\n"
+        f"path = DevicePath('model:white-top-hat', Geometry({SMALL_GEOMETRY.center!r}, {SMALL_GEOMETRY.rotation_deg!r}), "
+        "frames.shape[1:], batch_size=2, metrics=False)\n"
+        "corrected, _ = path.process(frames)\n"
+        "assert 'tensorflow' not in sys.modules and path.compilations == 1\n"
+        f"np.save({str(tmp_path / 'jax.npy')!r}, corrected)\n"
+    )
+    import os
+
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "KERAS_BACKEND": "jax"})
+    ours, _ = DevicePath("model:white-top-hat", SMALL_GEOMETRY, frames.shape[1:], batch_size=2, metrics=False).process(frames)
+    np.testing.assert_allclose(np.load(tmp_path / "jax.npy"), ours, rtol=0, atol=FP32_TOL * _peak(ours))
+
+
+def test_the_model_floor_restates_the_metric_layout():
+    from live_bgsub.device_path import METRIC_NAMES, WINDOW_COLUMNS
+    from live_bgsub.engine import METRIC_KEYS
+    from live_bgsub.model import pipeline
+
+    assert pipeline.METRIC_NAMES == METRIC_NAMES == METRIC_KEYS
+    assert pipeline.WINDOW_COLUMNS == WINDOW_COLUMNS

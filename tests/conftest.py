@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from live_bgsub.synth import DetectorPreset
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Channel Access on loopback for the EPICS tests, set before pyepics or caproto load
@@ -26,6 +28,19 @@ MUSCLEX_GEOMETRY = {
     "P40_1_3_00005": ((411.26, 491.17), 1.1),
     "venus32int": ((391.20, 563.68), -89.4),
 }
+
+
+#: A small module-layout detector for the live tests: a frame bank renders in milliseconds.
+MINI = DetectorPreset(
+    name="mini",
+    shape=(220, 200),
+    pixel_size_mm=0.172,
+    module_shape=(100, 95),
+    module_gap=(20, 10),
+    nominal_center=(100.0, 110.0),
+    beam_stop_radius_px=8.0,
+    n_dead=10,
+)
 
 
 @pytest.fixture(scope="session")

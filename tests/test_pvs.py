@@ -14,22 +14,13 @@ import time
 
 import epics
 import pytest
+from conftest import MINI
 from event_model import compose_run
 
 from live_bgsub.callback import LiveBackgroundSubtraction
 from live_bgsub.sinks.pvs import PV_SUFFIXES, MetricsPVs
-from live_bgsub.synth import DetectorPreset, make_pattern
+from live_bgsub.synth import make_pattern
 
-MINI = DetectorPreset(
-    name="mini",
-    shape=(220, 200),
-    pixel_size_mm=0.172,
-    module_shape=(100, 95),
-    module_gap=(20, 10),
-    nominal_center=(100.0, 110.0),
-    beam_stop_radius_px=8.0,
-    n_dead=10,
-)
 METRIC_KEYS = ("i11_i10", "s10_px", "i10", "i11", "m3_intensity", "lag_s", "raw_seq_num")
 
 

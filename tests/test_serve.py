@@ -26,6 +26,7 @@ import pytest
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
 from bluesky.plans import count
+from conftest import MINI
 from event_model import compose_run
 
 from live_bgsub.callback import LiveBackgroundSubtraction
@@ -34,22 +35,12 @@ from live_bgsub.replay import frames_to_fill, replay_runs
 from live_bgsub.serve import RemoteServer, read_status, wait_for_subscriber
 from live_bgsub.sim import SimDetector
 from live_bgsub.sinks.tiled import TiledPublisher
-from live_bgsub.synth import DetectorPreset, make_pattern
+from live_bgsub.synth import make_pattern
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 from live_bgsub.transport import LOST_IN_TRANSPORT, GapDetector
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 2.0
-MINI = DetectorPreset(
-    name="mini",
-    shape=(220, 200),
-    pixel_size_mm=0.172,
-    module_shape=(100, 95),
-    module_gap=(20, 10),
-    nominal_center=(100.0, 110.0),
-    beam_stop_radius_px=8.0,
-    n_dead=10,
-)
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path | None = None):

@@ -15,24 +15,14 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
+from conftest import MINI
 from event_model import DocumentNames, DocumentRouter, RunRouter, schema_validators
 
 from live_bgsub.sim.detector import DATASET, SimDetector
-from live_bgsub.synth import PRESETS, DetectorPreset, make_pattern
+from live_bgsub.synth import PRESETS, make_pattern
 
 N = 5
 
-#: A small module-layout detector: a bank of these renders in milliseconds.
-MINI = DetectorPreset(
-    name="mini",
-    shape=(220, 200),
-    pixel_size_mm=0.172,
-    module_shape=(100, 95),
-    module_gap=(20, 10),
-    nominal_center=(100.0, 110.0),
-    beam_stop_radius_px=8.0,
-    n_dead=10,
-)
 
 
 def _run(RE, det, num, *callbacks):

@@ -241,6 +241,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self.compute_metrics = bool(metrics)
         self.select = None if seq_nums is None else {int(s) for s in seq_nums}
         self.accelerate = self.step.batched if accelerate is None else bool(accelerate)
+        self._device_cache: dict = {}  # compiled device functions, reused across runs
         if self.accelerate and not self.step.batched:
             raise ValueError(f"accelerate=True needs a model step, got the classical method {self.step.method!r}")
 
@@ -312,7 +313,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
     def __call__(self, name, doc, validate=False):
         try:
             return super().__call__(name, doc, validate=validate)
-        except Exception as exc:  # noqa: BLE001 - never raise into the RunEngine
+        except Exception as exc:  # never raise into the RunEngine
             message = f"{name} document {doc.get('uid', '')!r}: {type(exc).__name__}: {exc}"
             logger.exception("live_bgsub callback failed on %s", message)
             self._errors.append(message)
@@ -491,7 +492,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
                     self._finish(run)
                 else:
                     self._frames(run, [ref for _, _, ref in items])
-            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+            except Exception as exc:  # the worker must survive anything
                 logger.exception("live_bgsub worker failed on run %s", run.uid if run else None)
                 self._errors.append(f"worker: {type(exc).__name__}: {exc}")
                 if kind == "stop":
@@ -552,7 +553,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if self.accelerate:
                 from .device_path import DevicePath
 
-                run.engine = DevicePath.from_engine(run.engine, batch_size=self.batch_size)
+                run.engine = DevicePath.from_engine(run.engine, batch_size=self.batch_size, cache=self._device_cache)
         except Exception as exc:  # noqa: BLE001 - the run cannot be processed: say why
             run.summary.disabled = f"cannot set up processing: {type(exc).__name__}: {exc}"
             logger.error("live_bgsub: run %s: %s", run.uid, run.summary.disabled)
@@ -759,7 +760,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         for publish in self._publishers:
             try:
                 publish(name, doc)
-            except Exception:  # noqa: BLE001 - one sink failing must not stop the others
+            except Exception:  # one sink failing must not stop the others
                 logger.exception("live_bgsub: publishing %s failed", name)
                 self._errors.append(f"publish {name}: failed (see log)")
 
@@ -799,8 +800,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         for ds in self._files.values():
             try:
                 ds.file.close()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception:
+                logger.debug("live_bgsub: closing %s failed", ds, exc_info=True)
         self._files.clear()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["derived_runs", "metrics_table", "frames"]
+__all__ = ["derived_runs", "frames", "metrics_table"]
 
 
 def derived_runs(catalog, raw_uid: str) -> list:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["replay_run", "replay_runs", "select_runs", "frames_to_fill"]
+__all__ = ["frames_to_fill", "replay_run", "replay_runs", "select_runs"]
 
 logger = logging.getLogger("live_bgsub.replay")
 

@@ -412,7 +412,7 @@ def test_stop_waits_for_queued_frames(tmp_path, frames):
 
 
 def test_bad_documents_never_raise(tmp_path, frames):
-    cb, out = _callback(tmp_path)
+    cb, _ = _callback(tmp_path)
     bundle, desc = _stream_of(cb, frames, 1)
     bad = {"uid": "x", "stream_resource": "nope", "descriptor": desc.descriptor_doc["uid"], "indices": {"start": 0, "stop": 1}, "seq_nums": {"start": 1, "stop": 2}}
     cb("stream_datum", bad)  # unknown stream resource: recorded, not raised

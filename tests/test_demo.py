@@ -19,7 +19,7 @@ def demo(tmp_path_factory):
     directory = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
         [*CLI, "demo", "--dir", str(directory), "--frames", "6", "--rate", "20"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, check=False, timeout=600,
     )
     return directory, proc
 
@@ -47,13 +47,13 @@ def test_demo_runs_end_to_end(demo):
         proc = subprocess.run(
             [*CLI, "replay", "--tiled", server.uri, "--api-key", key, "--last", "1", "--query", "plan_name=count",
              "--directory", str(directory / "derived"), "--no-progress"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, check=False, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"{raw_uid} -> " in proc.stdout and "received 6, processed 6" in proc.stdout
         proc = subprocess.run(
             [*CLI, "replay", "--tiled", server.uri, "--api-key", key, "--fill", derived_uid, "--no-progress"],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, check=False, timeout=600,
         )
         assert proc.returncode == 0 and "processed every frame" in proc.stdout, proc.stderr[-3000:]
         live, replayed = derived_runs(catalog, raw_uid)
@@ -63,16 +63,16 @@ def test_demo_runs_end_to_end(demo):
 
 
 def test_replay_usage_errors():
-    proc = subprocess.run([*CLI, "replay", "--tiled", "http://127.0.0.1:9/api/v1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*CLI, "replay", "--tiled", "http://127.0.0.1:9/api/v1"], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 2 and "no runs selected" in proc.stderr
-    proc = subprocess.run([*CLI, "demo", "--frames", "0"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*CLI, "demo", "--frames", "0"], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 2 and "frames must be >= 1, got 0" in proc.stderr
 
 
 def test_demo_through_the_epics_ioc(tmp_path):
     proc = subprocess.run(
         [*CLI, "demo", "--epics", "--dir", str(tmp_path), "--frames", "4", "--rate", "20"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"from a simulated pilatus-1m IOC \(prefix LBDEMO[0-9A-F]{6}:\) over Channel Access", proc.stdout)
@@ -81,7 +81,7 @@ def test_demo_through_the_epics_ioc(tmp_path):
 
 
 def test_sim_ioc_lists_its_pvs():
-    proc = subprocess.run([*CLI, "sim-ioc", "--prefix", "XX:", "--list-pvs"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*CLI, "sim-ioc", "--prefix", "XX:", "--list-pvs"], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr
     names = [line.split("\t")[0] for line in proc.stdout.splitlines()]
     for pv in ("XX:cam1:Acquire", "XX:cam1:DetectorState_RBV", "XX:image1:ArrayData", "XX:HDF1:NumCaptured_RBV", "XX:HDF1:FullFileName_RBV"):
@@ -91,7 +91,7 @@ def test_sim_ioc_lists_its_pvs():
 def test_demo_through_the_0mq_proxy_and_serve(tmp_path):
     proc = subprocess.run(
         [*CLI, "demo", "--remote", "--dir", str(tmp_path), "--frames", "5", "--rate", "20"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
     assert "RunEngine -> bluesky-0MQ-proxy" in proc.stdout

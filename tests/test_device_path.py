@@ -373,3 +373,33 @@ def test_the_model_floor_restates_the_metric_layout():
 
     assert pipeline.METRIC_NAMES == METRIC_NAMES == METRIC_KEYS
     assert pipeline.WINDOW_COLUMNS == WINDOW_COLUMNS
+
+
+def test_a_second_run_reuses_the_compiled_function(tmp_path):
+    # Two runs with different (nearby) geometries but the same shapes: one compilation, and the
+    # second run's results equal a device path built from scratch for it.
+    from live_bgsub.device_path import DevicePath
+    from live_bgsub.engine import Engine, make_step
+    from live_bgsub.geometry import FoldMap, Geometry
+    from live_bgsub.synth import make_pattern
+
+    step = make_step("model:white-top-hat")
+    cache = {}
+    frames_a = [make_pattern("pilatus-1m", seed=s, center=(410.0, 500.0), rotation_deg=2.0).raw() for s in (1, 2)]
+    first = DevicePath.from_engine(Engine(step, Geometry((410.0, 500.0), 2.0), frames_a[0].shape), batch_size=2, cache=cache)
+    first.results(frames_a)
+    # A nearby geometry whose fold has the same shape (the extent moves in whole pixels).
+    candidates = [((410.0 + dx, 500.0 + dy), 2.0 + da) for dx in (0.1, 0.2) for dy in (0.1, -0.1) for da in (0.0, 0.05)]
+    center_b, rotation_b = next(
+        (c, a) for c, a in candidates if FoldMap(frames_a[0].shape, Geometry(c, a)).fold_shape == first.fold_shape
+    )
+    frames_b = [make_pattern("pilatus-1m", seed=s, center=center_b, rotation_deg=rotation_b).raw() for s in (3, 4)]
+    engine_b = Engine(step, Geometry(center_b, rotation_b), frames_b[0].shape)
+    second = DevicePath.from_engine(engine_b, batch_size=2, cache=cache)
+    reused = second.results(frames_b)
+    assert second.pipeline is first.pipeline and len(cache) == 1 and first.compilations == 1
+    fresh = DevicePath.from_engine(engine_b, batch_size=2).results(frames_b)
+    for a, b in zip(reused, fresh):
+        np.testing.assert_array_equal(a.corrected, b.corrected)
+        for key in ("i10", "i11", "i11_i10", "s10_px", "tdi"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-6, nan_ok=True), key

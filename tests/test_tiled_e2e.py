@@ -27,7 +27,11 @@ from live_bgsub.replay import replay_runs
 from live_bgsub.sim import SimDetector
 from live_bgsub.sinks.tiled import TiledPublisher
 from live_bgsub.synth import make_pattern
-from live_bgsub.tiled_server import EmbeddedTiledServer, connect, temporary_postgres_database
+from live_bgsub.tiled_server import (
+    EmbeddedTiledServer,
+    connect,
+    temporary_postgres_database,
+)
 
 N = 4
 POSTGRES_ADMIN_DSN = os.environ.get("LIVE_BGSUB_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FoldWriter", "DATASET"]
+__all__ = ["DATASET", "FoldWriter"]
 
 #: Dataset path of the corrected folds inside the derived run's HDF5 file.
 DATASET = "/entry/data/corrected"

@@ -29,13 +29,13 @@ from collections import deque
 from pathlib import Path, PurePosixPath
 
 from event_model import compose_stream_resource
-from event_model.documents.stream_datum import StreamRange
 from ophyd import Component as Cpt
-from ophyd import Device, EpicsSignal, EpicsSignalRO, Kind, Signal
+from ophyd import Device, EpicsSignal, EpicsSignalRO, Kind
 from ophyd.areadetector.base import EpicsSignalWithRBV
 from ophyd.status import DeviceStatus
 
 from .errors import LiveBgsubError
+from .frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
 from .sim.detector import DATASET, HDF5_MIMETYPE
 
 __all__ = ["AcquisitionError", "EpicsConnectionError", "EpicsPilatus"]
@@ -55,25 +55,7 @@ class AcquisitionError(LiveBgsubError, RuntimeError):
     """The detector did not capture a frame, or could not start capturing to a file."""
 
 
-class _KeyedSignal(Signal):
-    """Soft signal with an explicit, schema-valid data key (``dtype_numpy`` ``"<i8"``...)."""
-
-    def __init__(self, *, key: dict, **kwargs):
-        super().__init__(**kwargs)
-        self._data_key = dict(key)
-
-    def describe(self):
-        return {self.name: {"source": f"SOFT:{self.name}", **self._data_key}}
-
-
-class _ImageSignal(Signal):
-    """The frame: described as external STREAM data, left out of the events."""
-
-    def describe(self):
-        return {self.name: self.parent._image_data_key()}
-
-
-class EpicsPilatus(Device):
+class EpicsPilatus(FrameStreamMixin, Device):
     """An areaDetector Pilatus with an HDF5 file plugin, for a bluesky RunEngine.
 
     ``stage`` connects (or raises :class:`EpicsConnectionError`), sets ``ImageMode``
@@ -155,8 +137,8 @@ class EpicsPilatus(Device):
     distance_mm = Cpt(EpicsSignalRO, "cam1:DetDist_RBV", kind=Kind.config)
     wavelength_a = Cpt(EpicsSignalRO, "cam1:Wavelength_RBV", kind=Kind.omitted)
     rotation_deg = Cpt(EpicsSignalRO, "cam1:EquatorRotation_RBV", kind=Kind.config, lazy=True)
-    wavelength_nm = Cpt(_KeyedSignal, key={"dtype": "number", "shape": [], "dtype_numpy": "<f8", "units": "nm"}, value=math.nan, kind=Kind.config)
-    pixel_size_mm = Cpt(_KeyedSignal, key={"dtype": "number", "shape": [], "dtype_numpy": "<f8", "units": "mm"}, value=0.172, kind=Kind.config)
+    wavelength_nm = Cpt(KeyedSignal, key={"dtype": "number", "shape": [], "dtype_numpy": "<f8", "units": "nm"}, value=math.nan, kind=Kind.config)
+    pixel_size_mm = Cpt(KeyedSignal, key={"dtype": "number", "shape": [], "dtype_numpy": "<f8", "units": "mm"}, value=0.172, kind=Kind.config)
     # HDF5 file plugin
     hdf_enable = Cpt(EpicsSignalWithRBV, "HDF1:EnableCallbacks", string=True, kind=Kind.omitted, put_complete=True)
     hdf_file_path = Cpt(EpicsSignalWithRBV, "HDF1:FilePath", string=True, kind=Kind.omitted, put_complete=True)
@@ -169,8 +151,8 @@ class EpicsPilatus(Device):
     hdf_full_file_name = Cpt(EpicsSignalRO, "HDF1:FullFileName_RBV", string=True, kind=Kind.omitted)
     hdf_write_message = Cpt(EpicsSignalRO, "HDF1:WriteMessage", string=True, kind=Kind.omitted)
     # bluesky
-    image = Cpt(_ImageSignal, value="", kind=Kind.normal)
-    frame_number = Cpt(_KeyedSignal, key={"dtype": "integer", "shape": [], "dtype_numpy": "<i8"}, value=-1, kind=Kind.normal)
+    image = Cpt(ImageSignal, value="", kind=Kind.normal)
+    frame_number = Cpt(KeyedSignal, key={"dtype": "integer", "shape": [], "dtype_numpy": "<i8"}, value=-1, kind=Kind.normal)
 
     _GEOMETRY = ("center_x", "center_y", "distance_mm", "wavelength_nm", "rotation_deg")
     lazy_wait_for_connection = False  # wait_for_connection bounds the wait for the lazy rotation PV
@@ -299,11 +281,6 @@ class EpicsPilatus(Device):
             "external": "STREAM:",
         }
 
-    def read(self):
-        readings = super().read()
-        readings.pop(self.image.name, None)  # STREAM: data lives in StreamDatum documents
-        return readings
-
     def read_configuration(self):
         if self.geometry:
             wavelength_a = self.wavelength_a.get()
@@ -321,19 +298,7 @@ class EpicsPilatus(Device):
             The file plugin did not start capturing (its ``WriteMessage`` says why).
         """
         self.wait_for_connection()
-        staged = super().stage()
-        try:
-            self._open()
-        except BaseException:
-            self._close()
-            super().unstage()
-            raise
-        return staged
-
-    def unstage(self):
-        """Stop capturing (closes the file); a disconnected IOC is logged, not raised."""
-        self._close()
-        return super().unstage()
+        return super().stage()
 
     def trigger(self) -> DeviceStatus:
         """Acquire one frame; the status completes when the file plugin has captured it.
@@ -375,22 +340,6 @@ class EpicsPilatus(Device):
             except Exception as exc:  # noqa: BLE001 - stopping must not raise
                 logger.warning("%s: could not stop the acquisition: %s", self.name, exc)
         super().stop(success=success)
-
-    def get_index(self) -> int:
-        """Number of frames captured in the current file (by this device's triggers)."""
-        return self._frames_done
-
-    def collect_asset_docs(self, index: int | None = None):
-        """Yield the StreamResource (once per file) and a StreamDatum for the frames not yet announced."""
-        items = []
-        while self._asset_docs_cache:
-            items.append(self._asset_docs_cache.popleft())
-        if self._stream_datum_factory is not None:
-            stop = self._frames_done if index is None else min(int(index), self._frames_done)
-            if stop > self._frames_announced:
-                items.append(("stream_datum", self._stream_datum_factory(StreamRange(start=self._frames_announced, stop=stop))))
-                self._frames_announced = stop
-        return iter(items)
 
     # ------------------------------------------------------------------ staging
 

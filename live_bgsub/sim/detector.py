@@ -50,11 +50,11 @@ from typing import Any
 import h5py
 import numpy as np
 from event_model import compose_resource, compose_stream_resource
-from event_model.documents.stream_datum import StreamRange
 from ophyd import Component as Cpt
-from ophyd import Device, Kind, Signal
+from ophyd import Device, Kind
 from ophyd.status import DeviceStatus
 
+from ..frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
 from ..synth import PRESETS, DetectorPreset, make_pattern
 
 __all__ = ["DATASET", "HDF5_MIMETYPE", "SimDetector"]
@@ -83,35 +83,7 @@ _FLOAT = np.dtype("<f8").str
 _INT = np.dtype("<i8").str
 
 
-class _KeyedSignal(Signal):
-    """Soft signal with an explicit data key.
-
-    ophyd's ``Signal(dtype=...)`` describes itself with ``dtype_numpy`` such as
-    ``"int64"``, which the event-model schema rejects; this one states a valid key
-    (``"<i8"``, ``"<f8"``) and units.
-    """
-
-    def __init__(self, *, key: dict, **kwargs):
-        super().__init__(**kwargs)
-        self._data_key = dict(key)
-
-    def describe(self):
-        return {self.name: {"source": f"SIM:{self.name}", **self._data_key}}
-
-
-class _ImageSignal(Signal):
-    """The frame: its data key comes from the parent detector (shape, external).
-
-    Its value is the Datum id of the latest frame with ``asset_docs="resource"``; with
-    ``asset_docs="stream"`` the frame is announced by StreamDatum documents only and
-    the detector leaves this key out of ``read()``.
-    """
-
-    def describe(self):
-        return {self.name: self.parent._image_data_key()}
-
-
-class SimDetector(Device):
+class SimDetector(FrameStreamMixin, Device):
     """Simulated Pilatus 1M / EIGER2 9M writing synthetic fiber frames to HDF5.
 
     A synchronous ophyd Device for a bluesky RunEngine: ``stage`` opens
@@ -182,17 +154,19 @@ class SimDetector(Device):
     >>> RE(count([det], num=5))  # doctest: +SKIP
     """
 
-    image = Cpt(_ImageSignal, value="", kind=Kind.normal)
-    frame_number = Cpt(_KeyedSignal, key=_key("integer", _INT), value=-1, kind=Kind.normal)
+    SOURCE_PREFIX = "SIM"
 
-    preset = Cpt(_KeyedSignal, key=_key("string"), value="", kind=Kind.config)
-    center_x = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.config)
-    center_y = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.config)
-    rotation_deg = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "deg"), value=math.nan, kind=Kind.config)
-    pixel_size_mm = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "mm"), value=math.nan, kind=Kind.config)
-    wavelength_nm = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "nm"), value=math.nan, kind=Kind.config)
-    distance_mm = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "mm"), value=math.nan, kind=Kind.config)
-    acquire_period = Cpt(_KeyedSignal, key=_key("number", _FLOAT, "s"), value=0.0, kind=Kind.config)
+    image = Cpt(ImageSignal, value="", kind=Kind.normal)
+    frame_number = Cpt(KeyedSignal, key=_key("integer", _INT), value=-1, kind=Kind.normal)
+
+    preset = Cpt(KeyedSignal, key=_key("string"), value="", kind=Kind.config)
+    center_x = Cpt(KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.config)
+    center_y = Cpt(KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.config)
+    rotation_deg = Cpt(KeyedSignal, key=_key("number", _FLOAT, "deg"), value=math.nan, kind=Kind.config)
+    pixel_size_mm = Cpt(KeyedSignal, key=_key("number", _FLOAT, "mm"), value=math.nan, kind=Kind.config)
+    wavelength_nm = Cpt(KeyedSignal, key=_key("number", _FLOAT, "nm"), value=math.nan, kind=Kind.config)
+    distance_mm = Cpt(KeyedSignal, key=_key("number", _FLOAT, "mm"), value=math.nan, kind=Kind.config)
+    acquire_period = Cpt(KeyedSignal, key=_key("number", _FLOAT, "s"), value=0.0, kind=Kind.config)
 
     def __init__(
         self,
@@ -359,28 +333,6 @@ class SimDetector(Device):
         self._ensure_bank()
         return super().read_configuration()
 
-    def read(self):
-        readings = super().read()
-        if self.asset_docs == "stream":  # STREAM: data lives in StreamDatum, not in events
-            readings.pop(self.image.name, None)
-        return readings
-
-    def stage(self):
-        """Render the bank (first time), open a new SWMR HDF5 file, start the writer thread."""
-        staged = super().stage()
-        try:
-            self._open()
-        except BaseException:
-            self._close()
-            super().unstage()
-            raise
-        return staged
-
-    def unstage(self):
-        """Stop the writer thread and close the file (idempotent)."""
-        self._close()
-        return super().unstage()
-
     def trigger(self) -> DeviceStatus:
         """Acquire the next frame; the status completes when it is written and its period is over.
 
@@ -409,37 +361,6 @@ class SimDetector(Device):
         """Abort acquisition: pending frames' statuses fail at once (until the next stage)."""
         self._halt.set()
         super().stop(success=success)
-
-    def get_index(self) -> int:
-        """Number of frames written, flushed and announced-ready in the current file."""
-        return self._frames_done
-
-    def collect_asset_docs(self, index: int | None = None):
-        """Yield the pending asset documents.
-
-        Parameters
-        ----------
-        index : int, optional
-            With ``asset_docs="stream"``: announce frames up to (excluding) this index;
-            default all frames written so far. Ignored for ``"resource"``.
-
-        Returns
-        -------
-        iterator of (str, dict)
-            ``("stream_resource", doc)`` once per file, then ``("stream_datum", doc)``
-            for the frames not yet announced; or ``("resource", doc)`` once per file
-            and one ``("datum", doc)`` per frame.
-        """
-        items = []
-        while self._asset_docs_cache:
-            items.append(self._asset_docs_cache.popleft())
-        if self._stream_datum_factory is not None:
-            stop = self._frames_done if index is None else min(int(index), self._frames_done)
-            if stop > self._frames_announced:
-                indices = StreamRange(start=self._frames_announced, stop=stop)
-                items.append(("stream_datum", self._stream_datum_factory(indices)))
-                self._frames_announced = stop
-        return iter(items)
 
     # ------------------------------------------------------------------ file and writer
 

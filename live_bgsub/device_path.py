@@ -159,39 +159,10 @@ def _profile_operator(valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
     and ``pix_weight_high * value`` to bin ``k0 + 1``; bin values are then multiplied by
     ``scale`` (coverage); ``ok`` and ``var`` as the profile's.
     """
-    nr = math.floor(rmax) + 2
-    fh, fw = valid.shape
-    if axis == "equator":
-        hmax = min(fh, math.ceil(rmax * math.sin(math.radians(hi_deg))) + 2)
-        wmax = min(fw, nr)
-    else:
-        hmax = min(fh, nr)
-        wmax = min(fw, math.ceil(rmax * math.sin(math.radians(90.0 - lo_deg))) + 2)
-    ii, jj = np.indices((hmax, wmax))
-    r = np.hypot(ii, jj)
-    phi = np.degrees(np.arctan2(ii, jj))
-    sector = (phi >= lo_deg) & (phi <= hi_deg) & (r <= rmax)
-    w = np.where(ii > 0, 2.0, 1.0) if axis == "equator" else np.where(jj > 0, 2.0, 1.0)
-    r, w, good = r[sector], w[sector], valid[:hmax, :wmax][sector]
-    k0 = np.floor(r).astype(np.intp)
-    f = r - k0
+    from .metrics import _sector_bins
 
-    def hist(weights, power=1):
-        low = np.bincount(k0, weights**power * (1 - f) ** power, minlength=nr + 1)
-        high = np.bincount(k0 + 1, weights**power * f**power, minlength=nr + 1)
-        return low[: nr + 1] + high[: nr + 1]
-
-    geo_all = hist(w)
-    geo = hist(w * good)
-    var = hist(w * good, power=2)
-    cover = np.zeros_like(geo_all)
-    np.divide(geo, geo_all, out=cover, where=geo_all > 0)
-    ok = (cover >= min_coverage) & (geo_all > 0)
-    ok[math.floor(rmax) :] = False
-    scale = np.zeros_like(cover)
-    np.divide(1.0, cover, out=scale, where=ok & (cover > 0))
-    var = np.where(ok, var * scale**2, np.inf)
-    return ii[sector], jj[sector], w * (1 - f), w * f, k0, scale, ok, var
+    b = _sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
+    return b.rows, b.cols, b.w * (1 - b.f), b.w * b.f, b.k0, b.scale, b.ok, b.var
 
 
 def _pixel_weights(op, q, shape):

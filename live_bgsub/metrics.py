@@ -251,6 +251,61 @@ def image_metrics(pred, target, *, data_range: float | None = None) -> dict:
 # --------------------------------------------------------------------------- fold profiles
 
 
+class _SectorBins:
+    """Geometry of a fold sector's radial profile (see :func:`_sector_bins`)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def hist(self, weights, power=1):
+        """Split each pixel's weight linearly between its two neighbouring integer radii."""
+        n = self.nr + 1
+        low = np.bincount(self.k0, weights**power * (1 - self.f) ** power, minlength=n)
+        high = np.bincount(self.k0 + 1, weights**power * self.f**power, minlength=n)
+        return low[:n] + high[:n]
+
+
+def _sector_bins(valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7) -> _SectorBins:
+    """The part of :class:`_Profile` that depends on the validity only, not the values.
+
+    Returns the sector's pixels (``mask`` over the top-left ``shape`` of the fold, their
+    ``rows``/``cols``), mirror weights ``w``, radii split into ``k0`` and ``f``, and per
+    bin the coverage ``scale``, usable bins ``ok`` and relative variances ``var``. Shared
+    with the device path (``live_bgsub.device_path``), which freezes it into weights.
+    """
+    nr = int(math.floor(rmax)) + 2
+    fh, fw = valid.shape
+    if axis == "equator":  # azimuth measured from axis 1
+        hmax = min(fh, int(math.ceil(rmax * math.sin(math.radians(hi_deg)))) + 2)
+        wmax = min(fw, nr)
+    else:
+        hmax = min(fh, nr)
+        wmax = min(fw, int(math.ceil(rmax * math.sin(math.radians(90.0 - lo_deg)))) + 2)
+    ii, jj = np.indices((hmax, wmax))
+    r = np.hypot(ii, jj)
+    phi = np.degrees(np.arctan2(ii, jj))
+    mask = (phi >= lo_deg) & (phi <= hi_deg) & (r <= rmax)
+    w = np.where(ii > 0, 2.0, 1.0) if axis == "equator" else np.where(jj > 0, 2.0, 1.0)
+    r = r[mask]
+    sub_valid = valid[:hmax, :wmax]
+    good = sub_valid[mask]
+    k0 = np.floor(r).astype(np.intp)
+    bins = _SectorBins(
+        shape=(hmax, wmax), mask=mask, valid=sub_valid, rows=ii[mask], cols=jj[mask], w=w[mask], k0=k0, f=r - k0, nr=nr
+    )
+    geo_all = bins.hist(bins.w)
+    geo = bins.hist(bins.w * good)
+    var = bins.hist(bins.w * good, power=2)  # in units of one pixel's variance
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cover = np.where(geo_all > 0, geo / np.where(geo_all > 0, geo_all, 1), 0.0)
+    ok = (cover >= min_coverage) & (geo_all > 0)
+    ok[int(math.floor(rmax)) :] = False
+    bins.scale = np.where(ok, 1.0 / np.where(cover > 0, cover, 1), 0.0)
+    bins.ok = ok
+    bins.var = np.where(ok, var * bins.scale**2, np.inf)
+    return bins
+
+
 class _Profile:
     """Radial profile of a fold sector, reconstructed to unfolded (detector) counts.
 
@@ -263,47 +318,12 @@ class _Profile:
     """
 
     def __init__(self, fold, valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
-        nr = int(math.floor(rmax)) + 2
-        if axis == "equator":  # azimuth measured from axis 1
-            hmax = min(fold.shape[0], int(math.ceil(rmax * math.sin(math.radians(hi_deg)))) + 2)
-            wmax = min(fold.shape[1], nr)
-        else:
-            hmax = min(fold.shape[0], nr)
-            wmax = min(fold.shape[1], int(math.ceil(rmax * math.sin(math.radians(90.0 - lo_deg)))) + 2)
-        sub = fold[:hmax, :wmax]
-        ok = valid[:hmax, :wmax]
-        ii, jj = np.indices(sub.shape)
-        r = np.hypot(ii, jj)
-        phi = np.degrees(np.arctan2(ii, jj))
-        sector = (phi >= lo_deg) & (phi <= hi_deg) & (r <= rmax)
-        if axis == "equator":
-            w = np.where(ii > 0, 2.0, 1.0)
-        else:
-            w = np.where(jj > 0, 2.0, 1.0)
-        r = r[sector]
-        w = w[sector]
-        v = np.where(ok, sub, 0.0)[sector]
-        good = ok[sector]
-        k0 = np.floor(r).astype(np.intp)
-        f = r - k0
-
-        def hist(weights, power=1):
-            low = np.bincount(k0, weights**power * (1 - f) ** power, minlength=nr + 1)
-            high = np.bincount(k0 + 1, weights**power * f**power, minlength=nr + 1)
-            return low[: nr + 1] + high[: nr + 1]
-
-        geo_all = hist(w)
-        geo = hist(w * good)
-        total = hist(w * v)
-        var = hist(w * good, power=2)  # in units of one pixel's variance
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cover = np.where(geo_all > 0, geo / np.where(geo_all > 0, geo_all, 1), 0.0)
-        self.ok = (cover >= min_coverage) & (geo_all > 0)
-        self.ok[int(math.floor(rmax)) :] = False
-        scale = np.where(self.ok, 1.0 / np.where(cover > 0, cover, 1), 0.0)
-        self.r = np.arange(nr + 1, dtype=np.float64)
-        self.values = total * scale
-        self.var = np.where(self.ok, var * scale**2, np.inf)
+        sector = _sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
+        v = np.where(sector.valid, fold[: sector.shape[0], : sector.shape[1]], 0.0)[sector.mask]
+        self.ok = sector.ok
+        self.r = np.arange(sector.nr + 1, dtype=np.float64)
+        self.values = sector.hist(sector.w * v) * sector.scale
+        self.var = sector.var
         self.width_deg = hi_deg - lo_deg
 
     def covers(self, center, sigma, min_fraction=0.6):

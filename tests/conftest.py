@@ -43,6 +43,19 @@ MINI = DetectorPreset(
 )
 
 
+class Collector:
+    """Keeps the documents a callback receives: ``(name, doc)`` in order."""
+
+    def __init__(self):
+        self.docs = []
+
+    def __call__(self, name, doc):
+        self.docs.append((name, doc))
+
+    def of(self, name):
+        return [d for n, d in self.docs if n == name]
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """Folder of the real development frames; the test is skipped when it is absent."""

@@ -14,6 +14,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from conftest import Collector as BaseCollector
 from event_model import compose_run
 
 from live_bgsub.callback import LiveBackgroundSubtraction
@@ -41,14 +42,8 @@ def raw_file(frames, tmp_path_factory):
     return path
 
 
-class Collector:
+class Collector(BaseCollector):
     """Keeps the derived documents, as a publisher would receive them."""
-
-    def __init__(self):
-        self.docs = []
-
-    def __call__(self, name, doc):
-        self.docs.append((name, doc))
 
     def names(self):
         return [n for n, _ in self.docs]

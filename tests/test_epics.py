@@ -25,6 +25,7 @@ import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
 from bluesky.utils import FailedStatus
+from conftest import Collector
 
 from live_bgsub.beamline import Beamline, BeamlineConfig
 from live_bgsub.callback import LiveBackgroundSubtraction
@@ -42,17 +43,6 @@ SEED, PATTERNS = 7, 3
 _TOKEN = secrets.token_hex(3).upper()
 PREFIX = f"LBT{_TOKEN}:"  # the shared IOC
 KILL_PREFIX = f"LBK{_TOKEN}:"  # the IOC killed mid-run
-
-
-class Collector:
-    def __init__(self):
-        self.docs = []
-
-    def __call__(self, name, doc):
-        self.docs.append((name, doc))
-
-    def of(self, name):
-        return [d for n, d in self.docs if n == name]
 
 
 class Monitor:

@@ -7,22 +7,12 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
+from conftest import Collector
 
 from live_bgsub.callback import LiveBackgroundSubtraction
 from live_bgsub.cli import process_image
 from live_bgsub.engine import ProcessingStep, make_step
 from live_bgsub.sim import SimDetector
-
-
-class Collector:
-    def __init__(self):
-        self.docs = []
-
-    def __call__(self, name, doc):
-        self.docs.append((name, doc))
-
-    def of(self, name):
-        return [d for n, d in self.docs if n == name]
 
 
 @pytest.fixture(scope="module")

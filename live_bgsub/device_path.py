@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import METRIC_KEYS
+from .engine import METRIC_KEYS, new_results
 from .errors import ProcessingError
 from .geometry import FoldMap, Geometry
 
@@ -837,14 +837,7 @@ class DevicePath:
         ``metrics`` holds the :data:`METRIC_NAMES`, ``equator_found`` and ``reason``;
         ``background`` is set with ``with_background``.
         """
-        from .engine import FrameResult
-
-        frames = list(frames)
-        if seq_nums is None:
-            seq_nums = range(1, len(frames) + 1)
-        results = [FrameResult(int(s)) for s in seq_nums]
-        if len(results) != len(frames):
-            raise ProcessingError(f"got {len(frames)} frames but {len(results)} seq_nums")
+        frames, results = new_results(frames, seq_nums)
         good, arrays = [], []
         dtype = self.frame_dtype
         for result, raw in zip(results, frames):

@@ -206,6 +206,17 @@ class FrameResult:
         return self.error is None
 
 
+def new_results(frames, seq_nums=None) -> tuple[list, list[FrameResult]]:
+    """The frames as a list and one empty :class:`FrameResult` per frame (seq_nums 1, 2, ... by default)."""
+    frames = list(frames)
+    if seq_nums is None:
+        seq_nums = range(1, len(frames) + 1)
+    results = [FrameResult(int(s)) for s in seq_nums]
+    if len(results) != len(frames):
+        raise ProcessingError(f"got {len(frames)} frames but {len(results)} seq_nums")
+    return frames, results
+
+
 class Engine:
     """Turn micro-batches of raw frames of one run into corrected folds and metrics.
 
@@ -287,12 +298,7 @@ class Engine:
         list of FrameResult
             One per frame, in the order given. Never raises for a bad frame.
         """
-        frames = list(frames)
-        if seq_nums is None:
-            seq_nums = range(1, len(frames) + 1)
-        results = [FrameResult(int(s)) for s in seq_nums]
-        if len(results) != len(frames):
-            raise ProcessingError(f"got {len(frames)} frames but {len(results)} seq_nums")
+        frames, results = new_results(frames, seq_nums)
         good, folds, masks = [], [], []
         for result, raw in zip(results, frames):
             t = time.perf_counter()

@@ -7,9 +7,12 @@ HDF5 file, builds a :class:`live_bgsub.device_path.DevicePath` for the shipped m
 measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm-up):
 
 - ``read``: the batch from the HDF5 file (h5py slice, decode included);
-- ``stage``: the host copy into the upload buffer (:meth:`DevicePath.process` does it);
+- ``stage``: the host copy into the upload buffer and, with ``validity_check="host"``
+  (the default on a CPU), the host's test of each frame's invalid pixels against the
+  run's reference (:meth:`DevicePath.process` does both);
 - ``upload``: host -> device (``keras.ops.convert_to_tensor``; a copy on the CPU);
-- ``fold``: the device fold alone (validity, erosion, 16-tap gather, quadrant mean);
+- ``fold``: the device fold alone (the pixel-major table, the 16-tap gather with the
+  quadrant mean; the device's validity test where it makes it);
 - ``resample``: block mean, normalisation, padding, restore, upsampling, subtraction
   (the pipeline's non-model steps, U-Net skipped);
 - ``model``: the U-Net background head alone on a padded normalised batch: the
@@ -39,7 +42,7 @@ Run::
 
     python -m benchmarks.pipeline [--presets pilatus-1m eiger2-9m] [--frames 48]
         [--eiger-frames 4] [--batch 8] [--eiger-batch 2] [--precision float32 bfloat16]
-        [--jit auto] [--model white-top-hat] [--repeats 5] [--json out.json]
+        [--jit auto] [--validity-check auto] [--model white-top-hat] [--out-dir DIR] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,16 +98,19 @@ def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
 
 
 def _stage_models(path):
-    """Keras models running one part of the pipeline each (share its variables)."""
+    """Compiled functions running one part of the pipeline each (share its variables), called
+    like the pipeline itself (:func:`live_bgsub.device_path.compiled_function`)."""
     import keras
+
+    from live_bgsub.device_path import compiled_function
 
     class Fold(keras.Model):
         def __init__(self, pipeline):
             super().__init__(name="stage_fold")
             self.pipeline = pipeline
 
-        def call(self, frames):
-            return self.pipeline.fold_layer(frames)
+        def call(self, inputs):
+            return self.pipeline.fold_layer(*self.pipeline._split(inputs))
 
     class Resample(Fold):
         def call(self, inputs):
@@ -119,8 +125,7 @@ def _stage_models(path):
     models = {"fold": Fold(path.pipeline), "resample": Resample(path.pipeline), "metrics": Metrics(path.pipeline)}
     for m in models.values():
         m.built = True
-        m.compile(jit_compile=bool(path.pipeline.jit_compile))
-    return models
+    return {k: compiled_function(m, path.pipeline.jit_compile) for k, m in models.items()}
 
 
 def _sync(x):
@@ -135,7 +140,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     import keras
     from event_model import compose_run
 
-    from live_bgsub.device_path import METRIC_NAMES, DevicePath
+    from live_bgsub.device_path import METRIC_NAMES, DevicePath, compiled_function
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.geometry import Geometry
     from live_bgsub.inference import BackgroundModel
@@ -156,7 +161,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         bm = BackgroundModel.load(model_spec)
     jit = {"auto": "auto", "on": True, "off": False}[args.jit]
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_", dir=args.out_dir))
     raw_path = tmp / "raw.h5"
     with h5py.File(raw_path, "w") as f:
         f.create_dataset("/entry/data/data", data=np.stack(frames), chunks=(1, *shape))
@@ -164,7 +169,10 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     ds = raw_file["/entry/data/data"]
 
     t = time.perf_counter()
-    path = DevicePath(bm, geometry, shape, batch_size=batch, precision=precision, jit_compile=jit, with_background=False)
+    path = DevicePath(
+        bm, geometry, shape, batch_size=batch, precision=precision, jit_compile=jit, with_background=False,
+        validity_check=args.validity_check,
+    )
     build_s = time.perf_counter() - t
     first = np.stack(frames[:batch])
     t = time.perf_counter()
@@ -175,11 +183,12 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     stages = _stage_models(path)
     buf = path._buffer(batch)
     buf[:] = first
+    host_check = path._validity_test is not None
+    inputs = (buf, np.full(batch, float(path._same(buf)), np.float32)) if host_check else buf
 
-    fold, count, _ = stages["fold"].predict_on_batch(buf)
+    fold, count, _ = stages["fold"](inputs)
     x = np.random.default_rng(1).random((batch, *pipe.padded_shape, 1), dtype=np.float32)
-    head = pipe.head
-    head.compile(jit_compile=bool(pipe.jit_compile))
+    head = compiled_function(pipe.head, pipe.jit_compile)  # the model-only call, made like the pipeline's
     corrected, metrics = path.process(first)
     background = np.zeros_like(corrected)
     dev_out = [keras.ops.convert_to_tensor(corrected), keras.ops.convert_to_tensor(metrics["count"])]
@@ -192,6 +201,8 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         b = path._buffer(batch)
         for i in range(batch):
             b[i] = frames[i]
+        if host_check:
+            path._same(b)
 
     def emit(metrics, seq0, t0):
         now = time.time()
@@ -204,10 +215,10 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         "read": lambda: ds[0:batch],
         "stage": stage,
         "upload": lambda: _sync(keras.ops.convert_to_tensor(buf)),
-        "fold": lambda: stages["fold"].predict_on_batch(buf),
-        "resample": lambda: stages["resample"].predict_on_batch((fold, count)),
-        "model": lambda: head.predict_on_batch(x),
-        "metrics": lambda: stages["metrics"].predict_on_batch((corrected, background)),
+        "fold": lambda: stages["fold"](inputs),
+        "resample": lambda: stages["resample"]((fold, count)),
+        "model": lambda: head(x),
+        "metrics": lambda: stages["metrics"]((corrected, background)),
         "download": lambda: [keras.ops.convert_to_numpy(t) for t in dev_out],
         "device": lambda: path.process(first),
         "write": lambda: writer.append(corrected),
@@ -244,7 +255,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         if len(raw) == batch:
             full_batches.append(latencies[-1])
             t = time.perf_counter()
-            head.predict_on_batch(x)
+            head(x)
             model_times.append(time.perf_counter() - t)
     writer.close()
 
@@ -275,6 +286,8 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         "backend": keras.backend.backend(),
         "precision": precision,
         "jit_compile": bool(pipe.jit_compile),
+        "validity_check": path.validity_check,
+        "out_dir": str(tmp.parent),
         "model": bm.name if model_spec not in ("f8", "f16") else f"{model_spec} (untrained)",
         "params": int(bm.model.count_params()),
         "gflop_per_frame": gflop,
@@ -393,8 +406,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eiger-batch", type=int, default=2, help="EIGER2 9M batch size")
     ap.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--jit", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--validity-check", default="auto", choices=["auto", "host", "device"])
     ap.add_argument("--model", default="white-top-hat", help="shipped name, .keras path, or f8/f16 (untrained)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out-dir", help="where the raw and corrected HDF5 files go (default: the system temp dir)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     report = run(args)

@@ -30,6 +30,7 @@ from live_bgsub.device_path import (
     fold_taps,
     frame_validity,
     reference_taps,
+    validity_test,
 )
 from live_bgsub.engine import METRIC_KEYS, Engine, make_step
 from live_bgsub.geometry import FoldMap, Geometry
@@ -160,13 +161,64 @@ def test_eiger_style_unsigned_frames(model, dtype):
         np.testing.assert_allclose(corrected[i] + metrics["background"][i], fold, rtol=0, atol=FP32_TOL * _peak(fold))
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.float32])
+def test_host_validity_test_is_the_device_rule(dtype):
+    """The host's fast test equals the float32 rule the device applies, at the sentinel's edge too."""
+    from live_bgsub.device_path import _upload_dtype
+
+    _, sentinel = _upload_dtype(dtype)
+    if np.dtype(dtype).kind in "iu":
+        top = int(np.iinfo(dtype).max)
+        values = [0, 1, top - 200, top - 128, top - 65, top - 64, top - 63, top - 1, top]
+        values += [-1, -2, int(np.iinfo(dtype).min)] if np.dtype(dtype).kind == "i" else []
+    else:
+        values = [0.0, 1.5, -0.0, -1e-30, -2.0, np.nan, np.inf, -np.inf, 3e38]
+    frame = np.array(values, dtype=dtype).reshape(1, -1)
+    static = np.ones(frame.shape, bool)
+    static[0, 1] = False
+    for mask in (None, static):
+        np.testing.assert_array_equal(validity_test(dtype, sentinel, mask)(frame), frame_validity(frame, sentinel, mask))
+    if dtype == np.int32:  # float32(2**31 - 64) rounds up to the sentinel 2**31, float32(2**31 - 65) down
+        edge = np.array([[2**31 - 65, 2**31 - 64]], np.int32)
+        assert validity_test(dtype, sentinel)(edge).tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
+    """A new dead pixel and a dead pixel that came back: exact folds on the general path,
+    then the run's reference validity is refitted after ``validity_refit`` batches."""
+    frames = _small_frames(2)
+    fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)
+    changed = [f.copy() for f in frames]
+    changed[0][150, 160] = -2  # a new dead pixel inside the fold
+    dead = np.argwhere(frames[0] == -2)
+    assert len(dead), "the preset has dead pixels"
+    changed[1][tuple(dead[0])] = 7  # a dead pixel that reads again
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=2, metrics=False, with_background=True,
+                      validity_check=check, validity_refit=2, fold_map=fold_map)  # fmt: skip
+    path.process(np.stack(frames))
+    assert path.validity_check == check
+    assert path.fold_paths == {"reference": 1, "general": 0, "validity_refits": 1}
+    corrected, metrics = path.process(np.stack(changed))
+    assert path.fold_paths["general"] == 1
+    for i, frame in enumerate(changed):
+        fold, count = fold_map.fold(*mask_invalid(frame))
+        np.testing.assert_array_equal(metrics["count"][i], count)
+        np.testing.assert_allclose(corrected[i] + metrics["background"][i], fold, rtol=0, atol=FP32_TOL * _peak(fold))
+    path.process(changed[1][None])  # a second miss: the last frame becomes the reference
+    assert path.fold_paths == {"reference": 1, "general": 2, "validity_refits": 2}
+    again, _ = path.process(changed[1][None])
+    assert path.fold_paths["reference"] == 2
+    np.testing.assert_allclose(again[0], corrected[1], rtol=0, atol=FP32_TOL * _peak(corrected[1]))
+
+
 def test_reference_and_general_paths_agree():
     frames = _small_frames(2)
     fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)
     layer = _fold_layer(fold_map, float(np.float32(np.iinfo(np.int32).max)))
     _set_reference(layer, fold_map, frames[0])
     batch = np.stack(frames)
-    fast = [keras.ops.convert_to_numpy(t) for t in layer._fold_reference(batch)]
+    fast = [keras.ops.convert_to_numpy(t) for t in layer._fold_reference(layer._table(batch))]  # pixel-major
     general = [keras.ops.convert_to_numpy(t) for t in layer._fold_general(batch)]
     np.testing.assert_array_equal(fast[1], general[1])
     np.testing.assert_allclose(fast[0], general[0], rtol=0, atol=FOLD_TOL * _peak(general[0]))
@@ -333,6 +385,8 @@ def test_bad_arguments_are_named(model):
         DevicePath(model, SMALL_GEOMETRY, SMALL.shape, precision="int8")
     with pytest.raises(ValueError, match="batch_size"):
         DevicePath(model, SMALL_GEOMETRY, SMALL.shape, batch_size=0)
+    with pytest.raises(ValueError, match="validity_check must be 'auto', 'host' or 'device', got 'gpu'"):
+        DevicePath(model, SMALL_GEOMETRY, SMALL.shape, validity_check="gpu")
     path = DevicePath(model, SMALL_GEOMETRY, SMALL.shape, metrics=False)
     with pytest.raises(ValueError, match="shape"):
         path.process(np.zeros((1, 10, 10), np.int32))
@@ -343,9 +397,12 @@ def test_import_does_not_load_keras():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_jax_backend_gives_the_same_fold(tmp_path):
-    """Where JAX is installed (GPU hosts): the same code under KERAS_BACKEND=jax, without TensorFlow."""
-    pytest.importorskip("jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_give_the_same_fold(tmp_path, backend):
+    """Where JAX or PyTorch is installed (the GPU hosts have both, not TensorFlow): the same
+    .keras model and code under KERAS_BACKEND, TensorFlow never imported. JAX compiles
+    once; PyTorch runs eagerly (``jit_compile="auto"``), so its counter counts calls."""
+    pytest.importorskip(backend)
     frames = np.stack(_small_frames(2))
     np.save(tmp_path / "frames.npy", frames)
     code = (
@@ -356,14 +413,14 @@ def test_jax_backend_gives_the_same_fold(tmp_path):
         f"path = DevicePath('model:white-top-hat', Geometry({SMALL_GEOMETRY.center!r}, {SMALL_GEOMETRY.rotation_deg!r}), "
         "frames.shape[1:], batch_size=2, metrics=False)\n"
         "corrected, _ = path.process(frames)\n"
-        "assert 'tensorflow' not in sys.modules and path.compilations == 1\n"
-        f"np.save({str(tmp_path / 'jax.npy')!r}, corrected)\n"
+        "assert 'tensorflow' not in sys.modules and path.compilations == 1, path.compilations\n"
+        f"np.save({str(tmp_path / 'other.npy')!r}, corrected)\n"
     )
     import os
 
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "KERAS_BACKEND": "jax"})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "KERAS_BACKEND": backend})
     ours, _ = DevicePath("model:white-top-hat", SMALL_GEOMETRY, frames.shape[1:], batch_size=2, metrics=False).process(frames)
-    np.testing.assert_allclose(np.load(tmp_path / "jax.npy"), ours, rtol=0, atol=FP32_TOL * _peak(ours))
+    np.testing.assert_allclose(np.load(tmp_path / "other.npy"), ours, rtol=0, atol=FP32_TOL * _peak(ours))
 
 
 def test_the_model_floor_restates_the_metric_layout():

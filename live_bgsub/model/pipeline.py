@@ -3,21 +3,24 @@
 One :class:`DevicePipeline` is a ``keras.Model`` whose input is a batch of raw detector
 frames ``(n, rows, cols)`` and whose outputs are the corrected folds, the per-pixel
 quadrant counts and a metric vector per frame. Every step runs inside the one function
-that Keras traces and compiles per input shape (``predict_on_batch``: ``tf.function``,
-``jax.jit``, or ``torch.compile`` with ``jit_compile=True``):
+that the backend traces and compiles per input shape
+(:func:`live_bgsub.device_path.compiled_function`: ``tf.function``, ``jax.jit``, or
+``torch.compile``):
 
-1. validity (negative, non-finite and sentinel pixels are invalid);
+1. validity (negative, non-finite and sentinel pixels are invalid): whether the batch
+   has the run's usual invalid pixels, tested on the device or given by the host;
 2. the fold (:class:`FoldGather`): a fixed 16-tap gather per fold pixel (4 quadrant
-   samples x 4 bilinear taps); for batches with the run's usual invalid pixels one
-   weighted gather with the quadrant mean folded into the weights, otherwise the
+   samples x 4 bilinear taps) from a pixel-major table of the batch; for batches with
+   the run's usual invalid pixels one weighted gather with the quadrant mean folded
+   into the weights, otherwise the
    general path (the fold map's ``edge`` erosion of the invalid pixels, NaN taps, the
    mean of the valid samples);
 3. the model's working downsample (block mean over valid pixels), unified
    normalisation (divide by the per-fold maximum), zero padding to multiples of
    ``2**depth``, the U-Net's background head, restore to detector units and bilinear
    upsampling normalised by validity; ``corrected = fold - background``;
-4. the window metrics: radial totals and one multiply-and-reduce of the corrected fold
-   with fixed per-run window weights (:func:`live_bgsub.device_path.fit_windows`).
+4. the window metrics: radial totals and one product of the corrected fold with fixed
+   per-run window weights (:func:`live_bgsub.device_path.fit_windows`).
 
 Only ``keras.ops`` are used (no ``tf.*``): the same code runs on TensorFlow, JAX and
 PyTorch. The constant tensors (tap indices and weights, reference validity, window
@@ -93,23 +96,33 @@ class FoldGather(keras.layers.Layer):
       and dead pixels do not change within a run). The fold is then one weighted
       16-tap gather with weights that already hold the quadrant mean
       (``tap_weight_reference``) and the count is ``reference_count``: no erosion,
-      no per-sample test.
+      no per-sample test, and for integer frames no masking either (every tap with a
+      weight is a valid pixel, the others are multiplied by 0).
     - *general*: the frame's own invalid pixels are grown by ``edge`` (a separable
       max filter), set to NaN, the 16 taps gathered with the bilinear weights
       (``tap_weight``, NaN for samples off the detector), a sample is valid when its
       weighted tap sum is not NaN, and the fold is the mean of the valid samples.
 
-    Both give :meth:`live_bgsub.geometry.FoldMap.fold` to float32 rounding. The
-    variables (filled by :func:`live_bgsub.device_path.fold_taps` and
-    :func:`live_bgsub.device_path.reference_taps`) are quadrant-major: tap ``t`` of quadrant
-    ``q``'s sample of fold pixel ``k`` at ``(q * fh * fw + k) * 4 + t``; ``tap_index``
-    (int32) is the flat frame index, taps carrying no weight point at the sample's
-    first tap. While no reference is set (all zeros), only all-invalid frames take the
-    reference path, which is then exact too (zeros).
+    Both give :meth:`live_bgsub.geometry.FoldMap.fold` to float32 rounding. Whether the
+    batch has the reference validity is tested on the device, or given by the caller
+    (``same``: the host tests it while staging the frames, which on a CPU is ~10x
+    cheaper than the device's pass over the frames).
 
-    Input ``(n, rows, cols)`` any real dtype; outputs ``fold`` float32, ``count``
-    float32 (valid quadrant samples, 0..4), both ``(n, fh, fw)``, and ``reference``
-    (bool scalar: the batch took the reference-validity path).
+    The gather reads a pixel-major table ``(rows * cols, n)`` (one index fetches a
+    contiguous row of ``n`` frames), built outside the branches so that it is
+    materialised once: fused into the gather, the transpose would turn every tap into
+    ``n`` scattered reads. The tap variables (filled by
+    :func:`live_bgsub.device_path.fold_taps` and
+    :func:`live_bgsub.device_path.reference_taps`) are ``(16, fh * fw)``, row
+    ``4 * q + t`` for tap ``t`` of quadrant ``q``'s sample: ``tap_index`` (int32) is
+    the flat frame index, taps carrying no weight point at the sample's first tap.
+    While no reference is set (all zeros), only all-invalid frames take the reference
+    path, which is then exact too (zeros).
+
+    Input ``(n, rows, cols)`` any real dtype (and optionally ``same``, a bool scalar);
+    outputs ``fold`` float32, ``count`` float32 (valid quadrant samples, 0..4), both
+    ``(n, fh, fw)``, and ``reference`` (bool scalar: the batch took the
+    reference-validity path).
     """
 
     def __init__(self, frame_shape, fold_shape, *, edge=1, sentinel=math.inf, static_mask=False, **kwargs):
@@ -122,10 +135,10 @@ class FoldGather(keras.layers.Layer):
         self.static_mask = bool(static_mask)
 
     def build(self, input_shape=None):
-        n_taps = self.fold_shape[0] * self.fold_shape[1] * 16
-        self.tap_index = _constant(self, "tap_index", (n_taps,), "int32", 0)
-        self.tap_weight = _constant(self, "tap_weight", (n_taps,), "float32", 0.0)
-        self.tap_weight_reference = _constant(self, "tap_weight_reference", (n_taps,), "float32", 0.0)
+        taps = (16, self.fold_shape[0] * self.fold_shape[1])
+        self.tap_index = _constant(self, "tap_index", taps, "int32", 0)
+        self.tap_weight = _constant(self, "tap_weight", taps, "float32", 0.0)
+        self.tap_weight_reference = _constant(self, "tap_weight_reference", taps, "float32", 0.0)
         self.reference_valid = _constant(self, "reference_valid", self.frame_shape, "bool", False)
         self.reference_count = _constant(self, "reference_count", self.fold_shape, "float32", 0.0)
         self.static_valid = _constant(self, "static_valid", self.frame_shape, "bool", True) if self.static_mask else None
@@ -138,11 +151,16 @@ class FoldGather(keras.layers.Layer):
             valid = ops.logical_and(valid, self.static_valid)
         return valid
 
-    def call(self, frames):
-        same = ops.all(ops.equal(self.validity(ops.cast(frames, "float32")), self.reference_valid))
-        # Each branch recomputes the cast and validity from the raw frames: fused into its
-        # gather instead of materialising float32 frames and masks between the branches.
-        fold, count = ops.cond(same, lambda: self._fold_reference(frames), lambda: self._fold_general(frames))
+    def call(self, frames, same=None):
+        if same is None:
+            same = ops.all(ops.equal(self.validity(ops.cast(frames, "float32")), self.reference_valid))
+        table = self._table(frames)
+        fold, count = ops.cond(same, lambda: self._fold_reference(table), lambda: self._fold_general(frames))
+        # Back to frame-major after the branches: fused into the gather's reduction, this
+        # transpose would make it ~9x slower on XLA:CPU (measured).
+        fh, fw = self.fold_shape
+        fold = ops.reshape(ops.transpose(fold), (-1, fh, fw))
+        count = ops.reshape(ops.transpose(count), (-1, fh, fw))
         return fold, count, same
 
     def _pixels(self, values):
@@ -150,32 +168,36 @@ class FoldGather(keras.layers.Layer):
         rows, cols = self.frame_shape
         return ops.transpose(ops.reshape(values, (-1, rows * cols)))
 
-    def _fold_reference(self, frames):
-        fh, fw = self.fold_shape
+    def _table(self, frames):
+        """The reference path's pixel-major table: integer frames as they are (invalid pixels
+        only ever meet a weight of 0), float frames with invalid pixels (NaN, inf) zeroed."""
+        if "int" in keras.backend.standardize_dtype(frames.dtype):
+            return self._pixels(frames)
         x = ops.cast(frames, "float32")
-        valid = self.validity(x)
-        taps = ops.take(self._pixels(ops.where(valid, x, 0.0)), self.tap_index, axis=0)
-        taps = ops.reshape(taps, (4, fh * fw, 4, -1)) * ops.reshape(self.tap_weight_reference, (4, fh * fw, 4, 1))
-        fold = ops.reshape(ops.transpose(ops.sum(taps, axis=(0, 2))), (-1, fh, fw))
-        return fold, ops.zeros_like(fold) + self.reference_count
+        return self._pixels(ops.where(self.validity(x), x, 0.0))
+
+    def _fold_reference(self, table):
+        """Pixel-major ``(fold, count)``, each ``(fh * fw, n)``."""
+        taps = ops.cast(ops.take(table, self.tap_index, axis=0), "float32")  # (16, fh * fw, n)
+        fold = ops.sum(taps * self.tap_weight_reference[:, :, None], axis=0)
+        return fold, ops.zeros_like(fold) + ops.reshape(self.reference_count, (-1, 1))
 
     def _fold_general(self, frames):
+        """Pixel-major ``(fold, count)``, each ``(fh * fw, n)``."""
         fh, fw = self.fold_shape
         x = ops.cast(frames, "float32")
         valid = self.validity(x)
         usable = ops.where(_dilate(ops.logical_not(valid), self.edge), math.nan, x)
-        taps = ops.take(self._pixels(usable), self.tap_index, axis=0)
-        taps = ops.reshape(taps, (4, fh * fw, 4, -1)) * ops.reshape(self.tap_weight, (4, fh * fw, 4, 1))
-        samples = ops.sum(taps, axis=2)  # (4, fh * fw, n); NaN where a weighted tap is unusable
+        taps = ops.take(self._pixels(usable), self.tap_index, axis=0)  # (16, fh * fw, n)
+        taps = ops.reshape(taps * self.tap_weight[:, :, None], (4, 4, fh * fw, -1))
+        samples = ops.sum(taps, axis=1)  # (4, fh * fw, n); NaN where a weighted tap is unusable
         ok = ops.logical_not(ops.isnan(samples))
         count = ops.sum(ops.cast(ok, "float32"), axis=0)
         total = ops.sum(ops.where(ok, samples, 0.0), axis=0)
         fold = ops.where(count > 0.0, total / ops.maximum(count, 1.0), 0.0)
-        fold = ops.reshape(ops.transpose(fold), (-1, fh, fw))
-        count = ops.reshape(ops.transpose(count), (-1, fh, fw))
         return fold, count
 
-    def compute_output_spec(self, frames):
+    def compute_output_spec(self, frames, same=None):
         shape = (frames.shape[0], *self.fold_shape)
         return keras.KerasTensor(shape, "float32"), keras.KerasTensor(shape, "float32"), keras.KerasTensor((), "bool")
 
@@ -266,6 +288,11 @@ class DevicePipeline(keras.Model):
         As :class:`FoldGather`.
     with_background : bool, optional
         Also output the background folds (default False: one fold less to download).
+    host_validity : bool, optional
+        The caller tells whether each frame has the run's reference validity: the input
+        is then ``(frames, same)`` with ``same`` float32 ``(n,)`` (1 where the frame's
+        invalid pixels are the reference's; the batch takes the fold's fast path when
+        all are). Default False: the device tests it.
 
     Notes
     -----
@@ -300,6 +327,7 @@ class DevicePipeline(keras.Model):
         sentinel: float = math.inf,
         static_mask: bool = False,
         with_background: bool = False,
+        host_validity: bool = False,
         name: str = "device_pipeline",
         **kwargs,
     ):
@@ -311,6 +339,7 @@ class DevicePipeline(keras.Model):
         self.depth = int(depth)
         self.window_shape = tuple(int(s) for s in window_shape)
         self.with_background = bool(with_background)
+        self.host_validity = bool(host_validity)
         self.fold_layer = FoldGather(
             self.frame_shape, self.fold_shape, edge=edge, sentinel=sentinel, static_mask=static_mask, name="fold"
         )
@@ -378,12 +407,12 @@ class DevicePipeline(keras.Model):
     def window_metrics(self, corrected, background):
         """Radial totals and the window metrics -> ``(n, len(METRIC_NAMES))``."""
         hm, wm = self.window_shape
-        # Multiply-and-reduce rather than a matmul: (n, P) x (P, 6) with P ~ 1e6 runs 3x
-        # faster this way on XLA:CPU, and is memory-bound either way.
-        sub = ops.reshape(corrected[:, :hm, :wm], (-1, 1, hm * wm))
-        coef = ops.sum(sub * self.window_weights[None], axis=-1)  # (n, len(WINDOW_COLUMNS) + 1)
+        # One (n, P) x (P, 6) product (2x faster than a broadcast multiply-and-reduce on
+        # XLA:CPU, measured; a matmul on accelerators).
+        sub = ops.reshape(corrected[:, :hm, :wm], (-1, hm * wm))
+        coef = ops.einsum("np,kp->nk", sub, self.window_weights)  # (n, len(WINDOW_COLUMNS) + 1)
         tdi = coef[:, len(WINDOW_COLUMNS)]
-        background_sum = ops.sum(ops.reshape(background[:, :hm, :wm], (-1, hm * wm)) * self.window_weights[-1], axis=-1)
+        background_sum = ops.einsum("np,p->n", ops.reshape(background[:, :hm, :wm], (-1, hm * wm)), self.window_weights[-1])
         s10_ref, m3_ref, d10_factor, has_eq, has_m3 = (self.reference[i] for i in range(_REF_SIZE))
         nan = ops.full_like(tdi, math.nan)
         i10, i11, d10, m3, dm3 = (coef[:, i] for i in range(len(WINDOW_COLUMNS)))
@@ -416,10 +445,18 @@ class DevicePipeline(keras.Model):
         background = ops.where(valid, background, 0.0)
         return ops.where(valid, fold - background, 0.0), background
 
-    def call(self, frames):
+    def _split(self, inputs):
+        """``(frames, same)``: ``same`` None when the device tests the validity."""
+        if not self.host_validity:
+            return inputs, None
+        frames, same = inputs
+        return frames, ops.all(same > 0.5)
+
+    def call(self, inputs):
+        frames, same = self._split(inputs)
         if not isinstance(frames, keras.KerasTensor):
             self.traces += 1  # Python side effect: runs once per trace of a compiled function
-        fold, count, reference = self.fold_layer(frames)
+        fold, count, reference = self.fold_layer(frames, same)
         corrected, background = self.subtract(fold, count)
         flags = ops.zeros_like(fold[:, 0, 0]) + ops.cast(reference, "float32")
         outputs = (corrected, ops.cast(count, "uint8"), self.window_metrics(corrected, background), flags)
@@ -427,7 +464,8 @@ class DevicePipeline(keras.Model):
             outputs = outputs + (background,)
         return outputs
 
-    def compute_output_spec(self, frames):
+    def compute_output_spec(self, inputs):
+        frames = inputs[0] if self.host_validity else inputs
         n = frames.shape[0]
         fold = keras.KerasTensor((n, *self.fold_shape), "float32")
         outputs = (

@@ -432,6 +432,38 @@ def test_the_model_floor_restates_the_metric_layout():
     assert pipeline.WINDOW_COLUMNS == WINDOW_COLUMNS
 
 
+def test_window_metrics_formulations_agree():
+    """The product (many frames or a small window) and the broadcast reduction (few frames
+    of a window over 2**20 pixels) give the host twin's metrics."""
+    from live_bgsub.device_path import _metrics_from_coef
+    from live_bgsub.model.pipeline import DevicePipeline
+
+    inputs = keras.Input((None, None, 1))
+    head = keras.Model(inputs, keras.layers.Identity(name="background")(inputs))
+    hm, wm = 1025, 1024  # > 2**20 pixels
+    pipe = DevicePipeline((8, 8), (8, 8), head, window_shape=(hm, wm))
+    pipe.build((None, 8, 8))
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(6, hm * wm)).astype(np.float32)
+    weights[-1] = rng.random(hm * wm) > 0.5  # the radial window
+    pipe.window_weights.assign(weights)
+    reference = np.array([50.0, 130.0, np.nan, 1.0, 1.0], np.float32)
+    pipe.reference.assign(reference)
+    corrected = rng.random((2, hm, wm), dtype=np.float32)
+    background = rng.random((2, hm, wm), dtype=np.float32)
+    coef = corrected.reshape(2, -1).astype(np.float64) @ weights[:5].T.astype(np.float64)
+    tdi = corrected.reshape(2, -1).astype(np.float64) @ weights[-1].astype(np.float64)
+    bg = background.reshape(2, -1).astype(np.float64) @ weights[-1].astype(np.float64)
+    expected = _metrics_from_coef(coef, tdi, bg, reference)
+    for n in (2, 8):  # 2: broadcast reduction, 8: the product
+        reps = n // 2
+        out = keras.ops.convert_to_numpy(
+            pipe.window_metrics(np.tile(corrected, (reps, 1, 1)), np.tile(background, (reps, 1, 1)))
+        )
+        for i, name in enumerate(METRIC_NAMES):
+            np.testing.assert_allclose(out[:2, i], expected[name], rtol=2e-4, err_msg=f"{name}, batch {n}")
+
+
 def test_a_second_run_reuses_the_compiled_function(tmp_path):
     # Two runs with different (nearby) geometries but the same shapes: one compilation, and the
     # second run's results equal a device path built from scratch for it.

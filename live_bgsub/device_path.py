@@ -589,14 +589,20 @@ class DevicePath:
         (default): the device when the backend has an accelerator, else the host.
     cache : dict, optional
         Compiled device functions shared between device paths (the callback keeps one
-        for all its runs): a run whose shapes, model, precision and dtype match an
-        earlier one reuses its function with this run's constants assigned, instead of
+        for all its runs): a run whose frame shape, model, precision and dtype match an
+        earlier one's, and whose fold has the same :attr:`device_fold_shape` (the fold
+        padded to multiples of ``downsample * 2**depth``: geometries a few pixels apart
+        share it), reuses its function with this run's constants assigned, instead of
         compiling again (~2 s for a Pilatus 1M on this CPU).
 
     Attributes
     ----------
     compilations : int
         Traces of the device function so far (one per batch size used).
+    device_fold_shape, device_window_shape : (int, int)
+        The fold and the metrics window as the device computes them: padded to
+        multiples of ``downsample * 2**depth`` (results are cropped back to
+        ``fold_shape``).
     windows : WindowFit or None
         The metrics reference fit once made.
     fold_paths : dict
@@ -672,6 +678,13 @@ class DevicePath:
         self.rmax = float(min(self.fold_shape) - 1)
         nr = math.floor(self.rmax) + 2
         self.window_shape = (min(self.fold_shape[0], nr), min(self.fold_shape[1], nr))
+        # The device computes on the fold padded to whole working blocks of the U-Net
+        # (multiples of downsample * 2**depth, 32 for the shipped models; the padding is
+        # invalid fold pixels, and the U-Net saw the same zero padding before): runs whose
+        # geometries differ by a few pixels then share one compiled function.
+        block = self.model.downsample * 2**self.model.depth
+        self.device_fold_shape = tuple(-(-s // block) * block for s in self.fold_shape)
+        self.device_window_shape = tuple(-(-s // block) * block for s in self.window_shape)
         self.windows: WindowFit | None = None
         self.reference_seq: int | None = None
         self._attempts = 0
@@ -726,19 +739,19 @@ class DevicePath:
         # Everything the compiled function's structure depends on; a later run with the
         # same key reuses it (new constants assigned below, no recompilation).
         key = (
-            self.shape, self.fold_shape, id(self.model), self.precision, self.model.downsample, self.model.depth,
-            self.window_shape, fm.edge, sentinel, static, self.with_background, np.dtype(upload).str, bool(jit),
-            host_validity,
+            self.shape, self.device_fold_shape, id(self.model), self.precision, self.model.downsample,
+            self.model.depth, self.device_window_shape, fm.edge, sentinel, static, self.with_background,
+            np.dtype(upload).str, bool(jit), host_validity,
         )  # fmt: skip
         pipeline = self.cache.get(key) if self.cache is not None else None
         if pipeline is None:
             pipeline = DevicePipeline(
                 self.shape,
-                self.fold_shape,
+                self.device_fold_shape,
                 background_head(self.model.model, self.precision),
                 downsample=self.model.downsample,
                 depth=self.model.depth,
-                window_shape=self.window_shape,
+                window_shape=self.device_window_shape,
                 edge=fm.edge,
                 sentinel=sentinel,
                 static_mask=static,
@@ -756,15 +769,16 @@ class DevicePath:
                              pipeline.fold_layer.tap_weight_reference, pipeline.fold_layer.reference_count):
                 variable.assign(np.zeros(variable.shape, variable.dtype))
         index, self._tap_weight = fold_taps(fm)
-        pipeline.fold_layer.tap_index.assign(index)
-        pipeline.fold_layer.tap_weight.assign(self._tap_weight)
+        # Padded fold pixels: off the detector (index 0, NaN weight), never valid.
+        pipeline.fold_layer.tap_index.assign(self._pad(index, self.fold_shape, self.device_fold_shape, 0))
+        pipeline.fold_layer.tap_weight.assign(self._pad(self._tap_weight, self.fold_shape, self.device_fold_shape, np.nan))
         if static:
             pipeline.fold_layer.static_valid.assign(fm.mask)
         ii, jj = np.indices(self.window_shape)
         self._radial_row = (np.hypot(ii, jj) <= self.rmax).astype(np.float32).ravel()
         weights = np.zeros((len(WINDOW_COLUMNS) + 1, ii.size), np.float32)
         weights[-1] = self._radial_row
-        pipeline.window_weights.assign(weights)
+        pipeline.window_weights.assign(self._pad(weights, self.window_shape, self.device_window_shape, 0))
         self.pipeline = pipeline
         self.upload_dtype = upload
         self.frame_dtype = np.dtype(dtype)
@@ -773,8 +787,18 @@ class DevicePath:
         if self.windows is not None:
             self._assign_windows(self.windows)
 
+    @staticmethod
+    def _pad(values, shape, device_shape, fill):
+        """``(..., h * w)`` values of a ``shape`` fold -> ``(..., H * W)`` of ``device_shape``, padded with ``fill``."""
+        (h, w), (hd, wd) = shape, device_shape
+        lead = values.shape[:-1]
+        grid = values.reshape(*lead, h, w)
+        pad = [(0, 0)] * len(lead) + [(0, hd - h), (0, wd - w)]
+        return np.pad(grid, pad, constant_values=fill).reshape(*lead, hd * wd)
+
     def _assign_windows(self, fit: WindowFit) -> None:
-        self.pipeline.window_weights.assign(np.vstack([fit.matrix.T, self._radial_row[None]]))
+        weights = np.vstack([fit.matrix.T, self._radial_row[None]])
+        self.pipeline.window_weights.assign(self._pad(weights, self.window_shape, self.device_window_shape, 0))
         self.pipeline.reference.assign(self._reference_vector(fit))
 
     def _reference_vector(self, fit: WindowFit) -> np.ndarray:
@@ -909,11 +933,11 @@ class DevicePath:
             same = self._validity_test is not None and self._same(buf[:m])
             t1 = time.perf_counter()
             out = self._call(buf, same)
-            corrected[start : start + m] = out[0][:m]
-            count[start : start + m] = out[1][:m]
+            corrected[start : start + m] = out[0][:m, :fh, :fw]
+            count[start : start + m] = out[1][:m, :fh, :fw]
             values[start : start + m] = out[2][:m]
             if background is not None:
-                background[start : start + m] = out[4][:m]
+                background[start : start + m] = out[4][:m, :fh, :fw]
             t2 = time.perf_counter()
             self._track_fold_path(bool(out[3][0] > 0.5), chunk[m - 1])
             timings["stage"] += t1 - t0
@@ -943,8 +967,8 @@ class DevicePath:
         weight, count = reference_taps(self.fold_map, valid, self._tap_weight)
         layer.reference_valid.assign(valid)
         self._reference_valid = valid
-        layer.tap_weight_reference.assign(weight)
-        layer.reference_count.assign(count)
+        layer.tap_weight_reference.assign(self._pad(weight, self.fold_shape, self.device_fold_shape, 0))
+        layer.reference_count.assign(self._pad(count.ravel(), self.fold_shape, self.device_fold_shape, 0).reshape(self.device_fold_shape))
         self.fold_paths["validity_refits"] += 1
 
     def _track_fold_path(self, reference: bool, last_frame) -> None:
@@ -1045,6 +1069,7 @@ class DevicePath:
             "precision": self.precision,
             "jit_compile": self.jit_compile if self.pipeline is None else bool(self.pipeline.jit_compile),
             "batch_sizes": list(self.batch_sizes),
+            "fold_shape": list(self.device_fold_shape),
             "metrics": "windows" if self.compute_metrics else "totals",
             "metrics_reference": None
             if self.windows is None

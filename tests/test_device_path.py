@@ -465,8 +465,9 @@ def test_window_metrics_formulations_agree():
 
 
 def test_a_second_run_reuses_the_compiled_function(tmp_path):
-    # Two runs with different (nearby) geometries but the same shapes: one compilation, and the
-    # second run's results equal a device path built from scratch for it.
+    # Two runs whose geometries differ by a few pixels, so that their folds differ in shape
+    # but not once padded to whole U-Net blocks: one compilation, and the second run's
+    # results equal a device path built from scratch for it, and the engine's.
     from live_bgsub.device_path import DevicePath
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.geometry import FoldMap, Geometry
@@ -477,18 +478,24 @@ def test_a_second_run_reuses_the_compiled_function(tmp_path):
     frames_a = [make_pattern("pilatus-1m", seed=s, center=(410.0, 500.0), rotation_deg=2.0).raw() for s in (1, 2)]
     first = DevicePath.from_engine(Engine(step, Geometry((410.0, 500.0), 2.0), frames_a[0].shape), batch_size=2, cache=cache)
     first.results(frames_a)
-    # A nearby geometry whose fold has the same shape (the extent moves in whole pixels).
-    candidates = [((410.0 + dx, 500.0 + dy), 2.0 + da) for dx in (0.1, 0.2) for dy in (0.1, -0.1) for da in (0.0, 0.05)]
+    # A geometry 2-3 pixels away: another fold shape, the same padded one.
+    candidates = [((410.0 + dx, 500.0 + dy), 2.0 + da) for dx in (2.3, -2.6) for dy in (1.7, -2.2) for da in (0.0, 0.4)]
+    shapes = {c: FoldMap(frames_a[0].shape, Geometry(*c)) for c in candidates}
     center_b, rotation_b = next(
-        (c, a) for c, a in candidates if FoldMap(frames_a[0].shape, Geometry(c, a)).fold_shape == first.fold_shape
-    )
+        c for c, fm in shapes.items()
+        if fm.fold_shape != first.fold_shape and DevicePath(step, Geometry(*c), fm.shape, fold_map=fm).device_fold_shape
+        == first.device_fold_shape
+    )  # fmt: skip
     frames_b = [make_pattern("pilatus-1m", seed=s, center=center_b, rotation_deg=rotation_b).raw() for s in (3, 4)]
     engine_b = Engine(step, Geometry(center_b, rotation_b), frames_b[0].shape)
     second = DevicePath.from_engine(engine_b, batch_size=2, cache=cache)
     reused = second.results(frames_b)
     assert second.pipeline is first.pipeline and len(cache) == 1 and first.compilations == 1
+    assert second.fold_shape != first.fold_shape and reused[0].corrected.shape == second.fold_shape
     fresh = DevicePath.from_engine(engine_b, batch_size=2).results(frames_b)
-    for a, b in zip(reused, fresh):
+    for a, b, e in zip(reused, fresh, engine_b.process(frames_b)):
         np.testing.assert_array_equal(a.corrected, b.corrected)
+        np.testing.assert_array_equal(a.count, e.count)
+        np.testing.assert_allclose(a.corrected, e.corrected, rtol=0, atol=FP32_TOL * _peak(e.corrected + e.background))
         for key in ("i10", "i11", "i11_i10", "s10_px", "tdi"):
             assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-6, nan_ok=True), key

@@ -190,8 +190,11 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     x = np.random.default_rng(1).random((batch, *pipe.padded_shape, 1), dtype=np.float32)
     head = compiled_function(pipe.head, pipe.jit_compile)  # the model-only call, made like the pipeline's
     corrected, metrics = path.process(first)
-    background = np.zeros_like(corrected)
-    dev_out = [keras.ops.convert_to_tensor(corrected), keras.ops.convert_to_tensor(metrics["count"])]
+    fh, fw = path.fold_shape
+    padded = np.zeros((batch, *path.device_fold_shape), np.float32)  # as the device holds it
+    padded[:, :fh, :fw] = corrected
+    background = np.zeros_like(padded)
+    dev_out = [keras.ops.convert_to_tensor(padded), keras.ops.convert_to_tensor(np.zeros(padded.shape, np.uint8))]
     writer = FoldWriter(tmp / "bench_write.h5", path.fold_shape)
     bundle = compose_run(metadata={"plan_name": "bench"})
     keys = {k: {"source": "bench", "dtype": "number", "shape": []} for k in (*METRIC_NAMES, "raw_seq_num", "latency_s")}
@@ -218,7 +221,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         "fold": lambda: stages["fold"](inputs),
         "resample": lambda: stages["resample"]((fold, count)),
         "model": lambda: head(x),
-        "metrics": lambda: stages["metrics"]((corrected, background)),
+        "metrics": lambda: stages["metrics"]((padded, background)),
         "download": lambda: [keras.ops.convert_to_numpy(t) for t in dev_out],
         "device": lambda: path.process(first),
         "write": lambda: writer.append(corrected),

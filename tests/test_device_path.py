@@ -266,6 +266,21 @@ def test_compilations_once_per_batch_size(model):
     assert path.fold_paths["general"] == 0  # the measurement frames keep the run's invalid pixels
 
 
+def test_frames_read_into_the_upload_buffer(model):
+    frames = _small_frames(4)
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=4, metrics=False)
+    with pytest.raises(ValueError, match=r"upload_buffer\(\) needs the run's first process\(\) call"):
+        path.upload_buffer(4)
+    expected, _ = path.process(frames)  # a list of frames: copied into the buffer
+    buf = path.upload_buffer(4)
+    buf[:] = np.stack(frames)[::-1]  # as h5py's read_direct would
+    corrected, _ = path.process(buf)
+    np.testing.assert_array_equal(corrected, expected[::-1])
+    assert path.compilations == 1
+    with pytest.raises(ValueError, match=r"upload_buffer\(3\): n must be one of the compiled batch sizes \(1, 2, 4\)"):
+        path.upload_buffer(3)
+
+
 def test_bfloat16_within_stated_tolerance(small_run, model):
     frames = small_run["frames"]
     path = DevicePath.from_engine(small_run["engine"], batch_size=4, precision="bfloat16")

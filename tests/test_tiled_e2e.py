@@ -114,7 +114,8 @@ def _check_live_run(catalog, uid, det, summary):
     return derived, table
 
 
-def _check_replay(catalog, uid, dirs, live_table, method="white-top-hat"):
+def _check_replay(catalog, uid, dirs, live_table, method="white-top-hat", rtol=0.0):
+    """Replay the raw run: the derived metrics equal the live ones (to ``rtol``; exactly by default)."""
     publisher = TiledPublisher(catalog)
     [summary] = replay_runs(catalog, [uid], publish=publisher, method=method, directory=dirs / "replayed", timeout=180)
     assert publisher.flush(timeout=180) and publisher.errors == []
@@ -123,7 +124,7 @@ def _check_replay(catalog, uid, dirs, live_table, method="white-top-hat"):
     replayed = catalog[summary.derived_uid]
     table = metrics_table(replayed)
     for key in METRICS:
-        np.testing.assert_array_equal(table[key], live_table[key], err_msg=key)
+        np.testing.assert_allclose(table[key], live_table[key], rtol=rtol, atol=0, err_msg=key)
     assert [r.metadata["start"]["uid"] for r in derived_runs(catalog, uid)][-1] == summary.derived_uid
 
 
@@ -246,4 +247,8 @@ def test_model_step_on_the_device_path_lands_and_replays(sqlite_catalog, dirs):
     corrected = frames(derived, "corrected")
     _, arrays = process_image(det.file_path, frame=1, center=geometry["center"], rotation_deg=geometry["rotation_deg"], model=model)
     np.testing.assert_allclose(corrected[1], arrays["corrected"], rtol=1e-4, atol=1e-3 * float(np.abs(arrays["corrected"]).max()))
-    _check_replay(sqlite_catalog, uid, dirs, table, method="model:white-top-hat")
+    # The device path's window metrics are float32 reductions on the device, except for the
+    # frames of the batch that fitted the run's windows (float64 on the host): which frames
+    # share a batch depends on the live worker's timing, so live and replay agree to float32
+    # rounding (7.6e-8 relative seen), not bit for bit as on the classical path.
+    _check_replay(sqlite_catalog, uid, dirs, table, method="model:white-top-hat", rtol=1e-6)

@@ -477,20 +477,39 @@ def compiled_function(model, jit: bool = True):
     - TensorFlow: ``tf.function`` (XLA with ``jit``);
     - JAX: ``jax.jit`` of ``stateless_call`` with the variables' current values passed
       in, so that assigning a variable (a new run's constants) needs no new trace;
-    - PyTorch and others: the eager call under ``no_grad`` (``torch.compile`` with ``jit``).
+    - PyTorch: ``torch.compile`` with ``jit``, else the eager call; under ``no_grad``.
+
+    ``model.traces`` (when the model has it) counts the traces or compilations: in the
+    traced body (TensorFlow, JAX), in the ``torch.compile`` backend, or per call when
+    eager.
     """
     import keras
+
+    def count():
+        if hasattr(model, "traces"):
+            model.traces += 1
+
+    def numpy(out):
+        return tuple(keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(out))
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        fn = tf.function(lambda x: model(x, training=False), jit_compile=bool(jit), autograph=False)
+        def body(x):
+            count()  # Python: runs once per trace
+            return model(x, training=False)
+
+        # reduce_retracing, as Keras' own predict function: from the second input shape on,
+        # one shape-relaxed trace (XLA still compiles an executable per concrete shape
+        # beneath it), and no retracing warnings from a long-running callback.
+        fn = tf.function(body, jit_compile=bool(jit), autograph=False, reduce_retracing=True)
         return lambda x: tuple(np.asarray(t) for t in keras.tree.flatten(fn(x)))
     if backend == "jax":
         import jax
 
         def pure(trainable, non_trainable, x):
+            count()  # Python: runs once per trace under jit, per call without
             return model.stateless_call(trainable, non_trainable, x)[0]
 
         fn = jax.jit(pure) if jit else pure
@@ -500,17 +519,32 @@ def compiled_function(model, jit: bool = True):
             return tuple(np.asarray(t) for t in keras.tree.flatten(out))
 
         return call
-    if backend == "torch":
+    if backend == "torch" and jit:
         import torch
+        from torch._inductor.compile_fx import compile_fx
 
-        forward = torch.compile(lambda x: model(x, training=False)) if jit else (lambda x: model(x, training=False))
+        def counting_backend(graph, example_inputs):
+            count()  # runs once per graph compiled
+            return compile_fx(graph, example_inputs)
+
+        forward = torch.compile(lambda x: model(x, training=False), backend=counting_backend)
 
         def call(x):
             with torch.no_grad():
-                return tuple(keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(forward(x)))
+                return numpy(forward(x))
 
         return call
-    return lambda x: tuple(keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(model(x, training=False)))
+
+    def eager(x):
+        count()
+        if backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                return numpy(model(x, training=False))
+        return numpy(model(x, training=False))
+
+    return eager
 
 
 def accelerator_present() -> bool:

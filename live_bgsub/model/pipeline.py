@@ -333,10 +333,12 @@ class DevicePipeline(keras.Model):
     M3 of the reference fit, ``wavelength * distance / pixel`` or NaN, equator found,
     M3 found).
 
-    ``traces`` counts the Python executions of :meth:`call` on real (non-symbolic)
-    inputs: with a compiling backend (TensorFlow ``tf.function``, JAX ``jit``, PyTorch
-    with ``jit_compile=True``) that is the number of traces, i.e. compilations; on an
-    eager backend it counts calls.
+    ``traces`` counts the compilations of this model by
+    :func:`live_bgsub.device_path.compiled_function`, which counts where the backend
+    traces or compiles (the ``tf.function`` or ``jax.jit`` body, the ``torch.compile``
+    backend); called eagerly, it counts calls. The count is kept out of :meth:`call`:
+    ``torch.compile`` guards on attributes that ``call`` changes and would recompile on
+    every call.
     """
 
     def __init__(
@@ -490,8 +492,6 @@ class DevicePipeline(keras.Model):
 
     def call(self, inputs):
         frames, same = self._split(inputs)
-        if not isinstance(frames, keras.KerasTensor):
-            self.traces += 1  # Python side effect: runs once per trace of a compiled function
         fold, count, reference = self.fold_layer(frames, same)
         corrected, background = _materialized(reference, self.subtract(fold, count))
         flags = ops.zeros_like(fold[:, 0, 0]) + ops.cast(reference, "float32")

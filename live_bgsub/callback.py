@@ -48,7 +48,7 @@ from .engine import METRIC_KEYS, Engine, FrameResult, make_step
 from .errors import ProcessingError
 from .geometry import Geometry, find_run_geometry
 from .io import mask_invalid
-from .sinks.hdf5 import DATASET, FoldWriter
+from .sinks.hdf5 import DATASET, FoldWriter, read_in_process
 
 __all__ = ["LiveBackgroundSubtraction", "RunSummary"]
 
@@ -771,6 +771,12 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raise ProcessingError(ref.error)
         if ref.array is not None:
             return ref.array
+        try:  # a file this process writes (the simulated detector): through the writer's handle
+            frame = read_in_process(ref.path, ref.dataset, ref.index)
+        except IndexError as exc:
+            raise ProcessingError(str(exc)) from None
+        if frame is not None:
+            return frame
         dataset = self._dataset(ref.path, ref.dataset)
         if ref.index >= dataset.shape[0]:
             dataset.refresh()

@@ -447,3 +447,24 @@ def test_importing_the_sim_package_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_reader_in_this_process_reads_through_the_writer(tmp_path):
+    """HDF5 does not support a SWMR writer and a reader of one file in the same process:
+    while the detector writes, in-process readers get its frames through its own handle."""
+    from live_bgsub.sinks.hdf5 import read_in_process
+
+    det = SimDetector(name="insim", directory=tmp_path, preset=MINI, n_patterns=2)
+    det.stage()
+    try:
+        det.trigger().wait(timeout=30)
+        path = det.file_path
+        assert read_in_process(path, "/entry/data/data", 0).shape == det.shape
+        np.testing.assert_array_equal(read_in_process(path, "/entry/data/data", 0), det._bank[0])
+        with pytest.raises(IndexError, match="frame index 1 not written yet"):
+            read_in_process(path, "/entry/data/data", 1)
+        assert read_in_process(path, "/entry/other", 0) is None
+    finally:
+        det.unstage()
+    assert read_in_process(path, "/entry/data/data", 0) is None  # closed: readers open the file
+    assert read_in_process(tmp_path / "elsewhere.h5", "/entry/data/data", 0) is None

@@ -55,6 +55,7 @@ from ophyd import Device, Kind
 from ophyd.status import DeviceStatus
 
 from ..frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
+from ..sinks.hdf5 import register_in_process_writer, unregister_in_process_writer
 from ..synth import PRESETS, DetectorPreset, make_pattern
 
 __all__ = ["DATASET", "HDF5_MIMETYPE", "SimDetector"]
@@ -212,6 +213,7 @@ class SimDetector(FrameStreamMixin, Device):
 
         # Per-stage state.
         self._file: h5py.File | None = None
+        self._write_lock = threading.Lock()  # replaced by the in-process registry's at each open
         self._dataset: h5py.Dataset | None = None
         self._file_path: Path | None = None
         self._jobs: queue.Queue | None = None
@@ -387,6 +389,8 @@ class SimDetector(FrameStreamMixin, Device):
         ds.attrs["sim_seeds"] = [kw["seed"] for kw in self._bank_kwargs]
         f.swmr_mode = True  # after every object is created: readers may open it now
         self._dataset = ds
+        # Readers in this process (the callback) read through this handle, not a second one.
+        self._write_lock = register_in_process_writer(path, {DATASET: ds})
 
         self._asset_docs_cache.clear()
         self._frames_requested = self._frames_done = self._frames_announced = 0
@@ -428,7 +432,9 @@ class SimDetector(FrameStreamMixin, Device):
             self._worker.join()
         self._worker = self._jobs = None
         if self._file is not None:
-            self._file.close()
+            with self._write_lock:
+                unregister_in_process_writer(self._file_path)
+                self._file.close()
         self._file = self._dataset = None
         self._stream_datum_factory = self._datum_factory = None
         self._asset_docs_cache.clear()
@@ -456,10 +462,11 @@ class SimDetector(FrameStreamMixin, Device):
     def _write_frame(self, index: int) -> None:
         frame = self._bank[index % self.n_patterns]
         ds = self._dataset
-        ds.resize(index + 1, axis=0)
-        # One uncompressed chunk per frame: write its bytes directly (no HDF5 conversion).
-        ds.id.write_direct_chunk((index, 0, 0), frame)
-        ds.flush()
+        with self._write_lock:
+            ds.resize(index + 1, axis=0)
+            # One uncompressed chunk per frame: write its bytes directly (no HDF5 conversion).
+            ds.id.write_direct_chunk((index, 0, 0), frame)
+            ds.flush()
 
     def _frame_ready(self, index: int) -> None:
         self.frame_number.put(index)

@@ -10,11 +10,58 @@ derived run references the file with a StreamResource (mimetype
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASET", "FoldWriter"]
+__all__ = ["DATASET", "FoldWriter", "read_in_process", "register_in_process_writer", "unregister_in_process_writer"]
+
+# Files this process is writing with SWMR, by resolved path: (lock, {dataset name: h5py
+# Dataset}). HDF5 does not support a SWMR writer and a reader of one file in the same
+# process (a second handle shares the writer's file state: a reader's refresh while the
+# writer flushed crashed the interpreter once in ~6 full test runs), so a reader in
+# this process reads such a file through the writer's own handle.
+_IN_PROCESS: dict = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_in_process_writer(path, datasets: dict) -> threading.Lock:
+    """Announce that this process writes ``path`` (``{name: dataset}``); returns the lock
+    the writer holds while it writes or closes, which :func:`read_in_process` takes too."""
+    lock = threading.Lock()
+    with _REGISTRY_LOCK:
+        _IN_PROCESS[str(Path(path).resolve())] = (lock, dict(datasets))
+    return lock
+
+
+def unregister_in_process_writer(path) -> None:
+    """The writer of ``path`` is closing it: readers open the file themselves from now on."""
+    with _REGISTRY_LOCK:
+        _IN_PROCESS.pop(str(Path(path).resolve()), None)
+
+
+def read_in_process(path, name: str, index: int):
+    """Frame ``index`` of dataset ``name`` through this process's writer of ``path``.
+
+    Returns None when no writer in this process has ``path`` open (read the file then).
+    Raises IndexError when the writer has not written frame ``index`` yet.
+    """
+    with _REGISTRY_LOCK:
+        entry = _IN_PROCESS.get(str(Path(path).resolve()))
+    if entry is None:
+        return None
+    lock, datasets = entry
+    with lock:
+        with _REGISTRY_LOCK:
+            if _IN_PROCESS.get(str(Path(path).resolve())) is not entry:
+                return None  # closed meanwhile
+        ds = datasets.get(name)
+        if ds is None:
+            return None
+        if index >= ds.shape[0]:
+            raise IndexError(f"{path}: frame index {index} not written yet ({ds.shape[0]} frames)")
+        return ds[index]
 
 #: Dataset path of the corrected folds inside the derived run's HDF5 file.
 DATASET = "/entry/data/corrected"

@@ -504,7 +504,7 @@ def compiled_function(model, jit: bool = True):
         # one shape-relaxed trace (XLA still compiles an executable per concrete shape
         # beneath it), and no retracing warnings from a long-running callback.
         fn = tf.function(body, jit_compile=bool(jit), autograph=False, reduce_retracing=True)
-        return lambda x: tuple(np.asarray(t) for t in keras.tree.flatten(fn(x)))
+        return lambda x: numpy(fn(x))
     if backend == "jax":
         import jax
 
@@ -514,11 +514,9 @@ def compiled_function(model, jit: bool = True):
 
         fn = jax.jit(pure) if jit else pure
 
-        def call(x):
-            out = fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], x)
-            return tuple(np.asarray(t) for t in keras.tree.flatten(out))
-
-        return call
+        return lambda x: numpy(
+            fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], x)
+        )
     if backend == "torch" and jit:
         import torch
         from torch._inductor.compile_fx import compile_fx

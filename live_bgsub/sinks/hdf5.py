@@ -47,15 +47,15 @@ def read_in_process(path, name: str, index: int):
     Returns None when no writer in this process has ``path`` open (read the file then).
     Raises IndexError when the writer has not written frame ``index`` yet.
     """
+    key = str(Path(path).resolve())
     with _REGISTRY_LOCK:
-        entry = _IN_PROCESS.get(str(Path(path).resolve()))
+        entry = _IN_PROCESS.get(key)
     if entry is None:
         return None
     lock, datasets = entry
-    with lock:
-        with _REGISTRY_LOCK:
-            if _IN_PROCESS.get(str(Path(path).resolve())) is not entry:
-                return None  # closed meanwhile
+    with lock:  # the writer unregisters under this lock before it closes the file
+        if _IN_PROCESS.get(key) is not entry:
+            return None  # closed meanwhile
         ds = datasets.get(name)
         if ds is None:
             return None

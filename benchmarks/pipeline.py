@@ -17,7 +17,7 @@ measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm
   (the pipeline's non-model steps, U-Net skipped);
 - ``model``: the U-Net background head alone on a padded normalised batch: the
   *model-only* rate;
-- ``metrics``: radial totals and the window-matrix product;
+- ``metrics``: radial totals and the window weights' product with the sector pixels;
 - ``download``: device -> host of the corrected folds and counts;
 - ``device``: the whole compiled function (:meth:`DevicePath.process`);
 - ``write``: :class:`live_bgsub.sinks.hdf5.FoldWriter.append` of the corrected folds;
@@ -182,10 +182,9 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     reference_s = path.last_timings_s.get("reference", 0.0)
     pipe = path.pipeline
     stages = _stage_models(path)
-    buf = path._buffer(batch)
+    buf = path.upload_buffer(batch)
     buf[:] = first
-    host_check = path._validity_test is not None
-    inputs = (buf, np.full(batch, float(path._same(buf)), np.float32)) if host_check else buf
+    inputs = path.device_inputs(buf)
 
     fold, count, _ = stages["fold"](inputs)
     x = np.random.default_rng(1).random((batch, *pipe.padded_shape, 1), dtype=np.float32)
@@ -202,11 +201,10 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     desc = bundle.compose_descriptor(name="primary", data_keys=keys)
 
     def stage():
-        b = path._buffer(batch)
+        b = path.upload_buffer(batch)
         for i in range(batch):
             b[i] = frames[i]
-        if host_check:
-            path._same(b)
+        path.device_inputs(b)
 
     def emit(metrics, seq0, t0):
         now = time.time()

@@ -45,6 +45,7 @@ __all__ = [
     "frame_validity",
     "reference_taps",
     "validity_test",
+    "window_support",
 ]
 
 #: Metric columns of the device pipeline's output, in order (the callback's metric keys).
@@ -370,6 +371,21 @@ def fit_windows(
             params["m3"] = [float(c), float(sig)]
             params["m3_window"] = [float(c - half), float(c + half)]
     return WindowFit(matrix.astype(np.float32), shape, float(p[0]), m3_px, True, m3_found, params)
+
+
+def window_support(shape, sector_deg: float = 15.0) -> np.ndarray:
+    """Flat indices of the pixels of a ``shape`` window that :func:`fit_windows` may weight.
+
+    Its weights come from the equatorial sector (azimuth 0 to ``sector_deg`` from the
+    fold's axis 1) and the meridional one (``90 - sector_deg`` to 90), computed as
+    ``live_bgsub.metrics``' sector bins compute them; without a radius limit, so that
+    the support depends on the window shape and the sector only (a compiled function
+    serves every run whose window pads to the same shape). About a quarter of the
+    window for 15 degree sectors; the fitted weights themselves cover ~1 % of it.
+    """
+    ii, jj = np.indices(tuple(int(v) for v in shape))
+    phi = np.degrees(np.arctan2(ii, jj))
+    return np.flatnonzero((phi <= sector_deg) | (phi >= 90.0 - sector_deg)).astype(np.int32)
 
 
 def _metrics_from_coef(coef, tdi, background_sum, reference):
@@ -761,6 +777,7 @@ class DevicePath:
 
         upload, sentinel = _upload_dtype(dtype)
         fm = self.fold_map
+        self._support = window_support(self.device_window_shape, self.sector_deg)
         static = not bool(fm.mask.all())
         jit = self.jit_compile
         if jit == "auto":
@@ -772,8 +789,8 @@ class DevicePath:
         # same key reuses it (new constants assigned below, no recompilation).
         key = (
             self.shape, self.device_fold_shape, id(self.model), self.precision, self.model.downsample,
-            self.model.depth, self.device_window_shape, fm.edge, sentinel, static, self.with_background,
-            np.dtype(upload).str, bool(jit), host_validity,
+            self.model.depth, self.device_window_shape, self.sector_deg, fm.edge, sentinel, static,
+            self.with_background, np.dtype(upload).str, bool(jit), host_validity,
         )  # fmt: skip
         pipeline = self.cache.get(key) if self.cache is not None else None
         if pipeline is None:
@@ -784,6 +801,7 @@ class DevicePath:
                 downsample=self.model.downsample,
                 depth=self.model.depth,
                 window_shape=self.device_window_shape,
+                window_support=len(self._support),
                 edge=fm.edge,
                 sentinel=sentinel,
                 static_mask=static,
@@ -807,10 +825,10 @@ class DevicePath:
         if static:
             pipeline.fold_layer.static_valid.assign(fm.mask)
         ii, jj = np.indices(self.window_shape)
-        self._radial_row = (np.hypot(ii, jj) <= self.rmax).astype(np.float32).ravel()
-        weights = np.zeros((len(WINDOW_COLUMNS) + 1, ii.size), np.float32)
-        weights[-1] = self._radial_row
-        pipeline.window_weights.assign(self._pad(weights, self.window_shape, self.device_window_shape, 0))
+        radial = self._pad((np.hypot(ii, jj) <= self.rmax).ravel(), self.window_shape, self.device_window_shape, False)
+        pipeline.radial_window.assign(radial.reshape(self.device_window_shape))
+        pipeline.window_index.assign(self._support)
+        pipeline.window_weights.assign(np.zeros(pipeline.window_weights.shape, np.float32))
         self.pipeline = pipeline
         self.upload_dtype = upload
         self.frame_dtype = np.dtype(dtype)
@@ -829,8 +847,16 @@ class DevicePath:
         return np.pad(grid, pad, constant_values=fill).reshape(*lead, hd * wd)
 
     def _assign_windows(self, fit: WindowFit) -> None:
-        weights = np.vstack([fit.matrix.T, self._radial_row[None]])
-        self.pipeline.window_weights.assign(self._pad(weights, self.window_shape, self.device_window_shape, 0))
+        weights = self._pad(fit.matrix.T, self.window_shape, self.device_window_shape, 0)
+        outside = np.ones(weights.shape[1], bool)
+        outside[self._support] = False
+        if np.any(weights[:, outside]):
+            # fit_windows and window_support disagree on the sectors: a bug, not bad data.
+            raise ProcessingError(
+                f"the window fit weights {np.count_nonzero(np.any(weights[:, outside], axis=0))} pixels outside "
+                f"the {self.sector_deg} degree sectors that the device gathers"
+            )
+        self.pipeline.window_weights.assign(weights[:, self._support])
         self.pipeline.reference.assign(self._reference_vector(fit))
 
     def _reference_vector(self, fit: WindowFit) -> np.ndarray:
@@ -895,6 +921,15 @@ class DevicePath:
         if n not in self.batch_sizes:
             raise ProcessingError(f"upload_buffer({n!r}): n must be one of the compiled batch sizes {self.batch_sizes}")
         return self._buffer(n)
+
+    def device_inputs(self, buf):
+        """The compiled function's input for a filled upload buffer: ``buf``, or with the
+        host validity check ``(buf, same)``, ``same`` float32 ``(n,)`` (1 where the batch's
+        frames all have the reference validity). For calling ``pipeline.run`` directly
+        (benchmarks); :meth:`process` does this itself."""
+        if self._validity_test is None:
+            return buf
+        return (buf, np.full(len(buf), float(self._same(buf)), np.float32))
 
     def _buffer(self, size: int) -> np.ndarray:
         """The upload buffer for ``size`` frames, 64-byte aligned: TensorFlow wraps an aligned

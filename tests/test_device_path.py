@@ -33,6 +33,7 @@ from live_bgsub.device_path import (
     validity_test,
 )
 from live_bgsub.engine import METRIC_KEYS, Engine, make_step
+from live_bgsub.errors import ProcessingError
 from live_bgsub.geometry import FoldMap, Geometry
 from live_bgsub.inference import BackgroundModel
 from live_bgsub.io import mask_invalid
@@ -199,6 +200,15 @@ def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
     path.process(np.stack(frames))
     assert path.validity_check == check
     assert path.fold_paths == {"reference": 1, "general": 0, "validity_refits": 1}
+    buf = path.upload_buffer(2)
+    for batch, flag in ((frames, 1.0), (changed, 0.0)):  # the input pipeline.run gets
+        buf[:] = np.stack(batch)
+        inputs = path.device_inputs(buf)
+        if check == "host":
+            assert inputs[0] is buf
+            np.testing.assert_array_equal(inputs[1], [flag, flag])
+        else:
+            assert inputs is buf
     corrected, metrics = path.process(np.stack(changed))
     assert path.fold_paths["general"] == 1
     for i, frame in enumerate(changed):
@@ -447,36 +457,63 @@ def test_the_model_floor_restates_the_metric_layout():
     assert pipeline.WINDOW_COLUMNS == WINDOW_COLUMNS
 
 
-def test_window_metrics_formulations_agree():
-    """The product (many frames or a small window) and the broadcast reduction (few frames
-    of a window over 2**20 pixels) give the host twin's metrics."""
-    from live_bgsub.device_path import _metrics_from_coef
+def test_window_metrics_of_the_sector_pixels_equal_the_dense_product():
+    """The device's gathered sector pixels times their weights give the host twin's
+    metrics from the dense window matrix, for a pair and for a batch of 8."""
+    from live_bgsub.device_path import _metrics_from_coef, window_support
     from live_bgsub.model.pipeline import DevicePipeline
 
     inputs = keras.Input((None, None, 1))
     head = keras.Model(inputs, keras.layers.Identity(name="background")(inputs))
-    hm, wm = 1025, 1024  # > 2**20 pixels
-    pipe = DevicePipeline((8, 8), (8, 8), head, window_shape=(hm, wm))
+    hm, wm = 96, 128
+    support = window_support((hm, wm), 15.0)
+    pipe = DevicePipeline((8, 8), (8, 8), head, window_shape=(hm, wm), window_support=support.size)
     pipe.build((None, 8, 8))
     rng = np.random.default_rng(3)
-    weights = rng.normal(size=(6, hm * wm)).astype(np.float32)
-    weights[-1] = rng.random(hm * wm) > 0.5  # the radial window
-    pipe.window_weights.assign(weights)
+    matrix = np.zeros((5, hm * wm), np.float32)
+    matrix[:, support] = rng.normal(size=(5, support.size))
+    radial = rng.random((hm, wm)) > 0.5
+    pipe.window_index.assign(support)
+    pipe.window_weights.assign(matrix[:, support])
+    pipe.radial_window.assign(radial)
     reference = np.array([50.0, 130.0, np.nan, 1.0, 1.0], np.float32)
     pipe.reference.assign(reference)
-    corrected = rng.random((2, hm, wm), dtype=np.float32)
-    background = rng.random((2, hm, wm), dtype=np.float32)
-    coef = corrected.reshape(2, -1).astype(np.float64) @ weights[:5].T.astype(np.float64)
-    tdi = corrected.reshape(2, -1).astype(np.float64) @ weights[-1].astype(np.float64)
-    bg = background.reshape(2, -1).astype(np.float64) @ weights[-1].astype(np.float64)
+    corrected = rng.random((8, hm, wm), dtype=np.float32)
+    background = rng.random((8, hm, wm), dtype=np.float32)
+    flat = corrected.reshape(8, -1).astype(np.float64)
+    coef = flat @ matrix.T.astype(np.float64)
+    tdi = flat @ radial.ravel()
+    bg = background.reshape(8, -1).astype(np.float64) @ radial.ravel()
     expected = _metrics_from_coef(coef, tdi, bg, reference)
-    for n in (2, 8):  # 2: broadcast reduction, 8: the product
-        reps = n // 2
-        out = keras.ops.convert_to_numpy(
-            pipe.window_metrics(np.tile(corrected, (reps, 1, 1)), np.tile(background, (reps, 1, 1)))
-        )
+    for n in (2, 8):
+        out = keras.ops.convert_to_numpy(pipe.window_metrics(corrected[:n], background[:n]))
         for i, name in enumerate(METRIC_NAMES):
-            np.testing.assert_allclose(out[:2, i], expected[name], rtol=2e-4, err_msg=f"{name}, batch {n}")
+            np.testing.assert_allclose(out[:, i], expected[name][:n], rtol=2e-4, err_msg=f"{name}, batch {n}")
+
+
+def test_window_support_holds_the_fitted_weights(pilatus_run):
+    from live_bgsub.device_path import window_support
+
+    path = pilatus_run["path"]
+    hm, wm = path.window_shape
+    weighted = np.flatnonzero(np.any(path.windows.matrix != 0, axis=1))
+    assert weighted.size > 100
+    rows, cols = np.divmod(weighted, wm)
+    hd, wd = path.device_window_shape
+    assert np.isin(rows * wd + cols, window_support((hd, wd), path.sector_deg)).all()
+    # ~a quarter of the window is gathered, not all of it
+    assert path.pipeline.window_index.shape[0] < 0.3 * hd * wd
+
+
+def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
+    import dataclasses
+
+    path = pilatus_run["path"]
+    matrix = path.windows.matrix.copy()
+    hm, wm = path.window_shape
+    matrix[(hm // 2) * wm + hm // 2, 0] = 1.0  # azimuth 45 degrees: in neither sector
+    with pytest.raises(ProcessingError, match="1 pixels outside the 15.0 degree sectors"):
+        path._assign_windows(dataclasses.replace(path.windows, matrix=matrix))
 
 
 def test_a_second_run_reuses_the_compiled_function(tmp_path):

@@ -848,12 +848,11 @@ class DevicePath:
 
     def _assign_windows(self, fit: WindowFit) -> None:
         weights = self._pad(fit.matrix.T, self.window_shape, self.device_window_shape, 0)
-        outside = np.ones(weights.shape[1], bool)
-        outside[self._support] = False
-        if np.any(weights[:, outside]):
+        stray = np.any(np.delete(weights, self._support, axis=1), axis=0)
+        if stray.any():
             # fit_windows and window_support disagree on the sectors: a bug, not bad data.
             raise ProcessingError(
-                f"the window fit weights {np.count_nonzero(np.any(weights[:, outside], axis=0))} pixels outside "
+                f"the window fit weights {np.count_nonzero(stray)} pixels outside "
                 f"the {self.sector_deg} degree sectors that the device gathers"
             )
         self.pipeline.window_weights.assign(weights[:, self._support])
@@ -927,9 +926,7 @@ class DevicePath:
         host validity check ``(buf, same)``, ``same`` float32 ``(n,)`` (1 where the batch's
         frames all have the reference validity). For calling ``pipeline.run`` directly
         (benchmarks); :meth:`process` does this itself."""
-        if self._validity_test is None:
-            return buf
-        return (buf, np.full(len(buf), float(self._same(buf)), np.float32))
+        return self._inputs(buf, self._validity_test is not None and self._same(buf))
 
     def _buffer(self, size: int) -> np.ndarray:
         """The upload buffer for ``size`` frames, 64-byte aligned: TensorFlow wraps an aligned
@@ -945,11 +942,15 @@ class DevicePath:
             return False
         return all(np.array_equal(self._validity_test(f), self._reference_valid) for f in frames)
 
+    def _inputs(self, buf, same: bool):
+        """The compiled function's input; ``same`` is used when the host tests the validity."""
+        if self._validity_test is None:
+            return buf
+        return (buf, np.full(len(buf), float(same), np.float32))
+
     def _call(self, buf, same: bool):
         """One device call; ``same`` is used when the host tests the validity."""
-        if self._validity_test is None:
-            return self.pipeline.run(buf)
-        return self.pipeline.run((buf, np.full(len(buf), float(same), np.float32)))
+        return self.pipeline.run(self._inputs(buf, same))
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n)

@@ -10,7 +10,9 @@ measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm
 - ``stage``: the host copy into the upload buffer and, with ``validity_check="host"``
   (the default on a CPU), the host's test of each frame's invalid pixels against the
   run's reference (:meth:`DevicePath.process` does both);
-- ``upload``: host -> device (``keras.ops.convert_to_tensor``; a copy on the CPU);
+- ``upload``: host -> device (on TensorFlow a DLPack view of the aligned buffer, what
+  :func:`live_bgsub.device_path.compiled_function` passes: no copy on the CPU; elsewhere
+  ``keras.ops.convert_to_tensor``);
 - ``fold``: the device fold alone (the pixel-major table, the 16-tap gather with the
   quadrant mean; the device's validity test where it makes it);
 - ``resample``: block mean, normalisation, padding, restore, upsampling, subtraction
@@ -141,7 +143,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     import keras
     from event_model import compose_run
 
-    from live_bgsub.device_path import METRIC_NAMES, DevicePath, compiled_function
+    from live_bgsub.device_path import METRIC_NAMES, DevicePath, compiled_function, tf_view
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.geometry import Geometry
     from live_bgsub.inference import BackgroundModel
@@ -213,10 +215,13 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
             data.update(raw_seq_num=seq0 + i + 1, latency_s=time.perf_counter() - t0)
             desc.compose_event(data=data, timestamps={k: now for k in data}, time=now)
 
+    # What the compiled function does with the upload buffer: a DLPack view on TensorFlow
+    # (compiled_function), the backend's conversion elsewhere.
+    upload = tf_view if keras.backend.backend() == "tensorflow" else keras.ops.convert_to_tensor
     stage_fns = {
         "read": lambda: ds[0:batch],
         "stage": stage,
-        "upload": lambda: _sync(keras.ops.convert_to_tensor(buf)),
+        "upload": lambda: _sync(upload(buf)),
         "fold": lambda: stages["fold"](inputs),
         "resample": lambda: stages["resample"]((fold, count)),
         "model": lambda: head(x),

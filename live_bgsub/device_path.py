@@ -44,6 +44,7 @@ __all__ = [
     "fold_taps",
     "frame_validity",
     "reference_taps",
+    "tf_view",
     "validity_test",
     "window_support",
 ]
@@ -53,6 +54,9 @@ METRIC_NAMES = METRIC_KEYS
 
 #: Columns of the window matrix (``live_bgsub.model.pipeline`` reads them in this order).
 WINDOW_COLUMNS = ("i10", "i11", "d10", "m3", "dm3")
+
+#: Pixels per block of the host's validity test (:meth:`DevicePath._same`).
+_VALIDITY_BLOCK = 1 << 18
 
 #: Frame dtypes uploaded as they are (cast to float32 on the device); others are cast on the host.
 NATIVE_DTYPES = ("float32", "int16", "uint16", "int32")
@@ -111,7 +115,8 @@ def frame_validity(frame, sentinel: float, static_mask=None) -> np.ndarray:
 
 
 def validity_test(dtype, sentinel: float, static_mask=None):
-    """A fast host twin of :func:`frame_validity` for frames of ``dtype``: ``frame -> valid``.
+    """A fast host twin of :func:`frame_validity` for frames of ``dtype``: ``test(frame) -> valid``,
+    or ``test(block, rows)`` for the rows ``rows`` (a slice) of a frame.
 
     Integer frames are compared with the exact integer threshold of the float32 rule
     (``float32(x) < sentinel``; for int32 the values from ``2**31 - 64`` up round to the
@@ -119,8 +124,12 @@ def validity_test(dtype, sentinel: float, static_mask=None):
     float cast (0.1 ms per Pilatus 1M frame here against 0.2 ms for the two-sided test).
     """
     dtype = np.dtype(dtype)
+
+    def mask(rows):
+        return None if static_mask is None else static_mask[rows]
+
     if dtype.kind not in "iu":
-        return lambda frame: frame_validity(frame, sentinel, static_mask)
+        return lambda frame, rows=slice(None): frame_validity(frame, sentinel, mask(rows))
     info = np.iinfo(dtype)
     lo, hi = 0, int(info.max) + 1  # smallest v >= 0 with float32(v) >= sentinel, in [0, max + 1]
     while lo < hi:
@@ -131,13 +140,13 @@ def validity_test(dtype, sentinel: float, static_mask=None):
             lo = mid + 1
     unsigned = np.dtype(f"u{dtype.itemsize}")
     if lo > np.iinfo(unsigned).max:
-        return lambda frame: frame_validity(frame, sentinel, static_mask)
+        return lambda frame, rows=slice(None): frame_validity(frame, sentinel, mask(rows))
     threshold = unsigned.type(lo)  # <= 2**(bits - 1) for signed dtypes: negatives wrap above it
 
-    def test(frame):
+    def test(frame, rows=slice(None)):
         valid = np.asarray(frame).view(unsigned) < threshold
         if static_mask is not None:
-            valid &= static_mask
+            valid &= static_mask[rows]
         return valid
 
     return test
@@ -520,7 +529,10 @@ def compiled_function(model, jit: bool = True):
         # one shape-relaxed trace (XLA still compiles an executable per concrete shape
         # beneath it), and no retracing warnings from a long-running callback.
         fn = tf.function(body, jit_compile=bool(jit), autograph=False, reduce_retracing=True)
-        return lambda x: numpy(fn(x))
+        # In and out without copies on the CPU: tf.function copies a numpy argument (an
+        # EIGER2 9M pair: 40 ms), a DLPack view of an aligned one is free; EagerTensor.numpy()
+        # shares the tensor's memory where np.array() (Keras' convert_to_numpy) copies.
+        return lambda x: tuple(t.numpy() for t in tf.nest.flatten(fn(tf.nest.map_structure(tf_view, x))))
     if backend == "jax":
         import jax
 
@@ -559,6 +571,24 @@ def compiled_function(model, jit: bool = True):
         return numpy(model(x, training=False))
 
     return eager
+
+
+def tf_view(x):
+    """A TensorFlow tensor viewing ``x`` without a copy (DLPack) where ``x`` is a writable,
+    C-contiguous numpy array aligned to 64 bytes (TensorFlow's and XLA's alignment);
+    anything else is returned as it is (``tf.function`` then converts it, with a copy).
+
+    The tensor aliases ``x``: ``x`` must not change while a computation reads it (a
+    synchronous call on the CPU, as :func:`compiled_function` makes, is over on return).
+    """
+    if not (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.ctypes.data % 64 == 0):
+        return x
+    import tensorflow as tf
+
+    try:
+        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+    except (BufferError, TypeError, ValueError, tf.errors.InvalidArgumentError):  # a dtype DLPack or TF lacks
+        return x
 
 
 def accelerator_present() -> bool:
@@ -937,10 +967,21 @@ class DevicePath:
         return buf
 
     def _same(self, frames) -> bool:
-        """Whether every frame has the reference validity (host test; False before a reference)."""
+        """Whether every frame has the reference validity (host test; False before a reference).
+
+        In blocks of rows (~256 k pixels) that stay in the cache, stopping at the first
+        difference: 6.8 against 10.7 ms for a whole EIGER2 9M frame at once (measured).
+        """
         if self._reference_valid is None:
             return False
-        return all(np.array_equal(self._validity_test(f), self._reference_valid) for f in frames)
+        ref = self._reference_valid
+        step = max(1, _VALIDITY_BLOCK // self.shape[1])
+        for f in frames:
+            for r in range(0, self.shape[0], step):
+                rows = slice(r, r + step)
+                if not np.array_equal(self._validity_test(f[rows], rows), ref[rows]):
+                    return False
+        return True
 
     def _inputs(self, buf, same: bool):
         """The compiled function's input; ``same`` is used when the host tests the validity."""

@@ -174,11 +174,15 @@ def test_host_validity_test_is_the_device_rule(dtype):
         values += [-1, -2, int(np.iinfo(dtype).min)] if np.dtype(dtype).kind == "i" else []
     else:
         values = [0.0, 1.5, -0.0, -1e-30, -2.0, np.nan, np.inf, -np.inf, 3e38]
-    frame = np.array(values, dtype=dtype).reshape(1, -1)
+    frame = np.array([values, values[::-1]], dtype=dtype)
     static = np.ones(frame.shape, bool)
-    static[0, 1] = False
+    static[0, 1] = static[1, 2] = False
     for mask in (None, static):
-        np.testing.assert_array_equal(validity_test(dtype, sentinel, mask)(frame), frame_validity(frame, sentinel, mask))
+        test = validity_test(dtype, sentinel, mask)
+        expected = frame_validity(frame, sentinel, mask)
+        np.testing.assert_array_equal(test(frame), expected)
+        for rows in (slice(0, 1), slice(1, 2)):  # a block of rows: the static mask's rows apply
+            np.testing.assert_array_equal(test(frame[rows], rows), expected[rows])
     if dtype == np.int32:  # float32(2**31 - 64) rounds up to the sentinel 2**31, float32(2**31 - 65) down
         edge = np.array([[2**31 - 65, 2**31 - 64]], np.int32)
         assert validity_test(dtype, sentinel)(edge).tolist() == [[True, False]]
@@ -220,6 +224,52 @@ def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
     again, _ = path.process(changed[1][None])
     assert path.fold_paths["reference"] == 2
     np.testing.assert_allclose(again[0], corrected[1], rtol=0, atol=FP32_TOL * _peak(corrected[1]))
+
+
+def test_host_validity_finds_a_change_in_any_block(model, monkeypatch):
+    """The host tests the validity in blocks of rows (and with a static mask): a changed
+    pixel in the first, a boundary or the last block sends the batch to the general path."""
+    import live_bgsub.device_path as device_path
+
+    frames = _small_frames(2)
+    rows, cols = frames[0].shape
+    monkeypatch.setattr(device_path, "_VALIDITY_BLOCK", 7 * cols)  # blocks of 7 rows
+    static = np.ones(frames[0].shape, bool)
+    static[:, 100] = False  # a static bad column
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, static, batch_size=2, metrics=False, validity_check="host")
+    path.process(np.stack(frames))
+    buf = path.upload_buffer(2)
+    buf[:] = np.stack(frames)
+    np.testing.assert_array_equal(path.device_inputs(buf)[1], [1.0, 1.0])
+    live = np.argwhere((frames[1] >= 0) & static)
+    assert live[0, 0] < 7 and live[-1, 0] >= rows - 7  # the first and the last block
+    for r in (live[0, 0], 6, 7, 150, live[-1, 0]):
+        c = int(live[live[:, 0] == r][0, 1])
+        buf[:] = np.stack(frames)
+        buf[1, r, c] = -2  # a new dead pixel in row r of the second frame
+        np.testing.assert_array_equal(path.device_inputs(buf)[1], [0.0, 0.0], err_msg=f"row {r}")
+    buf[:] = np.stack(frames)
+    buf[1, 3, 100] = -2  # under the static mask: no change of validity
+    np.testing.assert_array_equal(path.device_inputs(buf)[1], [1.0, 1.0])
+
+
+def test_tf_view_aliases_aligned_arrays_only():
+    """On TensorFlow the upload buffer goes to the compiled function as a view, not a copy."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow upload")
+    from live_bgsub.device_path import _aligned_zeros, tf_view
+
+    buf = _aligned_zeros((2, 3, 5), np.int32)
+    view = tf_view(buf)
+    buf[1, 2, 4] = 77
+    assert int(view[1, 2, 4]) == 77  # the tensor reads the buffer's memory
+    raw = np.zeros(4 * 16 + 64, np.uint8)
+    misaligned = raw[(-raw.ctypes.data % 64) + 4 :][: 4 * 15].view(np.int32)
+    assert tf_view(misaligned) is misaligned  # left to tf.function, which copies it
+    frozen = np.zeros((2, 3), np.float32)
+    frozen.flags.writeable = False
+    assert tf_view(frozen) is frozen or frozen.ctypes.data % 64 != 0
+    assert tf_view([1, 2]) == [1, 2]
 
 
 def test_reference_and_general_paths_agree():

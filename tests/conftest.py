@@ -64,12 +64,20 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+# Markers whose skips an environment variable (set by .ci/run) turns into failures.
+_MANDATORY = {"service": "LIVE_BGSUB_REQUIRE_SERVICES", "backend": "LIVE_BGSUB_REQUIRE_BACKENDS"}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """With LIVE_BGSUB_REQUIRE_SERVICES=1 (set by .ci/run) a skipped service test fails."""
+    """With LIVE_BGSUB_REQUIRE_SERVICES=1 a skipped service test fails, with
+    LIVE_BGSUB_REQUIRE_BACKENDS=1 a skipped other-backend test (JAX, PyTorch); .ci/run sets both."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("service") and os.environ.get("LIVE_BGSUB_REQUIRE_SERVICES") == "1":
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"service test skipped, but LIVE_BGSUB_REQUIRE_SERVICES=1 makes it mandatory: {reason}"
+    if not report.skipped:
+        return
+    for marker, variable in _MANDATORY.items():
+        if item.get_closest_marker(marker) and os.environ.get(variable) == "1":
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            report.outcome = "failed"
+            report.longrepr = f"{marker} test skipped, but {variable}=1 makes it mandatory: {reason}"

@@ -472,6 +472,7 @@ def test_import_does_not_load_keras():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.backend
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_backends_give_the_same_fold(tmp_path, backend):
     """Where JAX or PyTorch is installed (the GPU hosts have both, not TensorFlow): the same

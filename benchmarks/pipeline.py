@@ -18,9 +18,12 @@ measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm
 - ``resample``: block mean, normalisation, padding, restore, upsampling, subtraction
   (the pipeline's non-model steps, U-Net skipped);
 - ``model``: the U-Net background head alone on a padded normalised batch: the
-  *model-only* rate;
+  *model-only* rate (input on the device, output left there: neither the host link
+  nor a download is counted in it);
 - ``metrics``: radial totals and the window weights' product with the sector pixels;
-- ``download``: device -> host of the corrected folds and counts;
+- ``download``: device -> host of the corrected folds and counts (``fold``, ``resample``
+  and ``metrics`` are timed like ``model``: inputs on the device, outputs left there,
+  a one-value read to wait for them);
 - ``device``: the whole compiled function (:meth:`DevicePath.process`);
 - ``write``: :class:`live_bgsub.sinks.hdf5.FoldWriter.append` of the corrected folds;
 - ``emit``: ``event_model`` ``compose_event`` of each frame's metrics (the derived
@@ -34,10 +37,14 @@ measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm
 
 Reported with them: backend, precision, jit, batch size, model parameters and GFLOP per
 frame (``unet_flops`` at the padded working shape), achieved GFLOP/s (model-only and
-end to end) against the float32 matmul rate measured in the same run
-(``keras.ops.matmul``, 2048 x 2048), the fold's modelled memory traffic per second
-(frame + 16-tap tables + fold written) against a numpy memcpy bandwidth, the end-to-end
-/ model-only frames/s ratio (target >= 0.8), the compile (first call) time, the
+end to end) against the matmul rate of the row's precision measured on the same device
+in the same run (:func:`device_peaks`: ``keras.ops.matmul``, 2048 x 2048 on a CPU, 8192
+x 8192 on an accelerator, no download), the fold's modelled memory traffic per second
+(frame, the batch's share of the 16-tap tables, fold written) against the device's copy bandwidth (the host's
+numpy memcpy is reported beside it), the model's floor on the device (``unet_flops``
+over the matmul rate or ``unet_traffic_bytes`` over the copy bandwidth, whichever is
+longer) and how far the model-only time is above it (target on a GPU: within 2x), the
+end-to-end / model-only frames/s ratio (target >= 0.8), the compile (first call) time, the
 compilation count, and the reference numpy path (``Engine.process`` with
 ``roi_metrics``) on the same frames for comparison.
 
@@ -92,6 +99,33 @@ def make_frames(preset: str, n: int, distinct: int, seed: int = 0) -> list[np.nd
     return [patterns[i % len(patterns)] for i in range(n)]
 
 
+def device_peaks(precisions, repeats: int = 5) -> dict:
+    """The device's own ceilings, measured in this run through ``keras.ops`` on the backend's
+    device: matmul GFLOP/s per precision (``n x n`` products, n = 8192 on an accelerator,
+    2048 on a CPU) and copy GB/s (``x + 1`` over 256 MB, bytes read + written). Each call
+    ends with a one-value read (:func:`_sync`), never a download of the result, so that an
+    accelerator's figure is its own and not the host link's."""
+    import keras
+
+    from live_bgsub.device_path import accelerator_present
+
+    n = 8192 if accelerator_present() else 2048
+    rng = np.random.default_rng(0)
+    a32 = keras.ops.convert_to_tensor(rng.random((n, n), dtype=np.float32))
+    b32 = keras.ops.convert_to_tensor(rng.random((n, n), dtype=np.float32))
+    out = {}
+    for precision in dict.fromkeys(["float32", *precisions]):
+        a, b = keras.ops.cast(a32, precision), keras.ops.cast(b32, precision)
+        t = time_call(lambda: _sync(keras.ops.matmul(a, b)), repeats, 1)[0]  # noqa: B023
+        out[f"matmul_gflops_{precision}"] = 2 * n**3 / t / 1e9
+    x = keras.ops.ones((64 * 2**20,), "float32")
+    t = time_call(lambda: _sync(keras.ops.add(x, 1.0)), repeats, 1)[0]
+    out["copy_gbps"] = 2 * 4 * 64 * 2**20 / t / 1e9
+    out["matmul_gflops"] = out["matmul_gflops_float32"]
+    out["matmul_n"] = n
+    return out
+
+
 def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """numpy copy bandwidth, GB/s of bytes read + written."""
     src = np.ones(nbytes // 4, np.float32)
@@ -128,14 +162,15 @@ def _stage_models(path):
     models = {"fold": Fold(path.pipeline), "resample": Resample(path.pipeline), "metrics": Metrics(path.pipeline)}
     for m in models.values():
         m.built = True
-    return {k: compiled_function(m, path.pipeline.jit_compile) for k, m in models.items()}
+    # Outputs stay on the device: a stage is timed without downloading what it made.
+    return {k: compiled_function(m, path.pipeline.jit_compile, to_numpy=False) for k, m in models.items()}
 
 
 def _sync(x):
     """Wait for an asynchronous device result (a scalar read)."""
     import keras
 
-    keras.ops.convert_to_numpy(keras.ops.reshape(x, (-1,))[0])
+    keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.reshape(x, (-1,))[0], "float32"))  # (bfloat16: no numpy scalar)
 
 
 def bench_preset(preset, args, model_spec, precision, peak) -> dict:
@@ -147,7 +182,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.geometry import Geometry
     from live_bgsub.inference import BackgroundModel
-    from live_bgsub.model import build_unet, unet_flops
+    from live_bgsub.model import build_unet, unet_flops, unet_traffic_bytes
     from live_bgsub.sinks.hdf5 import FoldWriter
 
     eiger = preset == "eiger2-9m"
@@ -188,15 +223,20 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     buf[:] = first
     inputs = path.device_inputs(buf)
 
+    # Every stage's inputs are on the device already, as inside the pipeline's function (a
+    # numpy input would be uploaded on every call: on a GPU, the host link's time).
+    inputs = keras.tree.map_structure(keras.ops.convert_to_tensor, inputs)
     fold, count, _ = stages["fold"](inputs)
-    x = np.random.default_rng(1).random((batch, *pipe.padded_shape, 1), dtype=np.float32)
-    head = compiled_function(pipe.head, pipe.jit_compile)  # the model-only call, made like the pipeline's
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).random((batch, *pipe.padded_shape, 1), dtype=np.float32))
+    # The model-only call, made like the pipeline's, its output left on the device.
+    head = compiled_function(pipe.head, pipe.jit_compile, to_numpy=False)
     corrected, metrics = path.process(first)
     fh, fw = path.fold_shape
     padded = np.zeros((batch, *path.device_fold_shape), np.float32)  # as the device holds it
     padded[:, :fh, :fw] = corrected
     background = np.zeros_like(padded)
     dev_out = [keras.ops.convert_to_tensor(padded), keras.ops.convert_to_tensor(np.zeros(padded.shape, np.uint8))]
+    padded, background = dev_out[0], keras.ops.convert_to_tensor(background)
     writer = FoldWriter(tmp / "bench_write.h5", path.fold_shape)
     bundle = compose_run(metadata={"plan_name": "bench"})
     keys = {k: {"source": "bench", "dtype": "number", "shape": []} for k in (*METRIC_NAMES, "raw_seq_num", "latency_s")}
@@ -222,10 +262,10 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         "read": lambda: ds[0:batch],
         "stage": stage,
         "upload": lambda: _sync(upload(buf)),
-        "fold": lambda: stages["fold"](inputs),
-        "resample": lambda: stages["resample"]((fold, count)),
-        "model": lambda: head(x),
-        "metrics": lambda: stages["metrics"]((padded, background)),
+        "fold": lambda: _sync(stages["fold"](inputs)[0]),
+        "resample": lambda: _sync(stages["resample"]((fold, count))[0]),
+        "model": lambda: _sync(head(x)[0]),
+        "metrics": lambda: _sync(stages["metrics"]((padded, background))[0]),
         "download": lambda: [keras.ops.convert_to_numpy(t) for t in dev_out],
         "device": lambda: path.process(first),
         "write": lambda: writer.append(corrected),
@@ -266,7 +306,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         if len(raw) == batch:
             full_batches.append(latencies[-1])
             t = time.perf_counter()
-            head(x)
+            _sync(head(x)[0])
             model_times.append(time.perf_counter() - t)
     writer.close()
 
@@ -282,10 +322,16 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     raw_file.close()
     fh, fw = path.fold_shape
     gflop = unet_flops(bm.model, pipe.padded_shape) / 1e9
+    # The model's floor on this device: its arithmetic over the matmul rate, or the bytes it
+    # must move over the copy bandwidth, whichever is longer.
+    itemsize = 4 if precision == "float32" else 2
+    model_gb = unet_traffic_bytes(bm.model, pipe.padded_shape, itemsize) / 1e9
+    floor_ms = 1e3 * max(gflop / peak[f"matmul_gflops_{precision}"], model_gb / peak["copy_gbps"])
     model_fps = batch / statistics.median(model_times) if model_times else batch / timings["model"]
     e2e_fps = n / total
     frame_bytes = int(np.prod(shape)) * path.upload_dtype.itemsize
-    fold_bytes = frame_bytes + fh * fw * (16 * 8 + 8)  # frame, 16 (index, weight) taps, fold + count out
+    # Per frame: the frame, its share of the 16 (index, weight) taps read once per batch, fold + count out.
+    fold_bytes = frame_bytes + fh * fw * (16 * 8 / batch + 8)
     return {
         "preset": preset,
         "frame_shape": list(shape),
@@ -318,13 +364,16 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
         "model_only_frames_per_s": model_fps,
         "ratio_end_to_end_to_model": e2e_fps / model_fps,
         "ratio_per_batch_medians": statistics.median(model_times) / statistics.median(full_batches) if full_batches else None,
+        "model_gb_per_frame": model_gb,
+        "model_floor_ms_per_frame": floor_ms,
+        "model_over_floor": 1e3 / model_fps / floor_ms,
         "gflops_model": gflop * model_fps,
         "gflops_end_to_end": gflop * e2e_fps,
-        "fraction_of_matmul_model": gflop * model_fps / peak["matmul_gflops"],
-        "fraction_of_matmul_end_to_end": gflop * e2e_fps / peak["matmul_gflops"],
+        "fraction_of_matmul_model": gflop * model_fps / peak[f"matmul_gflops_{precision}"],
+        "fraction_of_matmul_end_to_end": gflop * e2e_fps / peak[f"matmul_gflops_{precision}"],
         "fold_bytes_per_frame": fold_bytes,
         "fold_gbps": fold_bytes / (timings["fold"] / batch) / 1e9,
-        "fraction_of_memcpy_fold": fold_bytes / (timings["fold"] / batch) / 1e9 / peak["memcpy_gbps"],
+        "fraction_of_copy_fold": fold_bytes / (timings["fold"] / batch) / 1e9 / peak["copy_gbps"],
         "reference_numpy_frames_per_s": ref_fps,
         "reference_numpy_frames": n_ref,
     }
@@ -333,9 +382,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
 def run(args) -> dict:
     import keras
 
-    from benchmarks.inference import matmul_gflops
-
-    peak = {"matmul_gflops": matmul_gflops(), "memcpy_gbps": memcpy_gbps()}
+    peak = {**device_peaks(args.precision), "memcpy_gbps": memcpy_gbps()}
     rows = []
     for preset in args.presets:
         for precision in args.precision:
@@ -374,8 +421,9 @@ def to_markdown(report: dict) -> str:
     p = report["peak"]
     lines = [
         (
-            f"backend {report['backend']} on {report['device']}; float32 matmul {p['matmul_gflops']:.0f} GFLOP/s, "
-            f"memcpy {p['memcpy_gbps']:.1f} GB/s"
+            f"backend {report['backend']} on {report['device']}; matmul ({p['matmul_n']}^3) "
+            + ", ".join(f"{k[len('matmul_gflops_'):]} {v:.0f}" for k, v in p.items() if k.startswith("matmul_gflops_"))
+            + f" GFLOP/s; device copy {p['copy_gbps']:.1f} GB/s; host memcpy {p['memcpy_gbps']:.1f} GB/s"
         ),
         "",
         "| preset | precision | batch | " + " | ".join(STAGES) + " |",
@@ -390,10 +438,11 @@ def to_markdown(report: dict) -> str:
         "",
         (
             "| preset | precision | jit | batch | frames/s end to end | p50 / p99 batch latency (ms) | model-only frames/s "
-            "| ratio | GFLOP/frame | GFLOP/s model (of matmul) | GFLOP/s end to end | fold GB/s (of memcpy) "
+            "| ratio | GFLOP/frame | GFLOP/s model (of matmul) | model ms/frame (floor, x floor) | GFLOP/s end to end "
+            "| fold GB/s (of device copy) "
             "| compilations | first call (s) | numpy path frames/s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         e = r["end_to_end"]
@@ -401,8 +450,10 @@ def to_markdown(report: dict) -> str:
             f"| {r['preset']} | {r['precision']} | {'on' if r['jit_compile'] else 'off'} | {r['batch']} | "
             f"{e['frames_per_s']:.2f} | {e['latency_p50_ms']:.0f} / {e['latency_p99_ms']:.0f} | "
             f"{r['model_only_frames_per_s']:.2f} | {r['ratio_end_to_end_to_model']:.2f} | {r['gflop_per_frame']:.2f} | "
-            f"{r['gflops_model']:.0f} ({100 * r['fraction_of_matmul_model']:.0f}%) | {r['gflops_end_to_end']:.0f} | "
-            f"{r['fold_gbps']:.1f} ({100 * r['fraction_of_memcpy_fold']:.0f}%) | {r['compilations']} | "
+            f"{r['gflops_model']:.0f} ({100 * r['fraction_of_matmul_model']:.0f}%) | "
+            f"{1e3 / r['model_only_frames_per_s']:.3g} ({r['model_floor_ms_per_frame']:.3g}, {r['model_over_floor']:.1f}x) | "
+            f"{r['gflops_end_to_end']:.0f} | "
+            f"{r['fold_gbps']:.1f} ({100 * r['fraction_of_copy_fold']:.0f}%) | {r['compilations']} | "
             f"{r['first_call_s']:.1f} | {r['reference_numpy_frames_per_s']:.2f} |"
         )
     return "\n".join(lines)

@@ -492,8 +492,11 @@ def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def compiled_function(model, jit: bool = True):
+def compiled_function(model, jit: bool = True, *, to_numpy: bool = True):
     """``inputs -> tuple of numpy arrays``: ``model``'s inference call compiled on the Keras backend.
+
+    With ``to_numpy=False`` the outputs stay the backend's tensors on the device (for
+    timing a stage without its download, or chaining calls).
 
     What ``model.predict_on_batch`` runs, without its per-call machinery (~10 ms a call
     with TensorFlow here, measured: 1.2 ms per frame in batches of 8; a GPU would do
@@ -515,6 +518,8 @@ def compiled_function(model, jit: bool = True):
             model.traces += 1
 
     def numpy(out):
+        if not to_numpy:
+            return tuple(keras.tree.flatten(out))
         return tuple(keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(out))
 
     backend = keras.backend.backend()
@@ -532,6 +537,8 @@ def compiled_function(model, jit: bool = True):
         # In and out without copies on the CPU: tf.function copies a numpy argument (an
         # EIGER2 9M pair: 40 ms), a DLPack view of an aligned one is free; EagerTensor.numpy()
         # shares the tensor's memory where np.array() (Keras' convert_to_numpy) copies.
+        if not to_numpy:
+            return lambda x: numpy(fn(tf.nest.map_structure(tf_view, x)))
         return lambda x: tuple(t.numpy() for t in tf.nest.flatten(fn(tf.nest.map_structure(tf_view, x))))
     if backend == "jax":
         import jax

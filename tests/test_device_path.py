@@ -272,6 +272,21 @@ def test_tf_view_aliases_aligned_arrays_only():
     assert tf_view([1, 2]) == [1, 2]
 
 
+def test_compiled_function_can_leave_outputs_on_the_device(model):
+    """``to_numpy=False``: the backend's tensors (what the benchmark times a stage with), the
+    same values as the numpy outputs, one trace between the two functions' models."""
+    from live_bgsub.device_path import compiled_function
+    from live_bgsub.model.pipeline import background_head
+
+    head = background_head(model.model)
+    x = np.random.default_rng(3).random((2, 32, 64, 1), dtype=np.float32)
+    on_host = compiled_function(head)(x)
+    on_device = compiled_function(head, to_numpy=False)(keras.ops.convert_to_tensor(x))
+    assert len(on_device) == len(on_host) == 1
+    assert keras.ops.is_tensor(on_device[0]) and not isinstance(on_device[0], np.ndarray)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(on_device[0]), on_host[0], rtol=0, atol=1e-6)
+
+
 def test_reference_and_general_paths_agree():
     frames = _small_frames(2)
     fold_map = FoldMap(frames[0].shape, SMALL_GEOMETRY)

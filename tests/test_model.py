@@ -27,6 +27,7 @@ from live_bgsub.model import (
     prepare,
     restore,
     unet_flops,
+    unet_traffic_bytes,
     with_background,
 )
 
@@ -73,6 +74,28 @@ def expected_flops(depth, f, rows, cols):
         c_in = c
     macs += c_in * rows * cols
     return 2 * macs
+
+
+def expected_traffic(depth, f, rows, cols, itemsize):
+    """The input, each convolution's output written and read once, the kernels (no biases)."""
+    values, weights, c_in = rows * cols, 0, 1
+    for level in range(depth):
+        c, px = f * 2**level, (rows >> level) * (cols >> level)
+        values += 2 * 2 * c * px  # two convolutions
+        weights += 9 * (c_in * c + c * c)
+        c_in = c
+    c, px = f * 2**depth, (rows >> depth) * (cols >> depth)
+    values += 2 * 2 * c * px
+    weights += 9 * (c_in * c + c * c)
+    c_in = c
+    for level in reversed(range(depth)):
+        c, px = f * 2**level, (rows >> level) * (cols >> level)
+        values += 3 * 2 * c * px  # up-conv, after the concatenation, second
+        weights += 9 * (c_in * c + 2 * c * c + c * c)
+        c_in = c
+    values += 2 * rows * cols  # the 1x1 background convolution
+    weights += c_in
+    return itemsize * (values + weights)
 
 
 def numpy_loss(y_true, y_pred, alpha, theta=1.2, eps=1e-4, smooth_on="background"):
@@ -160,6 +183,9 @@ def test_paper_size_parameters_and_flops():
     flops = unet_flops(model, (512, 512))
     assert flops == expected_flops(4, 8, 512, 512)
     assert flops == pytest.approx(8.2e9, rel=0.01)
+    # The bandwidth floor: 1.65e8 bytes at 512 x 512 in float32 (~50 FLOP per byte).
+    assert unet_traffic_bytes(model, (512, 512)) == expected_traffic(4, 8, 512, 512, 4)
+    assert unet_traffic_bytes(model, (512, 256), itemsize=2) == expected_traffic(4, 8, 512, 256, 2)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from live_bgsub.model.unet import (
     BackgroundUNet,
     build_unet,
     unet_flops,
+    unet_traffic_bytes,
     with_background,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "prepare",
     "restore",
     "unet_flops",
+    "unet_traffic_bytes",
     "with_background",
 ]

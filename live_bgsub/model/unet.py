@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-__all__ = ["UPSAMPLING", "BackgroundUNet", "build_unet", "unet_flops", "with_background"]
+__all__ = ["UPSAMPLING", "BackgroundUNet", "build_unet", "unet_flops", "unet_traffic_bytes", "with_background"]
 
 #: Interpolations accepted by ``keras.layers.UpSampling2D`` (the paper found nearest == bilinear).
 UPSAMPLING = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
@@ -194,14 +194,56 @@ def unet_flops(model: keras.Model, shape) -> int:
         (biases, activations, pooling and upsampling are not counted). About 8.2e9 for
         depth 4, ``base_filters=8`` at 512 x 512.
     """
+    total = 0
+    for layer, (_, out_rows, out_cols, _) in _conv_outputs(model, shape):
+        kh, kw, c_in, c_out = layer.kernel.shape
+        total += 2 * out_rows * out_cols * kh * kw * c_in * c_out
+    return int(total)
+
+
+def unet_traffic_bytes(model: keras.Model, shape, itemsize: int = 4) -> int:
+    """Bytes one forward pass must move at least: the memory-bandwidth floor of the model.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional model (e.g. from :func:`build_unet`).
+    shape : (int, int)
+        ``(rows, cols)`` of one input fold (padded as for :func:`unet_flops`).
+    itemsize : int, optional
+        Bytes per activation value (4 for float32, 2 for bfloat16/float16).
+
+    Returns
+    -------
+    int
+        ``itemsize * (input + 2 * sum over Conv2D layers of their output)`` plus the
+        convolution weights: every convolution's output written once and read once,
+        the activations, pooling, upsampling and concatenations assumed fused into their
+        neighbours. Divided by a device's copy bandwidth it gives the time below which no
+        implementation can run the model on that device (with ``unet_flops`` over its
+        matmul rate, the arithmetic floor).
+    """
+    rows, cols = (int(v) for v in shape)
+    total = rows * cols * model.inputs[0].shape[-1]
+    weights = 0
+    for layer, (_, out_rows, out_cols, c_out) in _conv_outputs(model, shape):
+        total += 2 * out_rows * out_cols * c_out
+        weights += _count(layer.kernel.shape)
+    return int(itemsize * (total + weights))
+
+
+def _count(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _conv_outputs(model: keras.Model, shape):
+    """``(layer, output shape)`` of every Conv2D for one ``(rows, cols)`` input fold."""
     rows, cols = (int(v) for v in shape)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     probe = keras.Model(model.inputs, [layer.output for layer in convs])
     channels = model.inputs[0].shape[-1]
     specs = probe.compute_output_spec(keras.KerasTensor((1, rows, cols, channels)))
-    total = 0
-    for layer, spec in zip(convs, specs):
-        kh, kw, c_in, c_out = layer.kernel.shape
-        _, out_rows, out_cols, _ = spec.shape
-        total += 2 * out_rows * out_cols * kh * kw * c_in * c_out
-    return int(total)
+    return [(layer, tuple(spec.shape)) for layer, spec in zip(convs, specs)]

@@ -388,6 +388,9 @@ def run(args) -> dict:
         for precision in args.precision:
             rows.append(bench_preset(preset, args, args.model, precision, peak))
             print(to_markdown({"rows": rows[-1:], **_header(peak, keras)}), flush=True)
+            if args.json:  # after every row: a run cut short by a time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({**_header(peak, keras), "rows": rows}, f, indent=2)
     return {**_header(peak, keras), "rows": rows}
 
 
@@ -477,9 +480,6 @@ def main(argv=None) -> int:
     report = run(args)
     print()
     print(to_markdown(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
     return 0
 
 

@@ -152,7 +152,10 @@ def test_fold_of_float_frames_with_nan():
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_eiger_style_unsigned_frames(model, dtype):
     """Gaps and dead pixels at the dtype's maximum (EIGER); uint32 is cast to float32 on the host."""
-    frames = [np.where(f < 0, np.iinfo(dtype).max, f).astype(dtype) for f in _small_frames(2)]
+    frames = []
+    for f in _small_frames(2):
+        frames.append(f.astype(dtype))
+        frames[-1][f < 0] = np.iinfo(dtype).max  # (np.where would promote to int32 and, under numpy >= 2.5, refuse 2**32 - 1)
     path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=2, metrics=False, with_background=True)
     corrected, metrics = path.process(np.stack(frames))
     assert path.upload_dtype == (np.uint16 if dtype == np.uint16 else np.float32)

@@ -178,7 +178,12 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     import keras
     from event_model import compose_run
 
-    from live_bgsub.device_path import METRIC_NAMES, DevicePath, compiled_function, tf_view
+    from live_bgsub.device_path import (
+        METRIC_NAMES,
+        DevicePath,
+        compiled_function,
+        tf_view,
+    )
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.geometry import Geometry
     from live_bgsub.inference import BackgroundModel

@@ -537,9 +537,11 @@ def compiled_function(model, jit: bool = True, *, to_numpy: bool = True):
         # In and out without copies on the CPU: tf.function copies a numpy argument (an
         # EIGER2 9M pair: 40 ms), a DLPack view of an aligned one is free; EagerTensor.numpy()
         # shares the tensor's memory where np.array() (Keras' convert_to_numpy) copies.
-        if not to_numpy:
-            return lambda x: numpy(fn(tf.nest.map_structure(tf_view, x)))
-        return lambda x: tuple(t.numpy() for t in tf.nest.flatten(fn(tf.nest.map_structure(tf_view, x))))
+        def call(x):
+            out = tf.nest.flatten(fn(tf.nest.map_structure(tf_view, x)))
+            return tuple(t.numpy() for t in out) if to_numpy else tuple(out)
+
+        return call
     if backend == "jax":
         import jax
 

@@ -232,7 +232,7 @@ def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
 def test_host_validity_finds_a_change_in_any_block(model, monkeypatch):
     """The host tests the validity in blocks of rows (and with a static mask): a changed
     pixel in the first, a boundary or the last block sends the batch to the general path."""
-    import live_bgsub.device_path as device_path
+    from live_bgsub import device_path
 
     frames = _small_frames(2)
     rows, cols = frames[0].shape

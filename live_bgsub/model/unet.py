@@ -9,6 +9,8 @@ using deep CNN") and outputs ``input - B``. The contract (names, shapes) is
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 __all__ = ["UPSAMPLING", "BackgroundUNet", "build_unet", "unet_flops", "unet_traffic_bytes", "with_background"]
@@ -228,15 +230,8 @@ def unet_traffic_bytes(model: keras.Model, shape, itemsize: int = 4) -> int:
     weights = 0
     for layer, (_, out_rows, out_cols, c_out) in _conv_outputs(model, shape):
         total += 2 * out_rows * out_cols * c_out
-        weights += _count(layer.kernel.shape)
+        weights += math.prod(int(s) for s in layer.kernel.shape)
     return int(itemsize * (total + weights))
-
-
-def _count(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _conv_outputs(model: keras.Model, shape):

@@ -45,6 +45,11 @@ logger = logging.getLogger("live_bgsub.devices")
 _FRAME_DTYPE = "<i4"  # Pilatus counts: int32
 _FILE_TEMPLATE = "%s%s.h5"  # FilePath + FileName: the device names every file uniquely
 _MAX_STRING = 255  # areaDetector's long-string waveforms hold 256 chars with the NUL
+# How long a put waits for a channel that dropped to come back. ophyd turns a put's
+# timeout of None into ten years, and pyepics waits that long for a disconnected channel
+# to reconnect: an IOC killed just before a trigger hung the RunEngine thread in
+# PV.put (seen once in three CI rehearsals of test_an_ioc_killed_mid_run...).
+_PUT_TIMEOUT_S = 2.0
 
 
 class EpicsConnectionError(LiveBgsubError, ConnectionError):
@@ -325,7 +330,7 @@ class EpicsPilatus(FrameStreamMixin, Device):
         wait.start()
         if not status.done:
             try:
-                self.acquire.put(1)
+                self.acquire.put(1, timeout=_PUT_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - any failure fails this frame's status
                 wait.fail(f"putting {self.acquire.pvname} = 1 failed: {type(exc).__name__}: {exc}")
         return status
@@ -336,7 +341,7 @@ class EpicsPilatus(FrameStreamMixin, Device):
             self._pending.fail("the detector was stopped")
         if self.acquire.connected:
             try:
-                self.acquire.put(0)
+                self.acquire.put(0, timeout=_PUT_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - stopping must not raise
                 logger.warning("%s: could not stop the acquisition: %s", self.name, exc)
         super().stop(success=success)

@@ -1,14 +1,27 @@
 """Synthetic fiber-diffraction frames with a known true background (the project's ground truth).
 
-:func:`make_pattern` draws a muscle fiber pattern on a detector layout (Pilatus 1M,
-EIGER2 9M, MAR CCD): hexagonal equatorial reflections, meridional and layer-line
-reflections, a diffuse background, a beam-stop shadow, detector gaps, dead pixels and
+:func:`make_pattern` draws a muscle fiber pattern on a detector layout (Pilatus 1M / 2M,
+EIGER2 4M / 9M, MAR CCDs, a Rayonix and an older 1k CCD; :data:`PRESETS`): hexagonal
+equatorial reflections, meridional and layer-line reflections, a diffuse background, a
+beam-stop shadow (with its arm where the detector has one), detector gaps, dead pixels and
 Poisson counting noise. Because the background and the reflections are generated
 separately, every classical or learned background method can be scored against the
 truth, and every number a scientist reads from a corrected pattern (S10, I10, I11,
 I11/I10, M3) is known exactly (``SyntheticPattern.params``).
 :func:`make_powder` draws an isotropic powder-ring pattern (no equator), the negative
-control for equator detection.
+control for equator detection. :data:`FAMILIES` names the presets of the detector
+robustness benchmark.
+
+Photons and detector response
+-----------------------------
+``frame``, ``background`` and ``signal`` are always photon counts, whatever the
+detector. :meth:`SyntheticPattern.raw` applies the detector's response and writes what
+that detector writes: a photon-counting detector (Pilatus, EIGER) int32 counts with -1 in
+gaps and -2 at dead pixels; a CCD (MAR, Rayonix) ``bias + gain * photons + read noise``
+as uint16 clipped to [0, 65535], 0 where nothing is sensitive and about the bias level
+under the beam stop. The response parameters (``bias``, ``gain``, ``read_noise``,
+``bit_depth``) are :func:`make_pattern` arguments with per-preset defaults
+(:class:`DetectorPreset`), recorded in ``params``.
 
 Geometry conventions (``docs/conventions.md``)
 ----------------------------------------------
@@ -48,6 +61,7 @@ from .geometry import normalize_rotation
 
 __all__ = [
     "DetectorPreset",
+    "FAMILIES",
     "PRESETS",
     "SyntheticPattern",
     "make_pattern",
@@ -66,11 +80,31 @@ _SQRT7 = math.sqrt(7.0)
 _MYOSIN_REPEAT_NM = 43.0
 _M3_NM = 14.3
 
+_BEAM_STOP_MM = 2.4  # beam-stop shadow radius of the presets (14 px on a Pilatus)
+
 # Codes of ``SyntheticPattern._invalid`` (why a pixel is invalid).
 _VALID, _GAP, _DEAD, _BEAM_STOP = 0, 1, 2, 3
 
+#: Detector kinds (``DetectorPreset.kind``) and the bit depths :meth:`SyntheticPattern.raw`
+#: can write for each (the first is the default).
+_KINDS = {"photon-counting": (32, 8), "ccd": (16, 8)}
+
+# Independent random streams of a pattern's seed (``_stream``); the main stream
+# (``np.random.default_rng(seed)``) draws the truth, the dead pixels and the photon noise.
+_READ_NOISE_STREAM = 1
+
 
 # --------------------------------------------------------------------------- detectors
+
+
+def _check_response(bias, read_noise, gain):
+    """Raise ValueError unless the detector response parameters are usable."""
+    if not math.isfinite(bias):
+        raise ValueError(f"bias must be a finite number of counts, got {bias!r}")
+    if not (read_noise >= 0 and math.isfinite(read_noise)):
+        raise ValueError(f"read_noise must be a finite number of counts >= 0, got {read_noise!r}")
+    if not (gain > 0 and math.isfinite(gain)):
+        raise ValueError(f"gain must be a finite number of counts per photon > 0, got {gain!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +135,23 @@ class DetectorPreset:
         Typical radius of the beam-stop shadow (pixels).
     n_dead : int
         Number of randomly placed dead pixels.
+    kind : {"photon-counting", "ccd"}
+        What :meth:`SyntheticPattern.raw` writes: ``"photon-counting"`` (Pilatus, EIGER)
+        int32 counts with -1 in gaps and -2 at dead pixels; ``"ccd"`` (MAR, Rayonix)
+        uint16 ``bias + gain * photons + read noise`` with 0 where nothing is sensitive.
+    bias : float
+        Default constant offset (counts) the detector adds to every sensitive pixel,
+        the beam-stop shadow included.
+    read_noise : float
+        Default Gaussian read noise (standard deviation in counts).
+    gain : float
+        Default counts per photon.
+    beam_stop_arm_width_px : float
+        Width (pixels) of the beam-stop arm, a bar from the beam stop to the frame edge;
+        0 for a beam stop without an arm.
+    beam_stop_arm_angle_deg : float
+        Direction of the arm from the beam centre: the angle of ``(cos, sin)`` in
+        ``(x, y)`` image coordinates (0 points to the right, 90 down to larger rows).
     """
 
     name: str
@@ -113,6 +164,17 @@ class DetectorPreset:
     nominal_center: tuple[float, float] = (0.0, 0.0)
     beam_stop_radius_px: float = 15.0
     n_dead: int = 35
+    kind: str = "photon-counting"
+    bias: float = 0.0
+    read_noise: float = 0.0
+    gain: float = 1.0
+    beam_stop_arm_width_px: float = 0.0
+    beam_stop_arm_angle_deg: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"DetectorPreset kind must be one of {sorted(_KINDS)}, got {self.kind!r}")
+        _check_response(self.bias, self.read_noise, self.gain)
 
     @property
     def scale(self) -> float:
@@ -177,7 +239,9 @@ PRESETS: dict[str, DetectorPreset] = {
         beam_stop_radius_px=32.0,
         n_dead=300,
     ),
-    # MAR165 CCD: 2048 x 2048 px of 80 um, no gaps, circular active area.
+    # MAR165 CCD: 2048 x 2048 px of 80 um, no gaps, circular active area. The original
+    # layout-only preset, kept bit for bit for seeded tests and benchmarks: its raw()
+    # is the Pilatus-style int32 one. "mar165" is the CCD-faithful MAR165.
     "mar": DetectorPreset(
         name="mar",
         shape=(2048, 2048),
@@ -187,7 +251,105 @@ PRESETS: dict[str, DetectorPreset] = {
         beam_stop_radius_px=30.0,
         n_dead=20,
     ),
+    # Pilatus3 2M: 3 x 8 modules of 487 x 195 px (w x h) with the 1M's gaps (7 px
+    # between module columns, 17 px between module rows) -> 1475 x 1679 px. The beam
+    # sits inside the middle module column, off the frame's middle like the 1M's.
+    "pilatus-2m": DetectorPreset(
+        name="pilatus-2m",
+        shape=(1679, 1475),
+        pixel_size_mm=0.172,
+        module_shape=(195, 487),
+        module_gap=(17, 7),
+        nominal_center=(720.0, 760.0),
+        beam_stop_radius_px=14.0,
+        n_dead=70,
+    ),
+    # EIGER2 4M: 2 x 4 modules of 1028 x 512 px with the 9M's gaps (12 px between module
+    # columns, 38 px between module rows) and chip seam -> 2068 x 2162 px. The frame's
+    # middle is a gap crossing; the beam sits in a module just off it.
+    "eiger2-4m": DetectorPreset(
+        name="eiger2-4m",
+        shape=(2162, 2068),
+        pixel_size_mm=0.075,
+        module_shape=(512, 1028),
+        module_gap=(38, 12),
+        chip_gap_columns=(513, 514),
+        nominal_center=(1000.0, 1000.0),
+        beam_stop_radius_px=32.0,
+        n_dead=130,
+    ),
+    # MarCCD 165: 2048 x 2048 px of 79 um, circular active area (165 mm), the beam
+    # ~20 px off the middle as in real beamline frames; CCD response.
+    "mar165": DetectorPreset(
+        name="mar165",
+        shape=(2048, 2048),
+        pixel_size_mm=0.079,
+        active_radius_px=1023.5,
+        nominal_center=(1043.0, 1008.0),
+        beam_stop_radius_px=round(_BEAM_STOP_MM / 0.079, 1),
+        n_dead=20,
+        kind="ccd",
+        bias=100.0,
+        read_noise=3.0,
+    ),
+    # MarCCD 225: 3072 x 3072 px of 73 um, treated as a circular active area like the
+    # 165 (the real MX225 sensor is square); CCD response.
+    "mar225": DetectorPreset(
+        name="mar225",
+        shape=(3072, 3072),
+        pixel_size_mm=0.073,
+        active_radius_px=1535.5,
+        nominal_center=(1556.0, 1517.0),
+        beam_stop_radius_px=round(_BEAM_STOP_MM / 0.073, 1),
+        n_dead=40,
+        kind="ccd",
+        bias=100.0,
+        read_noise=3.0,
+    ),
+    # Rayonix MX225HS binned 2 x 2: 2880 x 2880 px of 78 um, square, no gaps; CCD
+    # response.
+    "rayonix": DetectorPreset(
+        name="rayonix",
+        shape=(2880, 2880),
+        pixel_size_mm=0.078,
+        nominal_center=(1458.0, 1425.0),
+        beam_stop_radius_px=round(_BEAM_STOP_MM / 0.078, 1),
+        n_dead=30,
+        kind="ccd",
+        bias=100.0,
+        read_noise=2.0,
+    ),
+    # An older 1024 x 1024 CCD of 0.1 mm pixels, square, no gaps, whose round beam stop
+    # hangs on an arm: a 1.2 mm bar from the beam stop to the top-right frame edge
+    # (clear of the equator and the meridian of an unrotated pattern).
+    "ccd-1k": DetectorPreset(
+        name="ccd-1k",
+        shape=(1024, 1024),
+        pixel_size_mm=0.100,
+        nominal_center=(522.0, 497.0),
+        beam_stop_radius_px=round(_BEAM_STOP_MM / 0.100, 1),
+        n_dead=10,
+        kind="ccd",
+        bias=100.0,
+        read_noise=5.0,
+        beam_stop_arm_width_px=12.0,
+        beam_stop_arm_angle_deg=-60.0,
+    ),
 }
+
+#: Presets of the detector robustness benchmark (centre, rotation, S10 and I11/I10
+#: errors per detector family): every detector family a beamline runs, photon counting
+#: and CCD. ``"mar"``, the original MAR layout, is left out in favour of ``"mar165"``.
+FAMILIES: tuple[str, ...] = (
+    "pilatus-1m",
+    "pilatus-2m",
+    "eiger2-4m",
+    "eiger2-9m",
+    "mar165",
+    "mar225",
+    "rayonix",
+    "ccd-1k",
+)
 
 
 def _get_preset(preset) -> DetectorPreset:
@@ -229,22 +391,73 @@ class SyntheticPattern:
     params: dict
     _invalid: np.ndarray = field(repr=False, default=None)
 
-    def raw(self) -> np.ndarray:
-        """The frame as a Pilatus would write it: int32 counts with sentinels.
+    def raw(self, *, bit_depth: int | None = None) -> np.ndarray:
+        """The frame as the detector would write it: its response, dtype and sentinels.
+
+        Parameters
+        ----------
+        bit_depth : {None, 32, 16, 8}, optional
+            Bit depth of the image; default ``params["bit_depth"]`` (the
+            :func:`make_pattern` argument: 32 for a photon-counting detector, 16 for a
+            CCD). 8 writes an 8-bit image for either kind (see Returns).
 
         Returns
         -------
-        raw : ndarray of int32
-            Counts at valid pixels and 0 in the beam-stop shadow (the detector sees
-            almost no photons there), -1 in module gaps and off the active area, -2 at
-            dead pixels (the values a Pilatus 1M TIFF holds; the same sentinels are used
-            for every preset).
+        raw : ndarray of int32, uint16 or uint8, shape ``frame.shape``
+            With ``response = bias + gain * frame + read noise`` (``params``; the read
+            noise is a seeded draw, the same at every call):
+
+            - photon-counting, 32 bits (Pilatus, EIGER): int32 ``rint(response)``,
+              clipped at 0, at valid pixels and ``rint(bias + read noise)`` in the
+              beam-stop shadow (0 with the default response: the detector sees almost no
+              photons there), -1 in module gaps and off the active area, -2 at dead
+              pixels (the values a Pilatus 1M TIFF holds). With the default response
+              (bias 0, gain 1, no read noise) this is ``rint(frame)``.
+            - ccd, 16 bits (MAR, Rayonix): uint16 ``rint(response)`` clipped to
+              [0, 65535] at valid pixels and in the beam-stop shadow (which reads about
+              the bias: no photons, but the offset and the read noise), 0 in gaps, off
+              the circular active area and at dead pixels.
+            - 8 bits (either kind): uint8 ``rint(255 * v / max(v))``, ``v`` the image of
+              the kind's default bit depth above with 0 in place of the negative
+              sentinels (gaps, off the active area, dead pixels: 0). A linear rescale,
+              so the order of pixel values is kept; the scale ``255 / max(v)`` is not
+              recorded.
+
+        Raises
+        ------
+        ValueError
+            For a bit depth the detector kind cannot write.
         """
-        out = np.rint(self.frame).astype(np.int32)
-        if self._invalid is not None:
-            out[self._invalid == _GAP] = -1
-            out[self._invalid == _DEAD] = -2
-            out[self._invalid == _BEAM_STOP] = 0
+        p = self.params
+        kind = p.get("detector_kind", "photon-counting")
+        bits = p.get("bit_depth", _KINDS[kind][0]) if bit_depth is None else bit_depth
+        if bits not in _KINDS[kind]:
+            raise ValueError(f"a {kind} detector writes bit_depth {' or '.join(map(str, _KINDS[kind]))}, got {bits!r}")
+        invalid = self._invalid if self._invalid is not None else np.where(self.mask, _VALID, _GAP).astype(np.int8)
+        bias, gain, read_noise = float(p.get("bias", 0.0)), float(p.get("gain", 1.0)), float(p.get("read_noise", 0.0))
+        if kind == "photon-counting" and bits == 32 and bias == 0.0 and gain == 1.0 and read_noise == 0.0:
+            out = np.rint(self.frame).astype(np.int32)  # today's Pilatus frame, bit for bit
+            out[invalid == _GAP] = -1
+            out[invalid == _DEAD] = -2
+            out[invalid == _BEAM_STOP] = 0
+            return out
+        sensitive = (invalid == _VALID) | (invalid == _BEAM_STOP)
+        response = self.frame.astype(np.float64) * gain  # frame is 0 in the beam-stop shadow
+        response += bias
+        if read_noise > 0:
+            response += read_noise * _stream(p["seed"], _READ_NOISE_STREAM).standard_normal(response.shape)
+        top = 65535.0 if kind == "ccd" else float(np.iinfo(np.int32).max)
+        np.clip(np.rint(response, out=response), 0.0, top, out=response)
+        response[~sensitive] = 0.0
+        if bits == 8:
+            vmax = float(response.max())
+            scaled = response * (255.0 / vmax) if vmax > 0 else response
+            return np.rint(scaled).astype(np.uint8)
+        if kind == "ccd":
+            return response.astype(np.uint16)
+        out = response.astype(np.int32)
+        out[invalid == _GAP] = -1
+        out[invalid == _DEAD] = -2
         return out
 
 
@@ -394,6 +607,16 @@ def _resolve_seed(seed):
     return seed
 
 
+def _stream(seed, key: int) -> np.random.Generator:
+    """Independent random stream ``key`` of a pattern's seed.
+
+    New random quantities are drawn here, never from the main stream
+    ``np.random.default_rng(seed)``, so that adding one does not shift the seeded
+    outputs of existing presets.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
+
+
 def _draw_fiber_params(rng: np.random.Generator, det: DetectorPreset) -> dict:
     """Random truth of a fiber pattern, drawn in a fixed order (overrides do not shift it)."""
     k = det.scale
@@ -443,14 +666,49 @@ _FIBER_OVERRIDES = frozenset(
         "meridional_sigma_px", "meridional_width_px", "bg_a", "bg_b", "bg_c", "bg_d", "bg_e",
         "bg_f", "bg_g", "bg_r0_px", "streak_amp", "streak_length_px", "streak_shape",
         "streak_width_px", "streak_widening_px", "beam_stop_radius_px", "n_dead",
-        "center_jitter_px", "rotation_jitter_deg", "wavelength_nm",
+        "beam_stop_arm_width_px", "beam_stop_arm_angle_deg", "center_jitter_px",
+        "rotation_jitter_deg", "wavelength_nm",
     }
 )  # fmt: skip
+
+# Lengths and per-pixel levels of the background model (``_background``), for
+# ``make_pattern(scale_background=True)``.
+_BACKGROUND_LENGTHS = ("bg_r0_px", "streak_length_px", "streak_width_px", "streak_widening_px")
+_BACKGROUND_RATES = ("bg_c", "bg_e")  # inverse lengths
+_BACKGROUND_LEVELS = ("bg_a", "bg_b", "bg_d", "bg_f", "streak_amp")
 
 _INTENSITY_KEYS = (
     "i10", "i11", "iz", "i20", "i21", "m3_intensity", "m6_intensity", "bg_a", "bg_b", "bg_d",
     "bg_f", "streak_amp",
 )  # fmt: skip
+
+
+def _response(det: DetectorPreset, bias, read_noise, gain, bit_depth) -> dict:
+    """Detector response parameters of ``params`` (None = the preset's default), checked."""
+    bias = det.bias if bias is None else float(bias)
+    read_noise = det.read_noise if read_noise is None else float(read_noise)
+    gain = det.gain if gain is None else float(gain)
+    _check_response(bias, read_noise, gain)
+    depths = _KINDS[det.kind]
+    bit_depth = depths[0] if bit_depth is None else bit_depth
+    if bit_depth not in depths:
+        raise ValueError(f"a {det.kind} detector writes bit_depth {' or '.join(map(str, depths))}, got {bit_depth!r}")
+    return dict(detector_kind=det.kind, bias=bias, read_noise=read_noise, gain=gain, bit_depth=int(bit_depth))
+
+
+def _beam_stop(shape, fr: _Frame, p: dict) -> np.ndarray:
+    """Pixels in the beam-stop shadow: the round stop and, if any, its arm to the frame edge."""
+    h, w = shape
+    yy, xx = np.ogrid[:h, :w]
+    dx, dy = xx - fr.cx, yy - fr.cy
+    stop = dx**2 + dy**2 <= p["beam_stop_radius_px"] ** 2
+    width = p.get("beam_stop_arm_width_px", 0.0)
+    if width > 0:
+        a = math.radians(p["beam_stop_arm_angle_deg"])
+        along = dx * math.cos(a) + dy * math.sin(a)
+        across = dy * math.cos(a) - dx * math.sin(a)
+        stop |= (along >= 0) & (np.abs(across) <= 0.5 * width)
+    return stop
 
 
 def _finish(det, fr, p, bg, sig, rng, *, noise, seed):
@@ -461,8 +719,7 @@ def _finish(det, fr, p, bg, sig, rng, *, noise, seed):
     dy, dx = rng.integers(0, h, n_dead), rng.integers(0, w, n_dead)
     dead = invalid[dy, dx] == _VALID
     invalid[dy[dead], dx[dead]] = _DEAD
-    yy, xx = np.ogrid[:h, :w]
-    stop = ((xx - fr.cx) ** 2 + (yy - fr.cy) ** 2 <= p["beam_stop_radius_px"] ** 2) & (invalid == _VALID)
+    stop = _beam_stop(det.shape, fr, p) & (invalid == _VALID)
     invalid[stop] = _BEAM_STOP
     mask = invalid == _VALID
     bg32 = np.where(mask, bg, 0).astype(np.float32)
@@ -488,6 +745,11 @@ def make_pattern(
     vertical: bool = False,
     counts: float = 1.0,
     noise: bool = True,
+    bias: float | None = None,
+    read_noise: float | None = None,
+    gain: float | None = None,
+    bit_depth: int | None = None,
+    scale_background: bool = False,
     **overrides,
 ) -> SyntheticPattern:
     """Draw a synthetic muscle fiber-diffraction frame with a known true background.
@@ -495,9 +757,13 @@ def make_pattern(
     Parameters
     ----------
     preset : str or DetectorPreset, optional
-        Detector layout: ``"pilatus-1m"`` (default, 981 x 1043 px of 172 um),
-        ``"eiger2-9m"`` (3108 x 3262 px of 75 um) or ``"mar"`` (2048 x 2048 px of
-        80 um, circular active area); see :data:`PRESETS`.
+        Detector layout, a key of :data:`PRESETS` (w x h px, pixel):
+        ``"pilatus-1m"`` (default, 981 x 1043, 172 um), ``"pilatus-2m"`` (1475 x 1679,
+        172 um), ``"eiger2-4m"`` (2068 x 2162, 75 um), ``"eiger2-9m"`` (3108 x 3262,
+        75 um), ``"mar165"`` (2048 x 2048, 79 um, circular), ``"mar225"`` (3072 x 3072,
+        73 um, circular), ``"rayonix"`` (2880 x 2880, 78 um), ``"ccd-1k"`` (1024 x 1024,
+        100 um, beam stop with an arm) and ``"mar"`` (the original MAR layout, 2048 x
+        2048, 80 um, circular, Pilatus-style ``raw()``); or a :class:`DetectorPreset`.
     seed : int or None, optional
         Seed of the ``numpy.random.Generator`` that draws every random quantity (the
         truth, the dead pixels and the noise). The same seed and arguments give the
@@ -521,6 +787,26 @@ def make_pattern(
     noise : bool, optional
         Draw Poisson counts (default). False makes ``frame`` the noise-free expected
         counts ``background + signal``.
+    bias : float, optional
+        Constant offset (counts) :meth:`SyntheticPattern.raw` adds to every sensitive
+        pixel, beam-stop shadow included. Default the preset's: 0 for a photon-counting
+        detector, 100 for the CCD presets.
+    read_noise : float, optional
+        Standard deviation (counts) of the Gaussian read noise of ``raw()``, a seeded
+        draw independent of the photon noise. Default the preset's: 0 for a
+        photon-counting detector, 2-5 for the CCD presets.
+    gain : float, optional
+        Counts per photon in ``raw()``; default the preset's (1 for every preset).
+    bit_depth : {None, 32, 16, 8}, optional
+        Default bit depth of ``raw()``: 32 (int32, photon-counting detectors) or 16
+        (uint16, CCDs), the default for the preset's kind; 8 for an 8-bit image
+        scaled into 0..255.
+    scale_background : bool, optional
+        Treat an overridden ``s10_px`` as a camera-length change: the background's
+        lengths are multiplied by ``m = s10_px / drawn s10`` and its per-pixel levels
+        divided by ``m**2`` (the same photons over more pixels; overridden background
+        values are kept as given). Reflection widths, intensities and the beam stop are
+        unchanged. Default False: the background does not depend on ``s10_px``.
     **overrides
         Replace a drawn value of the truth. Lengths in pixels of the preset,
         intensities in counts at ``counts=1`` (they are multiplied by ``counts``).
@@ -528,15 +814,18 @@ def make_pattern(
         ``z_ratio``, ``iz``, ``i20``, ``i21``, ``sigma_c_px``, ``sigma_k``, ``sigma_z_px``,
         ``sigma_phi_deg``, ``m3_intensity``, ``m6_intensity``, ``meridional_sigma_px``,
         ``meridional_width_px``, the background parameters ``bg_*`` and ``streak_*``
-        (see Returns), ``beam_stop_radius_px``, ``n_dead``, ``center_jitter_px``,
+        (see Returns), ``beam_stop_radius_px``, ``beam_stop_arm_width_px``,
+        ``beam_stop_arm_angle_deg``, ``n_dead``, ``center_jitter_px``,
         ``rotation_jitter_deg`` and ``wavelength_nm``. Every random quantity is drawn
         whatever the overrides, so overriding one value leaves the others unchanged.
 
     Returns
     -------
     SyntheticPattern
-        ``frame``, ``background``, ``signal`` (float32 counts, 0 at invalid pixels),
-        ``mask`` (bool, True = valid) and ``params``, a dict with:
+        ``frame``, ``background``, ``signal`` (float32 photon counts, 0 at invalid
+        pixels, whatever the detector response), ``mask`` (bool, True = valid),
+        :meth:`~SyntheticPattern.raw` (what the detector writes) and ``params``, a dict
+        with:
 
         - ``preset``, ``seed``, ``shape`` (rows, columns), ``pixel_size_mm``, ``counts``,
           ``noise``;
@@ -563,12 +852,20 @@ def make_pattern(
           ``streak_amp exp(-(|u| / streak_length_px)^streak_shape) / (1 + (v / w)^2)``
           with ``w = streak_width_px (1 + |u| / streak_widening_px)`` (counts per pixel,
           ``r``, ``u``, ``v`` in pixels);
-        - ``beam_stop_radius_px``, ``n_dead`` (dead pixels placed on sensitive pixels).
+        - ``background_scale`` (``m`` of ``scale_background``; 1 without it);
+        - ``beam_stop_radius_px``, ``beam_stop_arm_width_px`` (0 without an arm),
+          ``beam_stop_arm_angle_deg`` (direction of the arm from the centre, the angle
+          of ``(cos, sin)`` in (x, y) image coordinates), ``n_dead`` (dead pixels placed
+          on sensitive pixels);
+        - the detector response of ``raw()``: ``detector_kind`` (``"photon-counting"``
+          or ``"ccd"``), ``bias``, ``read_noise``, ``gain``, ``bit_depth``.
 
     Raises
     ------
     ValueError
-        For an unknown preset.
+        For an unknown preset, a non-positive ``counts`` or ``s10_px``, a negative
+        ``read_noise``, a non-positive ``gain`` or a bit depth the detector kind cannot
+        write.
     TypeError
         For an unknown override.
 
@@ -581,11 +878,15 @@ def make_pattern(
     and meridional reflections are 2-D Gaussians in (radius, azimuth); layer-line
     blobs are 2-D Gaussians along (equator, meridian). Every reflection is drawn at its
     four mirror positions, so the noise-free signal is mirror-symmetric about the
-    equator and the meridian.
+    equator and the meridian. Any ``s10_px`` from ~20 px (inside the beam-stop shadow's
+    edge) to a few hundred px renders; reflections that fall off the frame or on
+    invalid pixels are cut, the truth in ``params`` is unchanged.
 
     Cost: the background and the noise are evaluated over the full frame, the
     reflections only in their bounding boxes (out to 5 sigma): about 0.1 s for a
-    Pilatus 1M frame, 0.5 s for a MAR and 1-2 s for an EIGER2 9M frame (2-core machine).
+    Pilatus 1M frame, 0.3 s for a MAR165 or an EIGER2 4M, 0.5-1 s for a Rayonix, 1-2 s
+    for a MAR225 and 1-2.5 s for an EIGER2 9M frame (2-core machine). ``noise=False``
+    roughly halves the large ones. ``raw()`` with read noise adds ~0.1 s per 10 Mpx.
 
     Examples
     --------
@@ -604,6 +905,9 @@ def make_pattern(
     counts = float(counts)
     if not (counts > 0 and math.isfinite(counts)):
         raise ValueError(f"counts must be a positive number, got {counts!r}")
+    if "s10_px" in overrides and not (float(overrides["s10_px"]) > 0 and math.isfinite(float(overrides["s10_px"]))):
+        raise ValueError(f"s10_px must be a positive number of pixels, got {overrides['s10_px']!r}")
+    response = _response(det, bias, read_noise, gain, bit_depth)
     seed = _resolve_seed(seed)
     rng = np.random.default_rng(seed)
     k = det.scale
@@ -612,6 +916,9 @@ def make_pattern(
     jitter_r = float(overrides.pop("rotation_jitter_deg", 10.0))
     wavelength = float(overrides.pop("wavelength_nm", 0.1033))  # 12 keV
     p["n_dead"] = det.n_dead
+    p["beam_stop_arm_width_px"] = det.beam_stop_arm_width_px
+    p["beam_stop_arm_angle_deg"] = det.beam_stop_arm_angle_deg
+    s10_drawn = p["s10_px"]
     # Derived intensities, then the overrides (intensities at counts = 1).
     p["i11"] = p["i11_i10"] * p["i10"]
     p["iz"] = p.pop("iz_i10") * p["i10"]
@@ -631,6 +938,13 @@ def make_pattern(
         for key in ("iz", "i20", "i21", "m3_intensity", "m6_intensity"):
             if key not in overrides:
                 p[key] *= f
+    # A camera-length change: the background magnifies with S10 (drawn values only).
+    mag = p["s10_px"] / s10_drawn if scale_background else 1.0
+    if mag != 1.0:
+        for keys, factor in ((_BACKGROUND_LENGTHS, mag), (_BACKGROUND_RATES, 1.0 / mag), (_BACKGROUND_LEVELS, mag**-2)):
+            for key in keys:
+                if key not in overrides:
+                    p[key] *= factor
     for key in _INTENSITY_KEYS:
         p[key] *= counts
 
@@ -680,6 +994,8 @@ def make_pattern(
         reflections=refl,
         center_jitter_px=jitter_c,
         rotation_jitter_deg=jitter_r,
+        background_scale=mag,
+        **response,
     )
     return _finish(det, fr, p, bg, sig, rng, noise=noise, seed=seed)
 
@@ -695,6 +1011,10 @@ def make_powder(
     texture: float = 0.0,
     counts: float = 1.0,
     noise: bool = True,
+    bias: float | None = None,
+    read_noise: float | None = None,
+    gain: float | None = None,
+    bit_depth: int | None = None,
 ) -> SyntheticPattern:
     """Draw an isotropic powder-ring pattern: no equator, the negative control.
 
@@ -722,6 +1042,9 @@ def make_powder(
         Scale of the expected counts.
     noise : bool, optional
         Draw Poisson counts (default).
+    bias, read_noise, gain, bit_depth : optional
+        Detector response of :meth:`SyntheticPattern.raw` (see :func:`make_pattern`);
+        default the preset's.
 
     Returns
     -------
@@ -729,11 +1052,14 @@ def make_powder(
         ``signal`` holds the rings, ``background`` a smooth isotropic background;
         ``params`` has ``preset``, ``seed``, ``center``, ``rotation_deg`` (0),
         ``ring_radii_px``, ``ring_intensities``, ``ring_sigma_px``, ``texture``,
-        ``counts``, ``beam_stop_radius_px``, ``n_dead``, the background parameters, and
-        NaN for the fiber quantities (``s10_px``, ``i10``, ``i11``, ``i11_i10``,
+        ``counts``, ``beam_stop_radius_px``, ``beam_stop_arm_width_px``,
+        ``beam_stop_arm_angle_deg``, ``n_dead``, the background parameters, the detector
+        response (``detector_kind``, ``bias``, ``read_noise``, ``gain``, ``bit_depth``)
+        and NaN for the fiber quantities (``s10_px``, ``i10``, ``i11``, ``i11_i10``,
         ``m3_px``, ``m3_intensity``, ``d10_nm``).
     """
     det = _get_preset(preset)
+    response = _response(det, bias, read_noise, gain, bit_depth)
     seed = _resolve_seed(seed)
     rng = np.random.default_rng(seed)
     k = det.scale
@@ -758,6 +1084,8 @@ def make_powder(
         streak_width_px=1.0,
         streak_widening_px=1.0,
         beam_stop_radius_px=det.beam_stop_radius_px * u(0.9, 1.15),
+        beam_stop_arm_width_px=det.beam_stop_arm_width_px,
+        beam_stop_arm_angle_deg=det.beam_stop_arm_angle_deg,
         n_dead=det.n_dead,
     )
     radii = [r0 * f for f in (1.0, _SQRT3, 2.0, _SQRT7, 3.0)] if ring_radii_px is None else [float(r) for r in ring_radii_px]
@@ -807,5 +1135,6 @@ def make_powder(
         m3_px=nan,
         m3_intensity=nan,
         d10_nm=nan,
+        **response,
     )
     return _finish(det, fr, p, bg, sig, rng, noise=noise, seed=seed)

@@ -123,6 +123,7 @@ def _write_tiff_for_musclex(raw: np.ndarray, path: str) -> None:
 def bench_ours(data, mask, path, methods, downsample, repeats, warmup) -> dict:
     """Time every stage of live_bgsub's classical pipeline on one frame."""
     from live_bgsub import geometry as geo
+    from live_bgsub.fold import FoldMap
 
     out: dict = {"stages_s": {}, "stages_all_s": {}, "methods": {}, "errors": {}}
 
@@ -139,7 +140,7 @@ def bench_ours(data, mask, path, methods, downsample, repeats, warmup) -> dict:
 
     geometry = record("geometry", lambda: geo.find_geometry(data, mask))
     out["geometry"] = {"center": list(geometry.center), "rotation_deg": geometry.rotation_deg}
-    fold_map = record("fold_map", lambda: geo.FoldMap(data.shape, geometry, mask))
+    fold_map = record("fold_map", lambda: FoldMap(data.shape, geometry, mask))
     folded, count = record("fold", lambda: fold_map.fold(data, mask))
     fold_mask = count > 0
     out["fold_shape"] = list(folded.shape)
@@ -167,7 +168,7 @@ def bench_ours(data, mask, path, methods, downsample, repeats, warmup) -> dict:
 
         def end_to_end(method=method):
             g = geo.find_geometry(data, mask)
-            fm = geo.FoldMap(data.shape, g, mask)
+            fm = FoldMap(data.shape, g, mask)
             f, c = fm.fold(data, mask)
             return subtract_background(f, method, c > 0, downsample=downsample)
 

@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 from live_bgsub.background import METHODS, subtract_background
-from live_bgsub.geometry import FoldMap, Geometry
+from live_bgsub.fold import FoldMap
+from live_bgsub.geometry import Geometry
 from live_bgsub.metrics import center_roi, mae, psnr, roi_metrics
 from live_bgsub.synth import make_pattern
 

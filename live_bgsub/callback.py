@@ -123,6 +123,7 @@ class _Run:
         # worker-side state
         self.geometry: Geometry | None = None
         self.geometry_source: str | None = None
+        self.geometry_estimate = None  # the RunGeometry when estimated from frames
         self.buffer: list[_FrameRef] = []
         self.engine: Engine | None = None
         self.bundle = None
@@ -548,8 +549,12 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 usable = [mask_invalid(np.asarray(a)) for _, a in frames if np.shape(a) == shape][: self.geometry_frames]
                 estimate = find_run_geometry([d for d, _ in usable], [m for _, m in usable])
                 run.geometry, run.geometry_source = estimate.geometry, f"estimated from {len(usable)} frame(s)"
+                run.geometry_estimate = estimate
             roi = {k: self._roi[k] if self._roi[k] is not None else _lookup(run, k) for k in self._roi}
-            run.engine = Engine(self.step, run.geometry, shape, metrics=self.compute_metrics, **roi)
+            estimate = run.geometry_estimate
+            # The beam-stop shadow found with the geometry is no data: it stays out of the fold.
+            static = None if estimate is None or estimate.beam_stop is None else ~estimate.beam_stop.mask
+            run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, **roi)
             if self.accelerate:
                 from .device_path import DevicePath
 
@@ -565,6 +570,16 @@ class LiveBackgroundSubtraction(DocumentRouter):
             "rotation_deg": run.geometry.rotation_deg,
             "source": run.geometry_source,
         }
+        if run.geometry_estimate is not None:
+            est = run.geometry_estimate.to_dict()
+            run.summary.geometry.update(
+                quality=est["quality"],
+                beam_stop=est["beam_stop"],
+                center_spread_px=est["center_spread_px"],
+                rotation_spread_deg=est["rotation_spread_deg"],
+            )
+            if not run.geometry_estimate.quality.good:
+                logger.warning("live_bgsub: run %s: doubtful geometry: %s", run.uid, "; ".join(run.geometry_estimate.quality.reasons))
 
     def _process(self, run: _Run, frames) -> None:
         arrays, seqs = [a for _, a in frames], [ref.seq_num for ref, _ in frames]
@@ -715,6 +730,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
             if s.disabled:
                 s.reason += f"; {s.disabled}"
+            if run.geometry_estimate is not None and not run.geometry_estimate.quality.good:
+                s.reason += "; doubtful geometry: " + "; ".join(run.geometry_estimate.quality.reasons)
             raw_exit = (run.stop_doc or {}).get("exit_status")
             s.exit_status = "success" if s.complete else "fail"
             if raw_exit and raw_exit != "success":

@@ -83,7 +83,8 @@ def process_image(
     """
     from .background import subtract_background, validate_params
     from .errors import ProcessingError
-    from .geometry import FoldMap, Geometry, find_center, find_rotation
+    from .fold import FoldMap
+    from .geometry import Geometry, find_run_geometry, find_rotation
     from .io import read_image
     from .metrics import roi_metrics
 
@@ -96,16 +97,28 @@ def process_image(
         raise ProcessingError(f"{str(path)!r}: every pixel is masked (no valid data)")
 
     t = time.perf_counter()
+    static = image.mask
+    geometry_record = {"source": "given"}
     if center is None:
-        center = find_center(image.data, image.mask)
-    if rotation_deg is None:
+        found = find_run_geometry([image.data], [image.mask])
+        center = found.geometry.center
+        if found.beam_stop is not None:  # the shadow is no data: it stays out of the fold
+            static = image.mask & ~found.beam_stop.mask
+        if rotation_deg is None:
+            rotation_deg = found.geometry.rotation_deg
+            geometry_record = {"source": "estimated", **found.to_dict()}
+        else:
+            geometry_record = {"source": "centre estimated, rotation given", **found.to_dict()}
+    elif rotation_deg is None:
         rotation_deg = find_rotation(image.data, image.mask, center)
+        geometry_record = {"source": "centre given, rotation estimated"}
     geometry = Geometry(center, rotation_deg)
+    geometry_record.update(geometry.to_dict())
     timings["geometry"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fold_map = FoldMap(image.shape, geometry, image.mask)
-    folded, count = fold_map.fold(image.data, image.mask)
+    fold_map = FoldMap(image.shape, geometry, static)
+    folded, count = fold_map.fold(image.data, static)
     timings["fold"] = time.perf_counter() - t
     valid = count > 0
     if not valid.any():
@@ -139,6 +152,7 @@ def process_image(
         "shape": list(image.shape),
         "center": [geometry.center[0], geometry.center[1]],
         "rotation_deg": geometry.rotation_deg,
+        "geometry": geometry_record,
         "method": method,
         "parameters": parameters,
         "downsample": downsample,

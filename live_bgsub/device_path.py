@@ -1,14 +1,15 @@
 """The device-resident processing path: one compiled function per batch shape from raw frames to
 corrected folds and window metrics, built for one run's fixed geometry.
 
-:class:`DevicePath` is the numpy side: it turns a run's :class:`~live_bgsub.geometry.FoldMap`
+:class:`DevicePath` is the numpy side: it turns a run's :class:`~live_bgsub.fold.FoldMap`
 and a :class:`~live_bgsub.inference.BackgroundModel` into the constant tensors of a
 :class:`live_bgsub.model.pipeline.DevicePipeline` (fold taps :func:`fold_taps`, the
 reference frame's validity :func:`reference_taps`, the window weights), pads
 micro-batches to a few fixed batch sizes so that the pipeline compiles once per size,
 and fits the window metrics once per run on a reference frame (:func:`fit_windows`, on
-the CPU with :func:`live_bgsub.metrics.roi_metrics`'s model). Design, accuracy and
-measurements: ``docs/device.md``.
+the CPU with :mod:`live_bgsub.reflections`, the model of
+:func:`live_bgsub.metrics.roi_metrics`). Design, accuracy and measurements:
+``docs/device.md``.
 
 Keras (and the backend) is imported when a :class:`DevicePath` is built, never by
 ``import live_bgsub.device_path``.
@@ -31,7 +32,8 @@ import numpy as np
 
 from .engine import METRIC_KEYS, new_results
 from .errors import ProcessingError
-from .geometry import FoldMap, Geometry
+from .fold import FoldMap
+from .geometry import Geometry
 
 __all__ = [
     "METRIC_NAMES",
@@ -72,8 +74,9 @@ def fold_taps(fold_map: FoldMap) -> tuple[np.ndarray, np.ndarray]:
     (each row walks its quadrant's part of the frame in order, which keeps the gather
     cache-friendly; the weighted sum over taps is one reduction over the rows). Taps
     are the bilinear corners
-    ``(0, 0), (0, 1), (1, 0), (1, 1)`` (``base + 0, 1, w, w + 1``) with the weights of
-    ``FoldMap._build_matrix`` (without the quadrant mean). A tap that carries no weight
+    ``(0, 0), (0, 1), (1, 0), (1, 1)`` (``base + 0, 1, w, w + 1``) with the bilinear
+    weights of :meth:`FoldMap.taps <live_bgsub.fold.FoldMap.taps>` (without the quadrant
+    mean, :attr:`~live_bgsub.fold.FoldTaps.scale`). A tap that carries no weight
     points at the sample's first tap (which always carries weight), so that a NaN
     (unusable) pixel there only invalidates a sample whose own footprint is unusable,
     exactly as the fold map's footprint test. Samples off the detector get NaN weights
@@ -82,17 +85,18 @@ def fold_taps(fold_map: FoldMap) -> tuple[np.ndarray, np.ndarray]:
     h, w = fold_map.shape
     if h * w + w + 1 >= 2**31:
         raise ProcessingError(f"frames of {h} x {w} pixels are too large for int32 tap indices")
-    base = fold_map._base.T  # (4, n_fold) int32: top-left tap of each quadrant sample
-    fx, fy = fold_map._fx.T, fold_map._fy.T
+    taps = fold_map.taps()
+    base = taps.base.T  # (4, n_fold) int32: top-left tap of each quadrant sample
+    fx, fy = taps.fx.T, taps.fy.T
     gx, gy = 1 - fx, 1 - fy
     weight = np.empty(base.shape + (4,), np.float32)
     for t, (wy, wx) in enumerate(((gy, gx), (gy, fx), (fy, gx), (fy, fx))):
-        np.multiply(wy, wx, out=weight[:, :, t])  # = FoldMap._build_matrix's wy * wx
+        np.multiply(wy, wx, out=weight[:, :, t])  # = the fold matrix's wy * wx
     index = np.empty(base.shape + (4,), np.int32)
     for t, offset in enumerate((0, 1, w, w + 1)):
         tap = np.minimum(base + np.int32(offset), np.int32(h * w - 1))
         index[:, :, t] = np.where(weight[:, :, t] > 0, tap, base)
-    outside = ~fold_map._inside.T
+    outside = ~taps.inside.T
     index[outside] = 0
     weight[outside] = np.nan
     return _tap_major(index), _tap_major(weight)
@@ -157,11 +161,11 @@ def reference_taps(fold_map: FoldMap, valid, tap_weight=None) -> tuple[np.ndarra
 
     The bilinear weights of :func:`fold_taps` (``tap_weight``, computed when not given)
     times the quadrant mean's ``1 / count`` for the samples that the fold map counts for
-    this validity (``edge`` erosion and footprint test, ``FoldMap._usable_from`` and
-    ``FoldMap._sample_ok``), 0 for the others; ``reference_count`` is the count
+    this validity (``edge`` erosion and footprint test, ``FoldMap.usable_from`` and
+    ``FoldMap.sample_ok``), 0 for the others; ``reference_count`` is the count
     ``(fh, fw)`` as float32. Same layout as :func:`fold_taps`.
     """
-    ok = fold_map._sample_ok(fold_map._usable_from(np.asarray(valid, bool) & fold_map.mask))  # (n_fold, 4)
+    ok = fold_map.sample_ok(fold_map.usable_from(np.asarray(valid, bool) & fold_map.mask))  # (n_fold, 4)
     count = ok.sum(axis=1)
     scale = np.where(ok, 1.0 / np.maximum(count, 1)[:, None], 0.0).astype(np.float32).T[:, None, :]  # (4, 1, n_fold)
     if tap_weight is None:
@@ -204,16 +208,16 @@ class WindowFit:
 
 
 def _profile_operator(valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
-    """The linear map fold -> radial profile of ``live_bgsub.metrics._Profile``.
+    """The linear map fold -> radial profile of :class:`live_bgsub.reflections.SectorProfile`.
 
     Returns ``(rows, cols, pix_weight_low, pix_weight_high, k0, scale, ok, var)``: fold
     pixels ``(rows, cols)`` of the sector add ``pix_weight_low * value`` to bin ``k0``
     and ``pix_weight_high * value`` to bin ``k0 + 1``; bin values are then multiplied by
     ``scale`` (coverage); ``ok`` and ``var`` as the profile's.
     """
-    from .metrics import _sector_bins
+    from .reflections import sector_bins
 
-    b = _sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
+    b = sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
     return b.rows, b.cols, b.w * (1 - b.f), b.w * b.f, b.k0, b.scale, b.ok, b.var
 
 
@@ -238,15 +242,6 @@ def _bin_solver(op, sel, columns, n_bins):
     q = np.zeros((len(columns), n_bins))
     q[:, sel] = _solver(columns, op[7][sel])
     return q
-
-
-def _peak_derivatives(r, center, sigma):
-    """First and second derivatives of ``metrics._peak(r, center, sigma)`` with respect to the centre."""
-    from .metrics import _peak
-
-    peak = _peak(r, center, sigma)
-    a = -1.0 / center + (r - center) / sigma**2
-    return [peak * a, peak * (a * a + 1.0 / center**2 - 1.0 / sigma**2)]
 
 
 def fit_windows(
@@ -295,11 +290,12 @@ def fit_windows(
     second derivatives with respect to the position (a second-order Taylor expansion
     of ``I p(r; c + delta)``): the intensity is read off unbiased to second order in
     ``delta / sigma`` and ``d / I = delta`` is the position shift. M3: one arced peak,
-    linear baseline and the two derivatives over the meridional profile. The map uses
-    the private profile and fit helpers of :mod:`live_bgsub.metrics` (same model, same
-    windows); keep the two in step.
+    linear baseline and the two derivatives over the meridional profile. The model,
+    its search, fit and windows are :mod:`live_bgsub.reflections`' public API, the one
+    ``roi_metrics`` calls: the two paths share one reflection model.
     """
-    from . import metrics as m
+    from . import reflections as rf
+    from .metrics import roi_metrics
 
     corrected = np.asarray(corrected, np.float64)
     valid = np.asarray(valid, bool) & np.isfinite(corrected)
@@ -312,7 +308,7 @@ def fit_windows(
     geometry = None
     if wavelength_nm is not None and distance_mm is not None and pixel_size_mm is not None:
         geometry = float(wavelength_nm) * float(distance_mm) / float(pixel_size_mm)
-    reference = m.roi_metrics(
+    reference = roi_metrics(
         corrected,
         mask=valid,
         background=background,
@@ -331,22 +327,23 @@ def fit_windows(
     img0 = np.where(valid, corrected, 0.0)
 
     # Equator: the roi_metrics search and refinement, then its linear part frozen.
-    eq = m._Profile(img0, valid, axis="equator", lo_deg=0.0, hi_deg=sector_deg, rmax=rmax)
+    eq_sector = rf.sector("equator", sector_deg)
+    eq = rf.SectorProfile(img0, valid, rmax=rmax, **eq_sector)
     r_first = float(np.nonzero(eq.ok)[0][0])
-    found = m._search_equator(eq, max(r_first + 3.0, 5.0), rmax / 2.0, r_first, rmax)
+    found = rf.search_equator(eq, *rf.s10_search_range(r_first, rmax), r_first, rmax)
     # roi_metrics refines its best candidate (or the strongest 1,0): take the one it reported.
-    fits = [(cand[1], m._fit_equator(eq, cand[1], cand[2], cand[3], r_first, rmax)[0]) for cand in found]
+    fits = [(cand[1], rf.fit_equator(eq, cand[1], cand[2], cand[3], r_first, rmax)[0]) for cand in found]
     s0, p = min(fits, key=lambda f: abs(f[1][0] - reference["s10_px"]))
-    op = _profile_operator(valid, axis="equator", lo_deg=0.0, hi_deg=sector_deg, rmax=rmax)
+    op = _profile_operator(valid, rmax=rmax, **eq_sector)
     n_bins = nr + 1
     r_bins = np.arange(n_bins, dtype=np.float64)
-    lo, hi = m._eq_window(s0, r_first, rmax)  # the window roi_metrics fitted over
+    lo, hi = rf.equator_window(s0, r_first, rmax)  # the window roi_metrics fitted over
     sel = op[6] & (r_bins >= lo) & (r_bins <= hi)
     r = r_bins[sel]
-    positions, sigmas = m._eq_sigmas(*p[:5])
+    positions, sigmas = rf.equator_positions(*p[:5])
     # I10, IZ, I11, I20, b0, b1, b2, then d/dS and d2/dS2 of the 1,0 and the 1,1 peaks.
-    columns = m._eq_columns(r, *p[:5]) + _peak_derivatives(r, positions[0], sigmas[0])
-    columns += _peak_derivatives(r, positions[2], sigmas[2])
+    columns = rf.equator_columns(r, *p[:5]) + rf.arced_peak_derivatives(r, positions[0], sigmas[0])
+    columns += rf.arced_peak_derivatives(r, positions[2], sigmas[2])
     q = _bin_solver(op, sel, columns, n_bins)
     matrix = np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)))
     matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[7]]), shape)
@@ -356,24 +353,21 @@ def fit_windows(
     m3_found = bool(np.isfinite(reference["m3_px"]))
     params = {"roi_metrics": reference, "equator": [float(v) for v in p], "equator_window": [float(lo), float(hi)]}
     if m3_found:
-        mer = m._Profile(img0, valid, axis="meridian", lo_deg=90.0 - sector_deg, hi_deg=90.0, rmax=rmax)
+        mer_sector = rf.sector("meridian", sector_deg)
+        mer = rf.SectorProfile(img0, valid, rmax=rmax, **mer_sector)
         # roi_metrics' search range for M3 (it may pin M3 at its bound), narrowed around its answer.
-        if geometry is not None:
-            m_lo, m_hi = 0.9 * geometry / m._M3_NM, 1.1 * geometry / m._M3_NM
-        else:
-            m_lo, m_hi = 2.3 * reference["s10_px"], 2.95 * reference["s10_px"]
-        margin = 0.08 * m_lo
+        m_lo, m_hi, margin = rf.m3_search_range(reference["s10_px"], geometry)
         lo_m3, hi_m3 = max(m_lo, reference["m3_px"] - 1.0), min(m_hi, reference["m3_px"] + 1.0)
-        fit = m._fit_single_peak(mer, lo_m3, hi_m3, margin)
+        fit = rf.fit_single_peak(mer, lo_m3, hi_m3, margin)
         if fit is None:
             m3_found = False
         else:
             c, _, _, sig = fit
             half = max(margin, 6.0 * sig)
-            mop = _profile_operator(valid, axis="meridian", lo_deg=90.0 - sector_deg, hi_deg=90.0, rmax=rmax)
+            mop = _profile_operator(valid, rmax=rmax, **mer_sector)
             msel = mop[6] & (r_bins >= c - half) & (r_bins <= c + half)
             rm = r_bins[msel]
-            mcols = [m._peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + _peak_derivatives(rm, c, sig)
+            mcols = [rf.arced_peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + rf.arced_peak_derivatives(rm, c, sig)
             mq = _bin_solver(mop, msel, mcols, n_bins)
             matrix[:, 3:] = _pixel_weights(mop, np.stack([mq[0], mq[3]]), shape)
             m3_px = float(c)
@@ -387,7 +381,7 @@ def window_support(shape, sector_deg: float = 15.0) -> np.ndarray:
 
     Its weights come from the equatorial sector (azimuth 0 to ``sector_deg`` from the
     fold's axis 1) and the meridional one (``90 - sector_deg`` to 90), computed as
-    ``live_bgsub.metrics``' sector bins compute them; without a radius limit, so that
+    :func:`live_bgsub.reflections.sector_bins` computes them; without a radius limit, so that
     the support depends on the window shape and the sector only (a compiled function
     serves every run whose window pads to the same shape). About a quarter of the
     window for 15 degree sectors; the fitted weights themselves cover ~1 % of it.

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ProcessingError
-from .geometry import FoldMap, Geometry
+from .fold import FoldMap
+from .geometry import Geometry
 from .io import mask_invalid
 
 __all__ = ["Engine", "FrameResult", "ProcessingStep", "make_step"]

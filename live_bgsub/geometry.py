@@ -1,4 +1,6 @@
-"""Beam centre, equator rotation, and folding a frame into one quadrant (and back).
+"""Beam centre and equator rotation of a frame (and of a run), and radial profiles.
+
+Folding a frame into one quadrant with a geometry is :mod:`live_bgsub.fold`.
 
 Conventions (see ``docs/conventions.md``):
 
@@ -11,11 +13,6 @@ Conventions (see ``docs/conventions.md``):
   (downwards on a display with row 0 on top). Rotating the image counter-clockwise on
   such a display by ``rotation_deg`` (OpenCV's ``getRotationMatrix2D`` convention)
   makes the equator horizontal. A vertical equator has ``rotation_deg`` near +-90.
-- The fold has the beam centre at ``[0, 0]``, axis 1 along the equator and axis 0
-  along the meridian; ``fold[i, j]`` averages the valid detector samples at
-  ``center + u * e + v * m`` for ``(u, v) = (+-j, +-i)``, with ``e`` the equator's and
-  ``m`` the meridian's unit vector. ``count[i, j]`` is how many of the four quadrant
-  samples were valid.
 
 How the geometry is found
 -------------------------
@@ -33,10 +30,6 @@ with more intensity along it.
 For a run of frames that share a geometry, :func:`find_run_geometry` estimates on the
 mean of the frames (photon-starved frames gain from summing) and reports the spread of
 the per-frame estimates.
-
-Folding a stream of frames with a fixed geometry builds a :class:`FoldMap` once: a
-sparse matrix that turns a raveled frame into the fold (bilinear sampling of the four
-quadrants, averaging the valid ones) in one sparse product per frame or batch.
 """
 
 from __future__ import annotations
@@ -45,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import fft, ndimage, sparse
+from scipy import fft, ndimage
 
 from .errors import GeometryError
 from .resample import block_mean
@@ -53,13 +46,14 @@ from .resample import block_mean
 __all__ = [
     "Geometry",
     "RunGeometry",
-    "FoldMap",
+    "BeamStop",
+    "GeometryQuality",
+    "find_beam_stop",
+    "judge_geometry",
     "find_center",
     "find_rotation",
     "find_geometry",
     "find_run_geometry",
-    "fold",
-    "unfold",
     "normalize_rotation",
     "radial_profile",
 ]
@@ -136,12 +130,150 @@ class RunGeometry:
         Standard deviation of the per-frame centres in x and y (pixels).
     rotation_spread_deg : float
         Standard deviation of the per-frame rotations (degrees).
+    beam_stop : BeamStop or None
+        The beam-stop shadow found on the run's mean frame (mask it when folding).
+    quality : GeometryQuality or None
+        The evidence and the verdict.
     """
 
     geometry: Geometry
     per_frame: tuple = field(default_factory=tuple)
     center_spread_px: tuple[float, float] = (0.0, 0.0)
     rotation_spread_deg: float = 0.0
+    beam_stop: BeamStop | None = None
+    quality: GeometryQuality | None = None
+
+    def to_dict(self) -> dict:
+        """The geometry, its beam stop and its quality as JSON-ready values."""
+        return {
+            **self.geometry.to_dict(),
+            "center_spread_px": [float(v) for v in self.center_spread_px],
+            "rotation_spread_deg": float(self.rotation_spread_deg),
+            "beam_stop": None if self.beam_stop is None else self.beam_stop.to_dict(),
+            "quality": None if self.quality is None else self.quality.to_dict(),
+        }
+
+
+# --------------------------------------------------------------------------- quality
+
+#: Least correlation between the blurred log-intensity and its point reflection about
+#: the centre found (1 for a perfectly symmetric pattern; noise and unmasked asymmetric
+#: objects lower it). Below it the centre is doubtful.
+MIN_SYMMETRY = 0.5
+#: Least correlation between each radius' azimuthal profile and its mirror image about
+#: the rotation found. Below it the rotation is doubtful.
+MIN_MIRROR = 0.5
+#: Least contrast ``E - M`` between the intensity along the axis taken as the equator
+#: (E) and along the other mirror axis (M), each the mean over radii of the azimuthal
+#: profile in units of that radius' standard deviation. Below it equator and meridian
+#: cannot be told apart: the rotation may be 90 degrees off.
+MIN_AXIS_CONTRAST = 0.5
+#: Largest spread (standard deviation, pixels) of the per-frame centres of a run.
+MAX_CENTER_SPREAD_PX = 1.0
+#: Largest spread (standard deviation, degrees) of the per-frame rotations of a run.
+MAX_ROTATION_SPREAD_DEG = 1.0
+
+
+@dataclass(frozen=True)
+class BeamStop:
+    """The beam-stop shadow found on a frame.
+
+    Attributes
+    ----------
+    center : (float, float)
+        Centroid ``(x, y)`` of the shadow's disc (pixels); a beam stop need not sit on
+        the beam centre.
+    radius_px : float
+        Radius of the largest disc inside the shadow (pixels): the scale below which
+        nothing of the pattern is seen.
+    mask : ndarray of bool
+        True on the shadow (disc, arm and a margin for the penumbra), frame-shaped.
+    """
+
+    center: tuple[float, float]
+    radius_px: float
+    mask: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "center": [float(self.center[0]), float(self.center[1])],
+            "radius_px": float(self.radius_px),
+            "pixels": int(self.mask.sum()),
+        }
+
+
+@dataclass(frozen=True)
+class GeometryQuality:
+    """Evidence behind a geometry and the verdict drawn from it.
+
+    Attributes
+    ----------
+    symmetry : float
+        Correlation of the blurred log-intensity with its point reflection about the
+        centre (1 = perfect; see :data:`MIN_SYMMETRY`).
+    mirror : float
+        Correlation of the azimuthal profiles with their mirror image about the
+        equator (see :data:`MIN_MIRROR`).
+    axis_contrast : float
+        Intensity along the equator minus that along the meridian, in standard
+        deviations of the azimuthal profiles (see :data:`MIN_AXIS_CONTRAST`).
+    beam_stop_radius_px : float or None
+        Radius of the beam-stop shadow found, None when none was found.
+    center_spread_px, rotation_spread_deg : float or None
+        Spread of the per-frame estimates of a run (None for one frame).
+    verdict : str
+        ``"good"`` or ``"doubtful"``.
+    reasons : tuple of str
+        Why the verdict is doubtful (empty when good).
+    """
+
+    symmetry: float
+    mirror: float
+    axis_contrast: float
+    beam_stop_radius_px: float | None = None
+    center_spread_px: float | None = None
+    rotation_spread_deg: float | None = None
+    verdict: str = "good"
+    reasons: tuple = ()
+
+    @property
+    def good(self) -> bool:
+        return self.verdict == "good"
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "symmetry": float(self.symmetry),
+            "mirror": float(self.mirror),
+            "axis_contrast": float(self.axis_contrast),
+            "beam_stop_radius_px": self.beam_stop_radius_px,
+            "center_spread_px": self.center_spread_px,
+            "rotation_spread_deg": self.rotation_spread_deg,
+        }
+
+
+def judge_geometry(symmetry, mirror, axis_contrast, *, beam_stop_radius_px=None, center_spread_px=None,
+                   rotation_spread_deg=None) -> GeometryQuality:
+    """Draw the verdict on a geometry from its evidence (thresholds: the ``MIN_*``/``MAX_*`` constants)."""
+    reasons = []
+    if not symmetry >= MIN_SYMMETRY:
+        reasons.append(f"the pattern is not point-symmetric about the centre (symmetry {symmetry:.2f} < {MIN_SYMMETRY})")
+    if not mirror >= MIN_MIRROR:
+        reasons.append(f"the pattern is not mirror-symmetric about the equator (mirror {mirror:.2f} < {MIN_MIRROR})")
+    if not axis_contrast >= MIN_AXIS_CONTRAST:
+        reasons.append(
+            f"equator and meridian are hard to tell apart (axis contrast {axis_contrast:.3f} < {MIN_AXIS_CONTRAST}): "
+            "the rotation may be 90 degrees off"
+        )
+    if center_spread_px is not None and not center_spread_px <= MAX_CENTER_SPREAD_PX:
+        reasons.append(f"the frames' centres scatter by {center_spread_px:.2f} px (> {MAX_CENTER_SPREAD_PX})")
+    if rotation_spread_deg is not None and not rotation_spread_deg <= MAX_ROTATION_SPREAD_DEG:
+        reasons.append(f"the frames' rotations scatter by {rotation_spread_deg:.2f} degrees (> {MAX_ROTATION_SPREAD_DEG})")
+    return GeometryQuality(
+        float(symmetry), float(mirror), float(axis_contrast), beam_stop_radius_px, center_spread_px,
+        rotation_spread_deg, "doubtful" if reasons else "good", tuple(reasons),
+    )
 
 
 # --------------------------------------------------------------------------- finding
@@ -163,13 +295,9 @@ def _check_frame(data, mask) -> tuple[np.ndarray, np.ndarray]:
     return data, mask
 
 
-def _zero_mean_log(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """log(1 + counts), minus its mean over valid pixels, 0 at invalid pixels (float32)."""
-    a = np.log1p(np.clip(np.where(mask, data, 0), 0, None).astype(np.float32))
-    mean = a[mask].mean(dtype=np.float64)
-    a -= np.float32(mean)
-    a[~mask] = 0
-    return a
+def _coarse_bin(shape) -> int:
+    """Binning that brings the frame's smaller side to about 256 pixels."""
+    return max(1, int(round(min(shape) / 256.0)))
 
 
 def _parabolic_peak(c: np.ndarray, k: tuple[int, ...]) -> list[float]:
@@ -185,26 +313,135 @@ def _parabolic_peak(c: np.ndarray, k: tuple[int, ...]) -> list[float]:
     return out
 
 
-def _symmetry_center(a: np.ndarray, window: tuple[int, int, int, int]) -> tuple[float, float]:
-    """Centre ``(y, x)`` of inversion symmetry of a zero-mean ``a``, inside ``window``.
+def _symmetry_correlation(a, weight):
+    """Correlation of ``a`` with its point reflection, for every centre, by FFTs.
 
-    ``window = (y0, y1, x0, x1)`` bounds the centre in ``a``'s index space.
+    For a centre ``s / 2``, the weighted pairs ``(a(p), a(s - p))`` of the overlap give
+    a correlation coefficient ``(S_aa' - S_a^2 / N) / (S_a2 - S_a^2 / N)`` (the two
+    members of a pair share their sums by symmetry). Returns the coefficient and the
+    overlap ``N`` over ``s`` in ``[0, 2 h - 1) x [0, 2 w - 1)``.
     """
     h, w = a.shape
     shape = (fft.next_fast_len(2 * h, real=True), fft.next_fast_len(2 * w, real=True))
-    spec = fft.rfft2(a, s=shape, workers=-1)
-    conv = fft.irfft2(spec * spec, s=shape, workers=-1)
-    y0, y1, x0, x1 = window
-    sub = conv[2 * y0 : 2 * y1 + 1, 2 * x0 : 2 * x1 + 1]
-    k = np.unravel_index(int(np.argmax(sub)), sub.shape)
-    k = (k[0] + 2 * y0, k[1] + 2 * x0)
-    dy, dx = _parabolic_peak(conv, k)
-    return (k[0] + dy) / 2.0, (k[1] + dx) / 2.0
+    a = np.asarray(a, np.float64)
+    weight = np.asarray(weight, np.float64)
+    f_w = fft.rfft2(weight, s=shape, workers=-1)
+    f_a = fft.rfft2(weight * a, s=shape, workers=-1)
+    f_a2 = fft.rfft2(weight * a * a, s=shape, workers=-1)
+    crop = (slice(0, 2 * h - 1), slice(0, 2 * w - 1))
+    n = fft.irfft2(f_w * f_w, s=shape, workers=-1)[crop]
+    s1 = fft.irfft2(f_a * f_w, s=shape, workers=-1)[crop]
+    s2 = fft.irfft2(f_a2 * f_w, s=shape, workers=-1)[crop]
+    saa = fft.irfft2(f_a * f_a, s=shape, workers=-1)[crop]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_sq = s1 * s1 / n
+        corr = (saa - mean_sq) / (s2 - mean_sq)
+    return np.where(np.isfinite(corr) & (n > 0.5), corr, -np.inf), n
 
 
-def _masked_symmetry_center(a: np.ndarray, weight: np.ndarray, search: int) -> tuple[float, float]:
+def _coarse_center(data, mask, b) -> tuple[float, float, float]:
+    """Centre ``(x, y)`` of the best point symmetry of the ``b``-binned log-intensity, and its correlation.
+
+    The masked correlation coefficient over each centre's overlap is not drawn to the
+    middle of a circular active area (as a plain self-convolution is) nor to tiny
+    overlaps of smooth corners (as a mean squared difference is); centres whose
+    overlap holds less than a quarter of the best overlap are not considered, nor
+    centres in the frame's outer eighth.
+    """
+    binned, bmask = block_mean(np.where(mask, data, 0).astype(np.float32), mask, b)
+    a = np.log1p(np.clip(binned, 0, None))
+    a[~bmask] = 0
+    corr, n = _symmetry_correlation(a, bmask)
+    h2, w2 = corr.shape
+    allowed = n > 0.25 * n.max()
+    allowed[: h2 // 8] = allowed[h2 - h2 // 8 :] = False
+    allowed[:, : w2 // 8] = allowed[:, w2 - w2 // 8 :] = False
+    if not allowed.any():
+        raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
+    score = np.where(allowed, corr, -np.inf)
+    k = np.unravel_index(int(np.argmax(score)), score.shape)
+    off = (b - 1) / 2.0
+    return k[1] / 2.0 * b + off, k[0] / 2.0 * b + off, float(score[k])
+
+
+def find_beam_stop(data, mask=None, center=None, *, contrast: float = 0.2) -> BeamStop | None:
+    """Find the beam-stop shadow (disc and arm) around the beam centre.
+
+    Parameters
+    ----------
+    data : ndarray, 2-D
+        Frame in counts (any offset: a CCD's bias level is removed first).
+    mask : ndarray of bool, optional
+        True where pixels are valid.
+    center : (float, float), optional
+        A centre estimate ``(x, y)`` inside the shadow (default: the coarse centre of
+        point symmetry).
+    contrast : float, optional
+        A pixel is in shadow when its (blurred, bias-subtracted) intensity is below
+        ``contrast`` times the radial envelope at its radius (the largest radial mean
+        at that radius or beyond: the diffuse background falls off outwards, so the
+        envelope is the level just outside the shadow).
+
+    Returns
+    -------
+    BeamStop or None
+        None when the centre estimate is not in shadow (no beam stop, or a beam stop
+        away from the centre).
+
+    Notes
+    -----
+    Scale-free: the frame is binned to about 1000 pixels a side, the bias is the 0.5th
+    percentile of the valid pixels, and the shadow is the connected set of dark pixels
+    that reaches the centre estimate (an arm that crosses a module gap is cut there).
+    Its mask is dilated by half the disc's radius (at least 2 px) to cover the
+    penumbra.
+    """
+    data, mask = _check_frame(data, mask)
+    h, w = data.shape
+    if center is None:
+        cx, cy, _ = _coarse_center(data, mask, _coarse_bin(data.shape))
+    else:
+        cx, cy = (float(v) for v in center)
+    b = max(1, min(h, w) // 1024)
+    lin, bmask = block_mean(np.where(mask, data, 0).astype(np.float32), mask, b)
+    if not bmask.any():
+        return None
+    floor = float(np.percentile(lin[bmask], 0.5))
+    lin = np.where(bmask, np.clip(lin - floor, 0, None), 0).astype(np.float32)
+    smooth = ndimage.gaussian_filter(lin, 1.0) / np.maximum(ndimage.gaussian_filter(bmask.astype(np.float32), 1.0), 1e-6)
+    off = (b - 1) / 2.0
+    bx, by = (cx - off) / b, (cy - off) / b
+    hb, wb = lin.shape
+    r = np.hypot(np.arange(wb)[None, :] - bx, np.arange(hb)[:, None] - by).astype(np.int32)
+    n_r = int(r.max()) + 1
+    count = np.bincount(r[bmask], minlength=n_r)
+    total = np.bincount(r[bmask], weights=smooth[bmask], minlength=n_r)
+    profile = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    envelope = np.maximum.accumulate(profile[::-1])[::-1]
+    dark = bmask & (smooth < contrast * envelope[r])
+    seed = r <= 2
+    labels, _ = ndimage.label(dark)
+    ids = np.unique(labels[seed & dark])
+    if ids.size == 0:
+        return None
+    shadow_b = np.isin(labels, ids)
+    dist = ndimage.distance_transform_edt(shadow_b)
+    radius = float(dist.max()) * b
+    core = dist >= 0.5 * dist.max()  # the disc, not the arm
+    ys, xs = np.nonzero(core)
+    full = np.zeros((h, w), bool)
+    up = np.repeat(np.repeat(shadow_b, b, axis=0), b, axis=1)
+    up = up[:h, :w]
+    full[: up.shape[0], : up.shape[1]] = up
+    margin = max(2, int(math.ceil(0.5 * radius)))
+    full = ndimage.binary_dilation(full, iterations=margin) & mask
+    return BeamStop((float(xs.mean()) * b + off, float(ys.mean()) * b + off), radius, full)
+
+
+def _masked_symmetry_center(a: np.ndarray, weight: np.ndarray, search: int) -> tuple[float, float, float]:
     """Centre ``(y, x)`` minimising the masked mean squared difference of ``a`` and its
-    point reflection, searched within ``search`` pixels of the middle of ``a``.
+    point reflection, searched within ``search`` pixels of the middle of ``a``, and the
+    correlation of ``a`` with its reflection there.
 
     ``D(s) = sum w(p) w(s-p) (a(p) - a(s-p))^2 / sum w(p) w(s-p)
     = 2 [(w a^2) * w - (w a) * (w a)](s) / (w * w)(s)`` with ``*`` a convolution,
@@ -226,7 +463,11 @@ def _masked_symmetry_center(a: np.ndarray, weight: np.ndarray, search: int) -> t
     k = np.unravel_index(int(np.argmax(score)), score.shape)
     inner = all(0 < k[i] < score.shape[i] - 1 for i in range(2))
     dy, dx = _parabolic_peak(score, k) if inner and np.isfinite(score[k[0] - 1 : k[0] + 2, k[1] - 1 : k[1] + 2]).all() else (0.0, 0.0)
-    return (k[0] + dy) / 2.0 + (my - search), (k[1] + dx) / 2.0 + (mx - search)
+    # D = 2 var (1 - corr) for pairs drawn from one distribution.
+    sel = weight > 0
+    var = float(a[sel].var()) if sel.any() else 0.0
+    corr = 1.0 + float(score[k]) / (2.0 * var) if var > 0 else 0.0
+    return (k[0] + dy) / 2.0 + (my - search), (k[1] + dx) / 2.0 + (mx - search), corr
 
 
 def _smoothed_log(data: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -245,64 +486,32 @@ def _smoothed_log(data: np.ndarray, mask: np.ndarray, sigma: float) -> tuple[np.
     return out.astype(np.float32), den > 0.5
 
 
-def find_center(
-    data,
-    mask=None,
-    *,
-    bin_factor: int = 4,
-    refine_radius: int = 128,
-    sigma: float = 1.0,
-) -> tuple[float, float]:
-    """Find the beam centre as the pattern's point of inversion symmetry.
+def _bias_free(data, mask):
+    """Counts above the detector's floor (the 0.5th percentile of valid pixels: a CCD's bias)."""
+    floor = float(np.percentile(data[mask], 0.5)) if mask.any() else 0.0
+    return np.where(mask, np.clip(data - floor, 0, None), 0).astype(np.float32)
 
-    Parameters
-    ----------
-    data : ndarray, 2-D
-        Frame in counts.
-    mask : ndarray of bool, optional
-        True where pixels are valid (default: finite, non-negative pixels).
-    bin_factor : int, optional
-        Binning of the coarse full-frame search (default 4).
-    refine_radius : int, optional
-        Half-size (pixels) of the full-resolution refinement window (default 128).
-    sigma : float, optional
-        Gaussian blur (pixels) applied, mask-aware, before the refinement (default 1).
 
-    Returns
-    -------
-    (x, y) : tuple of float
-        Beam centre in pixels (x = column).
-
-    Raises
-    ------
-    GeometryError
-        When the frame is not 2-D or every pixel is masked.
-
-    Notes
-    -----
-    Two steps. Coarse: the self-convolution of the zero-mean log-intensity of the
-    ``bin_factor``-binned frame peaks at twice the centre. Fine: in a
-    ``2 * refine_radius + 1`` window around it, the centre minimises the masked mean
-    squared difference between the blurred log-intensity and its point reflection
-    (gaps and off-detector pixels carry no weight), with a parabolic sub-pixel fit;
-    repeated once around the new centre. Cost: about 15 FFTs of at most 520 x 520
-    (roughly 20 ms for a Pilatus 1M frame on 2 cores). On 50 synthetic Pilatus
-    patterns the error is below 0.5 px (``tests/test_geometry.py``).
-    """
-    data, mask = _check_frame(data, mask)
+def _locate_center(data, mask, *, bin_factor=None, refine_radius=None, sigma=1.0, beam_stop=True, exclude=2.0):
+    """Centre, beam stop and symmetry of a checked frame (see :func:`find_center`)."""
     h, w = data.shape
-    b = int(bin_factor)
+    b = _coarse_bin(data.shape) if bin_factor is None else int(bin_factor)
     if b < 1:
         raise GeometryError(f"bin_factor must be >= 1, got {bin_factor!r}")
-    hb, wb = h // b, w // b
-    if hb < 4 or wb < 4:
+    if h // b < 4 or w // b < 4:
         raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
-    binned = _zero_mean_log(*block_mean(np.where(mask, data, 0).astype(np.float32), mask, b))
-    # The centre lies inside the frame, away from its outer eighth.
-    cyb, cxb = _symmetry_center(binned, (hb // 8, hb - 1 - hb // 8, wb // 8, wb - 1 - wb // 8))
-    cy, cx = cyb * b + (b - 1) / 2.0, cxb * b + (b - 1) / 2.0
-    r = int(refine_radius)
+    data = _bias_free(data, mask)
+    cx, cy, _ = _coarse_center(data, mask, b)
+    stop = find_beam_stop(data, mask, (cx, cy)) if beam_stop else None
+    if stop is not None:
+        mask = mask & ~stop.mask
+        cx, cy, _ = _coarse_center(data, mask, b)
+        if exclude > 0:
+            yy, xx = np.ogrid[:h, :w]
+            mask = mask & ((xx - stop.center[0]) ** 2 + (yy - stop.center[1]) ** 2 > (exclude * stop.radius_px) ** 2)
+    r = max(64, min(h, w) // 8) if refine_radius is None else int(refine_radius)
     pad = int(math.ceil(3 * sigma)) + 1
+    corr = 0.0
     for _ in range(2):
         iy, ix = int(round(cy)), int(round(cx))
         y0, x0 = iy - r, ix - r
@@ -315,83 +524,102 @@ def find_center(
         ty, tx = max(y0, 0), max(x0, 0)
         by, bx = min(y0 + 2 * r + 1, h), min(x0 + 2 * r + 1, w)
         crop[ty - y0 : by - y0, tx - x0 : bx - x0] = blurred[ty - ys : by - ys, tx - xs : bx - xs]
-        weight[ty - y0 : by - y0, tx - x0 : bx - x0] = (
-            support[ty - ys : by - ys, tx - xs : bx - xs] & mask[ty:by, tx:bx]
-        )
+        weight[ty - y0 : by - y0, tx - x0 : bx - x0] = support[ty - ys : by - ys, tx - xs : bx - xs] & mask[ty:by, tx:bx]
         if not weight.any():
             raise GeometryError(f"no valid pixel within {r} px of the centre estimate ({cx:.1f}, {cy:.1f})")
-        sy, sx = _masked_symmetry_center(crop, weight, search=max(4, min(2 * b + 2, r // 2)))
+        sy, sx, corr = _masked_symmetry_center(crop, weight, search=max(4, min(2 * b + 2, r // 2)))
         cy, cx = y0 + sy, x0 + sx
-    return float(cx), float(cy)
+    return (float(cx), float(cy)), stop, corr
 
 
-def find_rotation(
+def find_center(
     data,
     mask=None,
-    center=None,
     *,
-    rmin: float = 15.0,
-    rmax: float | None = None,
-    n_angles: int = 720,
-    dr: float = 3.0,
-    sigma: float = 2.0,
-    bin_factor: int = 2,
-) -> float:
-    """Find the equator rotation as the pattern's brighter mirror axis.
+    bin_factor: int | None = None,
+    refine_radius: int | None = None,
+    sigma: float = 1.0,
+) -> tuple[float, float]:
+    """Find the beam centre as the pattern's point of inversion symmetry.
 
     Parameters
     ----------
     data : ndarray, 2-D
-        Frame in counts.
+        Frame in counts (a constant offset such as a CCD's bias is removed first).
     mask : ndarray of bool, optional
-        True where pixels are valid.
-    center : (float, float), optional
-        Beam centre ``(x, y)``; found with :func:`find_center` when not given.
-    rmin, rmax : float, optional
-        Radii (pixels) of the annulus analysed; ``rmax`` defaults to the distance from
-        the centre to the nearest frame edge, at most 400.
-    n_angles : int, optional
-        Azimuthal samples over 360 degrees (default 720: 0.5 degree steps; the
-        result is refined below the step by a parabolic fit, and the mirror axis is
-        half the peak's shift, so the step on the axis is 0.25 degree).
-    dr : float, optional
-        Radial step (full-resolution pixels, default 3).
-    sigma : float, optional
-        Gaussian blur (full-resolution pixels) applied, mask-aware, before polar
-        sampling (default 2).
+        True where pixels are valid (default: finite, non-negative pixels).
     bin_factor : int, optional
-        The frame is binned by this factor before the blur (default 2).
+        Binning of the coarse full-frame search (default: the frame's smaller side
+        over 256, at least 1: 4 for a Pilatus 1M, 8 for a 2048-pixel CCD).
+    refine_radius : int, optional
+        Half-size (pixels) of the full-resolution refinement window (default: an
+        eighth of the frame's smaller side, at least 64).
+    sigma : float, optional
+        Gaussian blur (pixels) applied, mask-aware, before the refinement (default 1).
 
     Returns
     -------
-    float
-        ``rotation_deg`` in (-90, 90], MuscleX's sign (see the module docstring).
+    (x, y) : tuple of float
+        Beam centre in pixels (x = column).
+
+    Raises
+    ------
+    GeometryError
+        When the frame is not 2-D, is too small, or every pixel is masked.
 
     Notes
     -----
-    A profile ``z_r(phi)`` mirror-symmetric about the axis ``beta`` satisfies
-    ``z_r(phi) = z_r(2 beta - phi)``: the masked mean squared difference between each
-    radius' profile and its reflection, summed over radii, is minimal at
-    ``s = 2 beta``; three FFTs along the azimuth give it for every ``s``. Both the
-    equator and the meridian are mirror axes; the equator is taken as the one with
-    the larger intensity within +-1 degree of the axis (on both sides of the centre).
-    Cost: a blur of the frame and ``n_angles * (rmax - rmin) / dr`` bilinear samples
-    (roughly 15 ms for a Pilatus 1M frame on 2 cores).
+    Three steps, each free of pixel constants. Coarse: on the binned log-intensity,
+    the centre whose point reflection correlates best with the frame over their
+    overlap (masked correlation coefficient, all centres at once with FFTs). Beam
+    stop: the shadow around it (:func:`find_beam_stop`), disc and arm, is masked and
+    the coarse step repeated (an unmasked shadow or arm is an asymmetric object that
+    pulls the centre toward itself). Fine: with a disc of twice the shadow's radius
+    left out as well (parasitic scatter from the beam stop's edge and holder is not
+    point-symmetric about the beam: on the MarCCD cardiac frame it held the centre
+    2 px toward the beam stop), in a window around the coarse centre, the centre
+    minimises the masked mean squared difference between the blurred log-intensity
+    and its point reflection, with a parabolic sub-pixel fit; repeated once around
+    the new centre. Cost: about 60 ms for a Pilatus 1M frame on 2 cores.
     """
     data, mask = _check_frame(data, mask)
-    if center is None:
-        center = find_center(data, mask)
+    center, _, _ = _locate_center(data, mask, bin_factor=bin_factor, refine_radius=refine_radius, sigma=sigma)
+    return center
+
+
+def _first_radius(mask, center) -> float:
+    """Distance from ``center`` to the nearest valid pixel (0 when the centre pixel is valid)."""
+    h, w = mask.shape
+    cx, cy = center
+    half = max(8, min(h, w) // 4)
+    y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, h)
+    x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, w)
+    sub = mask[y0:y1, x0:x1]
+    if not sub.any():
+        return 0.0
+    ys, xs = np.nonzero(sub)
+    return float(np.min(np.hypot(xs + x0 - cx, ys + y0 - cy)))
+
+
+def _locate_rotation(data, mask, center, *, rmin=None, rmax=None, n_angles=720, dr=None, sigma=None, bin_factor=None):
+    """Rotation, mirror correlation and axis contrast of a checked frame (see :func:`find_rotation`)."""
     cx, cy = center
     h, w = data.shape
+    scale = min(h, w) / 1000.0  # 1 for a Pilatus 1M: the defaults below were tuned there
+    if rmin is None:
+        rmin = max(3.0, _first_radius(mask, center) + 2.0)
     if rmax is None:
-        rmax = min(cx, cy, w - 1 - cx, h - 1 - cy, 400.0)
-        if rmax < rmin + 20:  # centre near an edge: use the larger half-width
-            rmax = min(max(cx, w - 1 - cx, cy, h - 1 - cy), 400.0)
+        cap = 0.4 * min(h, w)
+        rmax = min(cx, cy, w - 1 - cx, h - 1 - cy, cap)
+        if rmax < rmin + 20 * max(scale, 1):  # centre near an edge: use the larger half-width
+            rmax = min(max(cx, w - 1 - cx, cy, h - 1 - cy), cap)
     if rmax <= rmin:
         raise GeometryError(f"no annulus to analyse: rmin={rmin} >= rmax={rmax}")
+    dr = max(1.0, 3.0 * scale) if dr is None else float(dr)
+    sigma = max(1.0, 2.0 * scale) if sigma is None else float(sigma)
+    b = max(1, int(round(2 * scale))) if bin_factor is None else max(1, int(bin_factor))
     # Work on the box that holds the annulus, binned by ``b`` (the binning is part of
     # the blur), so a detector-sized frame costs a quarter of the pixels.
-    b = max(1, int(bin_factor))
     pad = b * (int(math.ceil(3 * sigma / b)) + 2)
     ys, ye = max(int(cy - rmax) - pad, 0), min(int(cy + rmax) + pad + 1, h)
     xs, xe = max(int(cx - rmax) - pad, 0), min(int(cx + rmax) + pad + 1, w)
@@ -409,6 +637,9 @@ def find_rotation(
         raise GeometryError("no valid pixels around the centre: no rotation can be found")
     wt = valid.astype(np.float64)
     z = np.where(valid, values, 0).astype(np.float64)
+    # Zero-mean per radius: the mirror test and the axis strengths compare azimuths.
+    n = valid.sum(axis=1, keepdims=True)
+    z = np.where(valid, z - z.sum(axis=1, keepdims=True) / np.maximum(n, 1), 0)
     f_w = np.fft.rfft(wt, axis=1)
     f_z = np.fft.rfft(z, axis=1)
     f_z2 = np.fft.rfft(z * z, axis=1)
@@ -418,23 +649,94 @@ def find_rotation(
     k = int(np.argmax(score))
     (d,) = _parabolic_peak(score, (k,)) if np.isfinite(score[[k - 1, (k + 1) % n_angles]]).all() else (0.0,)
     beta = ((k + d) * 360.0 / n_angles) / 2.0  # one mirror axis, degrees
+    var = float((z[valid] ** 2).mean())
+    mirror = 1.0 + float(score[k]) / (2.0 * var) if var > 0 else 0.0
 
-    # Zero-mean per radius, to compare the intensity along the two axes.
-    n = valid.sum(axis=1, keepdims=True)
-    zm = np.where(valid, z - z.sum(axis=1, keepdims=True) / np.maximum(n, 1), 0)
     half = max(1, int(round(n_angles / 360.0)))  # +-1 degree
+    # Per radius, the profile in units of its own spread: every radius counts alike.
+    spread = np.sqrt((z * z).sum(axis=1, keepdims=True) / np.maximum(n, 1))
+    zn = np.where(spread > 0, z / np.where(spread > 0, spread, 1), 0)
+    used = max(int((n[:, 0] > 0).sum()), 1)
 
     def strength(axis_deg):
-        total = 0.0
+        """Mean normalised intensity within +-1 degree of the axis, both sides of the centre."""
+        total, count = 0.0, 0
         for side in (0.0, 180.0):
             i0 = int(round((axis_deg + side) * n_angles / 360.0))
             cols = np.arange(i0 - half, i0 + half + 1) % n_angles
-            total += float(zm[:, cols].sum())
-        return total
+            total += float(zn[:, cols].sum())
+            count += int(valid[:, cols].sum())
+        return total / max(count, 1) * (count / (used * 2 * (2 * half + 1)))
 
-    if strength(beta + 90.0) > strength(beta):
+    s_beta, s_other = strength(beta), strength(beta + 90.0)
+    if s_other > s_beta:
         beta += 90.0
-    return normalize_rotation(beta)
+        s_beta, s_other = s_other, s_beta
+    # In standard deviations of the azimuthal profiles: ~0 when the axes look alike.
+    contrast = s_beta - s_other
+    return normalize_rotation(beta), mirror, float(contrast)
+
+
+def find_rotation(
+    data,
+    mask=None,
+    center=None,
+    *,
+    rmin: float | None = None,
+    rmax: float | None = None,
+    n_angles: int = 720,
+    dr: float | None = None,
+    sigma: float | None = None,
+    bin_factor: int | None = None,
+) -> float:
+    """Find the equator rotation as the pattern's brighter mirror axis.
+
+    Parameters
+    ----------
+    data : ndarray, 2-D
+        Frame in counts.
+    mask : ndarray of bool, optional
+        True where pixels are valid (mask the beam stop: :func:`find_beam_stop`).
+    center : (float, float), optional
+        Beam centre ``(x, y)``; found with :func:`find_center` when not given.
+    rmin, rmax : float, optional
+        Radii (pixels) of the annulus analysed. ``rmin`` defaults to 2 px beyond the
+        nearest valid pixel (outside a masked beam stop), ``rmax`` to the distance
+        from the centre to the nearest frame edge, at most 0.4 times the frame's
+        smaller side.
+    n_angles : int, optional
+        Azimuthal samples over 360 degrees (default 720: 0.5 degree steps; the
+        result is refined below the step by a parabolic fit, and the mirror axis is
+        half the peak's shift, so the step on the axis is 0.25 degree).
+    dr, sigma, bin_factor : optional
+        Radial step, Gaussian blur (full-resolution pixels) and binning of the polar
+        sampling; by default 3 px, 2 px and 2 for a 1000-pixel frame, in proportion to
+        the frame's smaller side (at least 1).
+
+    Returns
+    -------
+    float
+        ``rotation_deg`` in (-90, 90], MuscleX's sign (see the module docstring).
+
+    Notes
+    -----
+    A profile ``z_r(phi)`` mirror-symmetric about the axis ``beta`` satisfies
+    ``z_r(phi) = z_r(2 beta - phi)``: the masked mean squared difference between each
+    radius' zero-mean profile and its reflection, summed over radii, is minimal at
+    ``s = 2 beta``; three FFTs along the azimuth give it for every ``s``. Both the
+    equator and the meridian are mirror axes; the equator is taken as the one with
+    the larger intensity within +-1 degree of the axis (on both sides of the centre).
+    Cost: a blur of the frame and ``n_angles * (rmax - rmin) / dr`` bilinear samples
+    (roughly 15 ms for a Pilatus 1M frame on 2 cores).
+    """
+    data, mask = _check_frame(data, mask)
+    if center is None:
+        center = find_center(data, mask)
+    rotation, _, _ = _locate_rotation(
+        _bias_free(data, mask), mask, center, rmin=rmin, rmax=rmax, n_angles=n_angles, dr=dr, sigma=sigma,
+        bin_factor=bin_factor,
+    )
+    return rotation
 
 
 def _polar_samples(image, valid, center, *, rmin, rmax, n_angles, dr):
@@ -452,6 +754,16 @@ def _polar_samples(image, valid, center, *, rmin, rmax, n_angles, dr):
     return values, ok
 
 
+def _estimate(data, mask, **kwargs):
+    """Geometry, beam stop and quality evidence of one checked frame."""
+    center_kw = {k: kwargs.pop(k) for k in ("bin_factor", "refine_radius") if k in kwargs}
+    center, stop, symmetry = _locate_center(data, mask, **center_kw)
+    if stop is not None:
+        mask = mask & ~stop.mask
+    rotation, mirror, contrast = _locate_rotation(_bias_free(data, mask), mask, center, **kwargs)
+    return Geometry(center, rotation), stop, (symmetry, mirror, contrast)
+
+
 def find_geometry(data, mask=None, **kwargs) -> Geometry:
     """Find the centre and the rotation of one frame.
 
@@ -467,14 +779,18 @@ def find_geometry(data, mask=None, **kwargs) -> Geometry:
     Returns
     -------
     Geometry
+
+    Notes
+    -----
+    The beam-stop shadow found on the way (:func:`find_beam_stop`) is masked for the
+    rotation. :func:`find_run_geometry` returns it, with the quality evidence.
     """
     data, mask = _check_frame(data, mask)
-    center = find_center(data, mask)
-    return Geometry(center, find_rotation(data, mask, center, **kwargs))
+    return _estimate(data, mask, **kwargs)[0]
 
 
 def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
-    """Estimate one geometry for several frames of a run that share it.
+    """Estimate one geometry for several frames of a run that share it (one frame will do).
 
     Parameters
     ----------
@@ -482,12 +798,16 @@ def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
         The run's frames (at least one), all of one shape.
     masks : ndarray or sequence, optional
         One validity mask for all frames (2-D) or one per frame.
+    **kwargs
+        Passed to :func:`find_rotation`.
 
     Returns
     -------
     RunGeometry
         The geometry found on the mean of the frames (valid pixels only), each frame's
-        own estimate, and their spread (standard deviations).
+        own estimate and their spread (standard deviations), the beam stop, and the
+        quality verdict (:class:`GeometryQuality`; the spreads count only with two
+        frames or more).
     """
     frames = [np.asarray(f) for f in frames]
     if not frames:
@@ -501,26 +821,36 @@ def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
     elif np.ndim(masks) == 2:
         masks = [masks] * len(frames)
     checked = [_check_frame(f, m) for f, m in zip(frames, masks)]
-    total = np.zeros(shape, np.float64)
-    n = np.zeros(shape, np.int32)
-    for f, m in checked:
-        total += np.where(m, f, 0)
-        n += m
-    mean_mask = n > 0
-    mean = np.where(mean_mask, total / np.maximum(n, 1), 0).astype(np.float32)
-    # Scale the mean back to summed counts so the log transform sees the run's statistics.
-    geometry = find_geometry(mean * len(frames), mean_mask, **kwargs)
-    per_frame = tuple(find_geometry(f, m, **kwargs) for f, m in checked)
-    centers = np.array([g.center for g in per_frame])
-    rots = np.array([g.rotation_deg for g in per_frame])
-    # Rotations are axis angles: unwrap around the run's value before the spread.
-    rots = (rots - geometry.rotation_deg + 90.0) % 180.0 - 90.0
-    return RunGeometry(
-        geometry,
-        per_frame,
-        (float(centers[:, 0].std()), float(centers[:, 1].std())),
-        float(rots.std()),
+    if len(checked) == 1:
+        data, mean_mask = checked[0]
+    else:
+        total = np.zeros(shape, np.float64)
+        n = np.zeros(shape, np.int32)
+        for f, m in checked:
+            total += np.where(m, f, 0)
+            n += m
+        mean_mask = n > 0
+        # The mean scaled back to summed counts, so the log transform sees the run's statistics.
+        data = (np.where(mean_mask, total / np.maximum(n, 1), 0) * len(frames)).astype(np.float32)
+    geometry, stop, (symmetry, mirror, contrast) = _estimate(data, mean_mask, **kwargs)
+    if len(checked) == 1:
+        per_frame, spread_c, spread_r = (geometry,), (0.0, 0.0), 0.0
+    else:
+        per_frame = tuple(_estimate(f, m, **kwargs)[0] for f, m in checked)
+        centers = np.array([g.center for g in per_frame])
+        rots = np.array([g.rotation_deg for g in per_frame])
+        # Rotations are axis angles: unwrap around the run's value before the spread.
+        rots = (rots - geometry.rotation_deg + 90.0) % 180.0 - 90.0
+        spread_c, spread_r = (float(centers[:, 0].std()), float(centers[:, 1].std())), float(rots.std())
+    quality = judge_geometry(
+        symmetry,
+        mirror,
+        contrast,
+        beam_stop_radius_px=None if stop is None else stop.radius_px,
+        center_spread_px=None if len(checked) == 1 else float(math.hypot(*spread_c)),
+        rotation_spread_deg=None if len(checked) == 1 else spread_r,
     )
+    return RunGeometry(geometry, per_frame, spread_c, spread_r, stop, quality)
 
 
 # --------------------------------------------------------------------------- radial integration
@@ -585,325 +915,3 @@ def radial_profile(image, mask=None, center=(0.0, 0.0), *, bin_width: float = 1.
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     return (np.arange(n_bins) + 0.5) * bin_width, mean, count
-
-
-# --------------------------------------------------------------------------- folding
-
-_QUADRANT_SIGNS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (equator, meridian)
-
-
-def _fold_extent(shape, geometry) -> tuple[int, int]:
-    """Fold shape (rows, cols) covering every detector pixel's distance from the centre."""
-    h, w = shape
-    cx, cy = geometry.center
-    ex, ey = geometry.equator_vector
-    mx, my = geometry.meridian_vector
-    corners = np.array([[-0.5 - cx, -0.5 - cy], [w - 0.5 - cx, -0.5 - cy], [-0.5 - cx, h - 0.5 - cy], [w - 0.5 - cx, h - 0.5 - cy]])
-    u = np.abs(corners @ np.array([ex, ey])).max()
-    v = np.abs(corners @ np.array([mx, my])).max()
-    return int(math.ceil(v)), int(math.ceil(u))
-
-
-class FoldMap:
-    """Precomputed fold (and unfold) of frames of one shape, geometry and mask.
-
-    Building the map does all the geometric work once. The first frame is folded by
-    direct gathers of the bilinear taps (no matrix to build for a one-off fold); from
-    the second frame (or the first batch) on, a sparse matrix built once serves, and a
-    fold costs one sparse product per frame or batch.
-
-    Parameters
-    ----------
-    shape : (int, int)
-        Detector frame shape (rows, columns).
-    geometry : Geometry
-        Beam centre and rotation.
-    mask : ndarray of bool, optional
-        Static validity mask of the detector (True = valid); default all valid.
-    edge : int, optional
-        Pixels next to invalid pixels excluded as well (default 1: the edges of gaps).
-    fold_shape : (int, int), optional
-        Shape of the fold; by default large enough for every detector pixel.
-
-    Attributes
-    ----------
-    count : ndarray of int8
-        Number of valid quadrant samples per fold pixel for the static mask.
-
-    Notes
-    -----
-    Each quadrant sample is bilinearly interpolated from four detector pixels and
-    counts only when all four are valid (after the ``edge`` erosion). A frame whose own
-    mask invalidates more pixels than the static mask is folded through a slower path
-    that recomputes the validity for that frame only.
-    """
-
-    def __init__(self, shape, geometry: Geometry, mask=None, *, edge: int = 1, fold_shape=None):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 2 or min(shape) < 2:
-            raise GeometryError(f"shape must be (rows, columns) of a 2-D frame, got {shape!r}")
-        if not isinstance(geometry, Geometry):
-            raise GeometryError(f"geometry must be a Geometry, got {type(geometry).__name__}")
-        self.shape = shape
-        self.geometry = geometry
-        if mask is None:
-            mask = np.ones(shape, bool)
-        mask = np.asarray(mask, bool)
-        if mask.shape != shape:
-            raise GeometryError(f"mask has shape {mask.shape}, expected {shape}")
-        self.edge = int(edge)
-        self.mask = mask
-        self.usable = self._usable_from(mask)
-        self.fold_shape = tuple(fold_shape) if fold_shape is not None else _fold_extent(shape, geometry)
-        self._used = False
-        self._build()
-
-    # -- construction
-    def _build(self):
-        h, w = self.shape
-        fh, fw = self.fold_shape
-        n_fold = fh * fw
-        cx, cy = self.geometry.center
-        ex, ey = self.geometry.equator_vector
-        mx, my = self.geometry.meridian_vector
-        # float32 coordinates: 1e-4 px resolution at 2000 px, half the memory traffic.
-        su = np.array([q[0] for q in _QUADRANT_SIGNS], np.float32)
-        sv = np.array([q[1] for q in _QUADRANT_SIGNS], np.float32)
-        jj = np.arange(fw, dtype=np.float32)[None, :, None]
-        ii = np.arange(fh, dtype=np.float32)[:, None, None]
-        # Arrays of shape (n_fold, 4 quadrants): the top-left bilinear tap (flat index)
-        # and the fractional offsets; the other taps are base + 1, base + w, base + w + 1.
-        x = ((ex * jj) * su + (mx * ii) * sv).reshape(n_fold, 4)
-        x += np.float32(cx)
-        y = ((ey * jj) * su + (my * ii) * sv).reshape(n_fold, 4)
-        y += np.float32(cy)
-        x0 = np.floor(x)
-        y0 = np.floor(y)
-        fx = np.subtract(x, x0, out=x)
-        fy = np.subtract(y, y0, out=y)
-        # On the detector; a sample exactly on the last row/column needs no neighbour.
-        inside = (x0 >= 0) & (y0 >= 0) & ((x0 + 1 < w) | ((x0 < w) & (fx == 0)))
-        inside &= (y0 + 1 < h) | ((y0 < h) & (fy == 0))
-        base = np.clip(y0, 0, h - 1).astype(np.int32) * w + np.clip(x0, 0, w - 1).astype(np.int32)
-        self._base, self._fx, self._fy, self._inside = base, fx, fy, inside
-        # Which taps carry weight (fx > 0: the right ones, fy > 0: the lower ones).
-        self._footprint = (fx > 0).astype(np.int8) + 2 * (fy > 0).astype(np.int8)
-        ok = self._sample_ok(self.usable)
-        count = np.count_nonzero(ok, axis=1)
-        norm = np.where(count > 0, 1.0 / np.maximum(count, 1), 0.0).astype(np.float32)
-        # Weight of each quadrant sample in the mean, 0 for samples that do not count.
-        self._scale = ok * norm[:, None]
-        self.count = count.astype(np.int8).reshape(self.fold_shape)
-        self._matrix = None
-        self._unfold_matrix = None
-
-    def _build_matrix(self):
-        """The sparse (n_fold, n_pixels) fold matrix: 16 taps per row, zeros dropped."""
-        h, w = self.shape
-        n_fold = self._base.shape[0]
-        wx = np.stack([1 - self._fx, self._fx], axis=-1)
-        wy = np.stack([1 - self._fy, self._fy], axis=-1)
-        data = (wy[:, :, :, None] * wx[:, :, None, :] * self._scale[:, :, None, None]).reshape(n_fold, 4, 4)
-        indices = self._base[:, :, None] + np.array([0, 1, w, w + 1], np.int32)
-        np.minimum(indices, h * w - 1, out=indices)
-        indptr = np.arange(0, 16 * n_fold + 1, 16, dtype=np.int32 if 16 * n_fold < 2**31 else np.int64)
-        matrix = sparse.csr_matrix((data.ravel(), indices.ravel(), indptr), shape=(n_fold, h * w))
-        matrix.eliminate_zeros()
-        return matrix
-
-    def _gather(self, flat: np.ndarray) -> np.ndarray:
-        """Bilinear value of every quadrant sample of a raveled frame, (n_fold, 4)."""
-        w = self.shape[1]
-        # Pad so that base + w + 1 stays in range; a shifted view replaces "base + k".
-        padded = np.concatenate([flat.astype(np.float32, copy=False), np.zeros(w + 1, np.float32)])
-        base = self._base
-        top = padded[base]
-        top += self._fx * (padded[1:][base] - top)
-        bottom = padded[w:][base]
-        bottom += self._fx * (padded[w + 1 :][base] - bottom)
-        top += self._fy * (bottom - top)
-        return top
-
-    def _apply(self, flat: np.ndarray) -> np.ndarray:
-        """Fold raveled frame(s) (n_pixels,) or (n_pixels, n) with the static validity."""
-        if self._matrix is None and (flat.ndim == 1 and not self._used):
-            self._used = True
-            return (self._gather(flat) * self._scale).sum(axis=1)
-        if self._matrix is None:
-            self._matrix = self._build_matrix()
-        return self._matrix @ flat
-
-    # -- folding
-    def fold(self, data, mask=None) -> tuple[np.ndarray, np.ndarray]:
-        """Fold one frame (or a stack of frames) into the quadrant.
-
-        Parameters
-        ----------
-        data : ndarray, shape ``self.shape`` or ``(n, *self.shape)``
-            Frame(s) in counts.
-        mask : ndarray of bool, optional
-            The frame's own validity mask (same shape as one frame, or one per frame).
-            Pixels invalid here but valid in the map's static mask are excluded with a
-            per-frame validity pass. Default: NaN and negative pixels are invalid.
-
-        Returns
-        -------
-        fold : ndarray of float32, shape ``fold_shape`` (or ``(n, *fold_shape)``)
-            Mean of the valid quadrant samples; 0 where ``count == 0``.
-        count : ndarray of int8, same shape
-            Number of quadrant samples averaged per fold pixel.
-        """
-        data = np.asarray(data)
-        if data.shape[-2:] != self.shape or data.ndim not in (2, 3):
-            raise GeometryError(f"frame has shape {data.shape}, expected {self.shape} or (n, {self.shape[0]}, {self.shape[1]})")
-        if data.ndim == 3:
-            if mask is not None and np.ndim(mask) == 3:
-                results = [self.fold(f, m) for f, m in zip(data, mask)]
-                return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
-            frame_masks = None if mask is None else np.asarray(mask, bool)
-            if frame_masks is None:
-                frame_masks = np.isfinite(data) & (data >= 0)
-                extra = ~frame_masks & self.usable
-                if extra.any():
-                    results = [self.fold(f, m) for f, m in zip(data, frame_masks)]
-                    return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
-            elif (~frame_masks & self.usable).any():
-                results = [self.fold(f, frame_masks) for f in data]
-                return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
-            flat = data.reshape(data.shape[0], -1).astype(np.float32, copy=False)
-            out = self._apply(flat.T).T.reshape((data.shape[0],) + self.fold_shape)
-            return out.astype(np.float32, copy=False), np.broadcast_to(self.count, out.shape).copy()
-        if mask is None:
-            mask = np.isfinite(data) & (data >= 0)
-        else:
-            mask = np.asarray(mask, bool)
-            if mask.shape != self.shape:
-                raise GeometryError(f"mask has shape {mask.shape}, expected {self.shape}")
-        extra_invalid = ~mask & self.usable
-        flat = np.where(mask, data, 0).astype(np.float32, copy=False).ravel()
-        if not extra_invalid.any():
-            out = self._apply(flat)
-            return out.reshape(self.fold_shape).astype(np.float32, copy=False), self.count.copy()
-        return self._fold_masked(flat, extra_invalid)
-
-    def _usable_from(self, mask: np.ndarray) -> np.ndarray:
-        """Valid pixels that are not within ``edge`` pixels of an invalid one."""
-        if self.edge <= 0:
-            return mask.copy()
-        # Separable 3x3 minimum (= binary erosion, borders count as valid), faster than
-        # ndimage.binary_erosion on detector-sized masks.
-        size = 2 * self.edge + 1
-        return ndimage.minimum_filter(mask.view(np.uint8), size=size, mode="nearest").view(bool)
-
-    def _sample_ok(self, usable: np.ndarray) -> np.ndarray:
-        """(n_fold, 4): quadrant samples on the detector whose weighted taps are all usable."""
-        # One gather per sample: which taps carry weight depends on whether fx, fy are
-        # zero, so look up the AND of the usable pixels over the matching footprint.
-        right = np.zeros_like(usable)
-        right[:, :-1] = usable[:, 1:]
-        down = np.zeros_like(usable)
-        down[:-1, :] = usable[1:, :]
-        pair_x = usable & right
-        pair_y = usable & down
-        quad = pair_x.copy()
-        quad[:-1, :] &= pair_x[1:, :]
-        quad[-1, :] = False
-        table = np.stack([usable.ravel(), pair_x.ravel(), pair_y.ravel(), quad.ravel()])
-        return self._inside & table[self._footprint, self._base]
-
-    def _fold_masked(self, flat, extra_invalid):
-        ok = self._sample_ok(self._usable_from(self.mask & ~extra_invalid))
-        values = self._gather(flat)
-        count = ok.sum(axis=1)
-        total = np.where(ok, values, 0).sum(axis=1, dtype=np.float64)
-        out = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-        return out.reshape(self.fold_shape).astype(np.float32), count.reshape(self.fold_shape).astype(np.int8)
-
-    # -- unfolding
-    def unfold(self, folded, count=None) -> tuple[np.ndarray, np.ndarray]:
-        """Map a fold back onto the detector frame.
-
-        Parameters
-        ----------
-        folded : ndarray, shape ``fold_shape``
-            A fold (for example a background or a corrected fold).
-        count : ndarray, optional
-            Its per-pixel count; fold pixels with ``count == 0`` are not used
-            (default: the map's static count).
-
-        Returns
-        -------
-        image : ndarray of float32, shape ``self.shape``
-            Bilinear interpolation of the fold at each detector pixel's (|v|, |u|);
-            0 where no valid fold pixel is near.
-        valid : ndarray of bool
-            Detector pixels that received a value.
-        """
-        folded = np.asarray(folded)
-        if folded.shape != self.fold_shape:
-            raise GeometryError(f"fold has shape {folded.shape}, expected {self.fold_shape}")
-        count = self.count if count is None else np.asarray(count)
-        have = (count > 0).ravel().astype(np.float32)
-        if self._unfold_matrix is None:
-            self._unfold_matrix = self._build_unfold()
-        m = self._unfold_matrix
-        num = m @ (np.where(count > 0, folded, 0).astype(np.float32).ravel())
-        den = m @ have
-        valid = den > 0.5
-        image = np.where(valid, num / np.where(valid, den, 1), 0).astype(np.float32)
-        return image.reshape(self.shape), valid.reshape(self.shape)
-
-    def _build_unfold(self):
-        h, w = self.shape
-        fh, fw = self.fold_shape
-        cx, cy = self.geometry.center
-        ex, ey = self.geometry.equator_vector
-        mx, my = self.geometry.meridian_vector
-        yy, xx = np.mgrid[0:h, 0:w]
-        dx = xx.ravel() - cx
-        dy = yy.ravel() - cy
-        j = np.abs(dx * ex + dy * ey)
-        i = np.abs(dx * mx + dy * my)
-        i0 = np.floor(i).astype(np.int64)
-        j0 = np.floor(j).astype(np.int64)
-        fi = (i - i0).astype(np.float32)
-        fj = (j - j0).astype(np.float32)
-        ok_i = (i0 + 1 < fh) | ((i0 < fh) & (fi == 0))
-        ok_j = (j0 + 1 < fw) | ((j0 < fw) & (fj == 0))
-        i0 = np.clip(i0, 0, fh - 1)
-        j0 = np.clip(j0, 0, fw - 1)
-        i1 = np.minimum(i0 + 1, fh - 1)
-        j1 = np.minimum(j0 + 1, fw - 1)
-        on = (ok_i & ok_j).astype(np.float32)
-        idx = np.stack([i0 * fw + j0, i0 * fw + j1, i1 * fw + j0, i1 * fw + j1], axis=1).astype(np.int32)
-        wts = np.stack([(1 - fi) * (1 - fj), (1 - fi) * fj, fi * (1 - fj), fi * fj], axis=1) * on[:, None]
-        matrix = sparse.csr_matrix(
-            (wts.astype(np.float32).ravel(), idx.ravel(), np.arange(0, 4 * h * w + 1, 4)), shape=(h * w, fh * fw)
-        )
-        matrix.eliminate_zeros()
-        return matrix
-
-
-def fold(data, geometry: Geometry, mask=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Fold one frame into the quadrant (builds a :class:`FoldMap` for this call).
-
-    For a stream of frames with one geometry, build a :class:`FoldMap` once instead.
-
-    Returns
-    -------
-    fold : ndarray of float32
-    count : ndarray of int8
-    """
-    data = np.asarray(data)
-    if data.ndim != 2:
-        raise GeometryError(f"expected a 2-D frame, got an array of shape {data.shape}")
-    if mask is None:
-        mask = np.isfinite(data) & (data >= 0)
-    return FoldMap(data.shape, geometry, mask, **kwargs).fold(data, mask)
-
-
-def unfold(folded, geometry: Geometry, shape, count=None) -> tuple[np.ndarray, np.ndarray]:
-    """Map a fold back onto a detector frame of ``shape`` (see :meth:`FoldMap.unfold`)."""
-    folded = np.asarray(folded)
-    fm = FoldMap(shape, geometry, None, edge=0, fold_shape=folded.shape)
-    return fm.unfold(folded, count)

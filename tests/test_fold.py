@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from live_bgsub.errors import GeometryError
-from live_bgsub.geometry import FoldMap, Geometry, fold, unfold
+from live_bgsub.fold import FoldMap, fold, unfold
+from live_bgsub.geometry import Geometry
 
 
 def symmetric_pattern(shape, geometry, a=2.0, b=50.0, su=15.0, sv=9.0):
@@ -215,3 +216,110 @@ def test_first_frame_gather_equals_the_sparse_matrix_of_later_frames():
     assert fm._matrix is matrix  # not rebuilt per frame
     np.testing.assert_allclose(first, second, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(c1, c2)
+
+
+# ---------------------------------------------------------------------- public tap tables
+
+
+def _fold_from_taps(taps, flat, w, scale):
+    """The fold as the weighted sum over quadrant samples of their four bilinear taps."""
+    n = flat.size
+    fx, fy = taps.fx.astype(np.float64), taps.fy.astype(np.float64)
+    weights = ((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx)
+    value = np.zeros(taps.base.shape)
+    for offset, weight in zip((0, 1, w, w + 1), weights):
+        # A tap without weight may lie past the last pixel: clip it (its weight is 0).
+        value += weight * flat[np.minimum(taps.base.astype(np.int64) + offset, n - 1)]
+    return (value * scale).sum(axis=1)
+
+
+def test_public_taps_reproduce_the_fold():
+    rng = np.random.default_rng(11)
+    shape = (57, 73)
+    mask = rng.random(shape) > 0.03
+    mask[20:23, :] = False  # a gap
+    fm = FoldMap(shape, Geometry((35.4, 27.8), 17.0), mask)
+    frame = rng.poisson(30.0, size=shape).astype(np.float32)
+    taps = fm.taps()
+    n_fold = fm.fold_shape[0] * fm.fold_shape[1]
+    for name, dtype in (("base", np.int32), ("fx", np.float32), ("fy", np.float32), ("inside", bool), ("footprint", np.int8), ("scale", np.float32)):
+        a = getattr(taps, name)
+        assert a.shape == (n_fold, 4) and a.dtype == dtype, name
+        assert not a.flags.writeable, name  # views of the map's own tables
+    assert ((taps.fx >= 0) & (taps.fx < 1)).all() and ((taps.fy >= 0) & (taps.fy < 1)).all()
+    np.testing.assert_array_equal(taps.footprint, (taps.fx > 0) + 2 * (taps.fy > 0))
+    # The static count is the number of samples with weight; scale is 1 / count for them.
+    np.testing.assert_array_equal((taps.scale > 0).sum(axis=1).reshape(fm.fold_shape), fm.count)
+    ok = fm.sample_ok(fm.usable_from(mask))
+    np.testing.assert_array_equal(fm.usable_from(mask), fm.usable)
+    np.testing.assert_array_equal(ok, taps.scale > 0)
+    assert not (ok & ~taps.inside).any()
+
+    flat = np.where(mask, frame, 0).astype(np.float64).ravel()
+    want, count = fm.fold(frame, mask)
+    got = _fold_from_taps(taps, flat, shape[1], taps.scale)
+    np.testing.assert_allclose(got.reshape(fm.fold_shape), want, rtol=1e-5, atol=1e-5 * want.max())
+    np.testing.assert_array_equal(count, fm.count)
+
+    # A frame with its own invalid pixels (away from the static gaps' edges, where
+    # FoldMap.fold keeps the static erosion): usable_from + sample_ok give its mean.
+    frame_mask = mask.copy()
+    frame_mask.ravel()[rng.choice(np.flatnonzero(fm.usable), 12, replace=False)] = False
+    want, count = fm.fold(frame, frame_mask)
+    ok = fm.sample_ok(fm.usable_from(frame_mask))
+    n_ok = ok.sum(axis=1)
+    scale = np.where(ok, 1.0 / np.maximum(n_ok, 1)[:, None], 0.0)
+    got = _fold_from_taps(taps, np.where(frame_mask, frame, 0).astype(np.float64).ravel(), shape[1], scale)
+    np.testing.assert_allclose(got.reshape(fm.fold_shape), want, rtol=1e-5, atol=1e-5 * want.max())
+    np.testing.assert_array_equal(n_ok.reshape(fm.fold_shape), count)
+    assert (count != fm.count).any()
+
+
+def test_usable_from_and_sample_ok_check_their_input():
+    fm = FoldMap((12, 10), Geometry((4.5, 6.0)))
+    with pytest.raises(GeometryError, match=r"mask has shape \(10, 12\), expected \(12, 10\)"):
+        fm.usable_from(np.ones((10, 12), bool))
+    with pytest.raises(GeometryError, match=r"usable has shape"):
+        fm.sample_ok(np.ones((12, 11), bool))
+    # Array-likes of any truthy dtype are taken as bool.
+    np.testing.assert_array_equal(fm.usable_from(np.ones((12, 10), np.uint8)), fm.usable)
+
+
+def test_folding_lives_in_one_module():
+    """fold.py owns FoldMap, fold and unfold (no re-exports), and nothing outside it
+    reaches into a FoldMap's private attributes or fold.py's private names."""
+    import ast
+    from pathlib import Path
+
+    import live_bgsub.fold
+    import live_bgsub.geometry
+
+    for name in ("FoldMap", "FoldTaps", "fold", "unfold"):
+        assert name in live_bgsub.fold.__all__
+        assert not hasattr(live_bgsub.geometry, name), f"live_bgsub.geometry.{name} is a second name for it"
+
+    fm = FoldMap((20, 30), Geometry((14.2, 9.7), 5.0))
+    frame = np.ones((20, 30), np.float32)
+    for _ in range(2):
+        folded, _ = fm.fold(frame)
+    fm.unfold(folded)  # every lazily made attribute exists now
+    private = {n for n in set(vars(fm)) | set(dir(FoldMap)) if n.startswith("_") and not n.startswith("__")}
+    private_module = {n for n in vars(live_bgsub.fold) if n.startswith("_") and not n.startswith("__")}
+    assert {"_base", "_fx", "_fy", "_inside", "_footprint", "_scale"} <= private
+
+    repo = Path(__file__).resolve().parents[1]
+    fold_py = repo / "live_bgsub" / "fold.py"
+    offenders = []
+    for folder in ("live_bgsub", "training", "benchmarks"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            if path == fold_py:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                where = f"{path.relative_to(repo)}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.Attribute) and node.attr in private | private_module:
+                    # self._x / cls._x in another class is that class's own attribute.
+                    if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                        offenders.append(f"{where}: {ast.unparse(node)}")
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "fold":
+                    offenders += [f"{where}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, "private FoldMap / live_bgsub.fold names used outside fold.py:\n" + "\n".join(offenders)

@@ -141,16 +141,118 @@ def test_p40_run_estimate_and_independent_rotation_check(p40, capsys):
     assert _rotation_error(g.rotation_deg, spots) < 0.3
 
 
+def _center_from_10_spots(image, mask, center, axis_deg, s_range, iterations=3):
+    """Independent check: the midpoint of the two 1,0 spot centroids (iterated from ``center``)."""
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(iterations):
+        dx, dy = xx - center[0], yy - center[1]
+        r = np.hypot(dx, dy)
+        ang = np.degrees(np.arctan2(dy, dx))
+        band = (r > s_range[0]) & (r < s_range[1]) & mask
+        points = []
+        for side in (axis_deg, axis_deg + 180.0):
+            sector = band & (np.abs((ang - side + 180) % 360 - 180) < 15)
+            wts = np.clip(image - np.percentile(image[sector], 60), 0, None) * sector
+            points.append(((wts * xx).sum() / wts.sum(), (wts * yy).sum() / wts.sum()))
+        center = ((points[0][0] + points[1][0]) / 2, (points[0][1] + points[1][1]) / 2)
+    return center
+
+
 @pytest.mark.realdata
 def test_venus_equator_is_vertical(real_data):
+    """MuscleX's automatic centre sits 2 px toward the beam stop's centre (392.5, 563.8):
+    with the shadow counted as data (a Pilatus reads 0 there) the old estimate did too
+    (564.2). With the shadow masked the centre moves to ~565.8; the midpoint of the two
+    1,0 spots (weak in this frame) is ~564.5."""
     im = read_image(real_data / "venus32int.tif")
     g = find_geometry(im.data, im.mask)
     (mx_center, mx_rot) = MUSCLEX_GEOMETRY["venus32int"]
     assert abs(g.rotation_deg) > 85  # vertical equator
     assert _rotation_error(g.rotation_deg, mx_rot) < 1.0
-    assert math.dist(g.center, mx_center) < 2.0
+    assert math.dist(g.center, mx_center) < 2.5
+    spots = _center_from_10_spots(im.data, im.mask, g.center, g.rotation_deg, (40, 64))
+    assert math.dist(g.center, spots) < 1.5
+
+
+@pytest.mark.realdata
+def test_marccd_cardiac_frame(real_data):
+    """uint16 with a bias, circular active area, a beam stop reading the bias, vertical equator.
+
+    On bebe8fc the centre was (1020.5, 1042.9): the unmasked shadow, not the pattern.
+    The expert centre (1024.0, 1046.0) and MuscleX's automatic one are 2.7 px from the
+    midpoint of the two 1,0 spots (1021.9, 1044.3), which is the symmetry centre of the
+    reflections; we meet the spots.
+    """
+    im = read_image(real_data / "CD_PIGLV_PIG3_FB_SHORT_PRE_BUFFER_00001.tif")
+    run = find_run_geometry([im.data], [im.mask])
+    g = run.geometry
+    assert run.beam_stop is not None and run.beam_stop.radius_px > 8
+    assert run.quality.verdict == "good", run.quality.reasons
+    assert _rotation_error(g.rotation_deg, 89.9) < 0.6  # MuscleX's rotation
+    spots = _center_from_10_spots(im.data, im.mask, g.center, g.rotation_deg, (92, 128))
+    assert math.dist(g.center, spots) < 0.5
+    assert math.dist(g.center, (1024.0, 1046.0)) < 3.0
 
 
 def test_geometry_dict_round_trip():
     g = Geometry((1.5, 2.5), 181.0)
     assert g.to_dict() == {"center": [1.5, 2.5], "rotation_deg": pytest.approx(1.0)}
+
+
+def _ccd_frame(p, stop_center, stop_radius, *, bias=100.0, read_noise=3.0, arm_deg=None, arm_width=0.0, seed=0):
+    """A CCD's uint16 frame of a synthetic pattern: bias + counts + read noise, 0 off the
+    active area, and a beam stop (with an optional arm) that reads the bias. The stop is
+    placed where the beam stop is, not where the beam is."""
+    rng = np.random.default_rng(seed)
+    h, w = p.frame.shape
+    sx, sy = stop_center
+    yy, xx = np.mgrid[0:h, 0:w]
+    shadow = (xx - sx) ** 2 + (yy - sy) ** 2 <= stop_radius**2
+    if arm_deg is not None:
+        t = math.radians(arm_deg)
+        along = (xx - sx) * math.cos(t) + (yy - sy) * math.sin(t)
+        across = -(xx - sx) * math.sin(t) + (yy - sy) * math.cos(t)
+        shadow |= (along > 0) & (np.abs(across) <= arm_width / 2)
+    raw = bias + np.where(shadow, 0.0, p.frame) + rng.normal(0.0, read_noise, p.frame.shape)
+    active = p.raw() != -1  # not a module gap, not off the circular active area
+    return np.where(active, np.clip(np.rint(raw), 1, 65535), 0).astype(np.uint16), shadow
+
+
+@pytest.mark.parametrize(
+    "preset, kwargs, offset, radius, arm",
+    [
+        # MarCCD-like: circular active area, bias, vertical equator, a stop 8.6 px off the beam.
+        ("mar", dict(seed=3, counts=10, vertical=True), (7, -5), 30, None),
+        # The same with an arm to the frame's edge (bebe8fc: 6.8 px off).
+        ("mar", dict(seed=4, counts=10, rotation_deg=6.0), (6, 4), 30, (-60, 14)),
+        # A Pilatus-sized frame read like a CCD, with a stop and arm (bebe8fc: 4.4 px off).
+        ("pilatus-1m", dict(seed=5, counts=3, rotation_deg=6.0), (4, 3), 16, (120, 8)),
+    ],
+)
+def test_offset_beam_stop_with_bias_and_arm(preset, kwargs, offset, radius, arm):
+    """A beam stop (and arm) off the beam centre reading a CCD's bias is an asymmetric
+    object: unmasked, it pulled bebe8fc's centre 4-7 px toward itself."""
+    p = make_pattern(preset, beam_stop_radius_px=0.5, **kwargs)
+    cx, cy = p.params["center"]
+    raw, shadow = _ccd_frame(
+        p, (cx + offset[0], cy + offset[1]), radius, arm_deg=None if arm is None else arm[0], arm_width=0 if arm is None else arm[1]
+    )
+    run = find_run_geometry([raw.astype(np.float32)], [raw > 0])
+    assert math.dist(run.geometry.center, (cx, cy)) < 0.5
+    assert _rotation_error(run.geometry.rotation_deg, p.params["rotation_deg"]) < 0.2
+    assert run.quality.verdict == "good"
+    # The shadow is found and masked: its disc entirely, and the disc's size.
+    assert run.beam_stop is not None
+    assert run.beam_stop.radius_px == pytest.approx(radius, rel=0.25)
+    disc = shadow & (np.hypot(*np.subtract(np.indices(shadow.shape)[::-1], np.reshape((cx + offset[0], cy + offset[1]), (2, 1, 1)))) <= radius)
+    assert run.beam_stop.mask[disc].mean() > 0.99
+
+
+def test_quality_verdict_flags_a_pattern_without_symmetry():
+    """Noise with no pattern: no centre can be trusted, and the verdict says so."""
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(5.0, (400, 400)).astype(np.float32)
+    run = find_run_geometry([frame])
+    assert run.quality.verdict == "doubtful"
+    assert run.quality.reasons

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from live_bgsub.geometry import Geometry, fold, radial_profile
+from live_bgsub.fold import fold
+from live_bgsub.geometry import Geometry, radial_profile
 from live_bgsub.synth import make_powder
 
 pyFAI = pytest.importorskip("pyFAI", reason="pyFAI is the reference; it comes with the test extra")

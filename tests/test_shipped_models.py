@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("keras")
 
 from live_bgsub.background import subtract_background  # noqa: E402
-from live_bgsub.geometry import FoldMap, Geometry  # noqa: E402
+from live_bgsub.fold import FoldMap  # noqa: E402
+from live_bgsub.geometry import Geometry  # noqa: E402
 from live_bgsub.inference import SHIPPED_MODELS, BackgroundModel, shipped_model_path  # noqa: E402
 from live_bgsub.metrics import psnr  # noqa: E402
 from live_bgsub.synth import make_pattern  # noqa: E402

@@ -101,7 +101,8 @@ def test_split_sizes_are_seeded_disjoint_and_per_source():
 
 
 def test_synthetic_truth_target_is_the_folded_true_signal():
-    from live_bgsub.geometry import FoldMap, Geometry
+    from live_bgsub.fold import FoldMap
+    from live_bgsub.geometry import Geometry
     from live_bgsub.resample import block_mean
     from live_bgsub.synth import make_pattern
 
@@ -232,8 +233,9 @@ def test_image_folder_runs_hashes_and_skips(tmp_path):
 @pytest.mark.realdata
 def test_real_folder_discards_the_powder_frame(real_data):
     folds, report = D.collect_image_folds(real_data, downsample=2, log=_quiet)
-    assert len(folds) == 8
-    assert sorted(len(r["files"]) for r in report["runs"]) == [1, 1, 6]
+    # Six P40 frames (one run), venus32int, the powder frame and the MarCCD cardiac frame.
+    assert len(folds) == 9
+    assert sorted(len(r["files"]) for r in report["runs"]) == [1, 1, 1, 6]
     _, discarded = D.discard_outliers(folds, 0.10)
     assert [d["id"] for d in discarded] == ["image:powder_Mn23-1_diffScan_0167.tif"]
 

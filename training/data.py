@@ -8,7 +8,7 @@
      frames are grouped into runs by shape and by the file-name prefix before a
      trailing ``_NNNNN`` counter (a multi-frame file is one run); each run gets one
      geometry (:func:`live_bgsub.geometry.find_run_geometry`) and one
-     :class:`~live_bgsub.geometry.FoldMap`;
+     :class:`~live_bgsub.fold.FoldMap`;
    - ``synthetic`` seeded patterns (:func:`live_bgsub.synth.make_pattern`), folded with
      their *true* geometry, so that the folded true signal (the ``synthetic-truth``
      target) aligns exactly with the folded frame;
@@ -63,7 +63,8 @@ from live_bgsub.background import (
     validate_params,
 )
 from live_bgsub.errors import GeometryError
-from live_bgsub.geometry import FoldMap, Geometry, find_run_geometry
+from live_bgsub.fold import FoldMap
+from live_bgsub.geometry import Geometry, find_run_geometry
 from live_bgsub.io import read_image
 from live_bgsub.metrics import mae, psnr
 from live_bgsub.resample import block_mean

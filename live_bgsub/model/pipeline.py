@@ -106,7 +106,7 @@ class FoldGather(keras.layers.Layer):
       (``tap_weight``, NaN for samples off the detector), a sample is valid when its
       weighted tap sum is not NaN, and the fold is the mean of the valid samples.
 
-    Both give :meth:`live_bgsub.geometry.FoldMap.fold` to float32 rounding. Whether the
+    Both give :meth:`live_bgsub.fold.FoldMap.fold` to float32 rounding. Whether the
     batch has the reference validity is tested on the device, or given by the caller
     (``same``: the host tests it while staging the frames, which on a CPU is ~10x
     cheaper than the device's pass over the frames).

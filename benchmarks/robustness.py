@@ -1,0 +1,163 @@
+"""Robustness of geometry and equator metrics across detector families (issue 13).
+
+Usage::
+
+    python -m benchmarks.robustness [--per-family N] [--families NAME ...] [--seed S]
+        [--workers W] [--json OUT]
+
+For every family of :data:`live_bgsub.synth.FAMILIES`, ``N`` seeded synthetic patterns
+with drawn truth: S10 log-uniform in [20, 300] px (capped so that the 2,0 reflection
+stays on the detector), any rotation (a third of them vertical), count levels
+log-uniform from photon-starved (0.3x) to bright (30x), beam stops from 0.6x to 1.6x
+the preset's radius, each written as that detector writes it (``SyntheticPattern.raw``:
+int32 with sentinels, or a CCD's uint16 with bias and read noise) and read back
+through :func:`live_bgsub.io.mask_invalid`. Then, as ``live-bgsub process`` does:
+:func:`live_bgsub.geometry.find_run_geometry` on the frame, a fold with the beam stop
+masked, and :func:`live_bgsub.metrics.roi_metrics` on the fold minus the fold of the
+TRUE background (so that the numbers measure geometry and reflection finding, not a
+background method).
+
+Per family: centre, rotation, S10 and I11/I10 errors (median and worst), the detection
+rate (an equator reported with a good verdict), and the rate of *confident wrong*
+answers: a good verdict on geometry and metrics with an error beyond the issue's goals
+(centre 0.5 px, rotation 0.2 degrees, S10 0.5 px, I11/I10 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+GOALS = {"center_px": 0.5, "rotation_deg": 0.2, "s10_px": 0.5, "i11_i10_rel": 0.05}
+
+
+def _draw(family: str, index: int, seed: int) -> dict:
+    """The drawn conditions of one pattern (deterministic in family, index and seed)."""
+    from live_bgsub.synth import PRESETS
+
+    det = PRESETS[family]
+    rng = np.random.default_rng([seed, index, sum(map(ord, family))])
+    h, w = det.shape
+    # The 2,0 at 2 * S10 must fit between the beam and the nearest edge of a central beam.
+    s10_max = min(300.0, 0.22 * min(h, w))
+    s10 = float(math.exp(rng.uniform(math.log(20.0), math.log(s10_max))))
+    vertical = index % 3 == 2
+    rotation = float(rng.uniform(-20.0, 20.0) + (90.0 if vertical else 0.0))
+    counts = float(math.exp(rng.uniform(math.log(0.3), math.log(30.0))))
+    stop = float(det.beam_stop_radius_px * rng.uniform(0.6, 1.6))
+    return dict(preset=family, seed=int(seed * 1000 + index), s10_px=s10, rotation_deg=rotation, counts=counts,
+                beam_stop_radius_px=stop)
+
+
+def evaluate(conditions: dict) -> dict:
+    """Run one pattern through geometry, fold and metrics; its errors and verdicts."""
+    from live_bgsub.fold import FoldMap
+    from live_bgsub.geometry import find_run_geometry
+    from live_bgsub.io import mask_invalid
+    from live_bgsub.metrics import roi_metrics
+    from live_bgsub.synth import make_pattern
+
+    c = dict(conditions)
+    p = make_pattern(c.pop("preset"), seed=c.pop("seed"), rotation_deg=c.pop("rotation_deg"), counts=c.pop("counts"), **c)
+    t0 = time.perf_counter()
+    data, mask = mask_invalid(p.raw())
+    run = find_run_geometry([data], [mask])
+    static = mask if run.beam_stop is None else mask & ~run.beam_stop.mask
+    fm = FoldMap(data.shape, run.geometry, static)
+    folded, count = fm.fold(np.where(static, p.frame, 0).astype(np.float32), static)
+    background, _ = fm.fold(np.where(static, p.background, 0).astype(np.float32), static)
+    metrics = roi_metrics(folded - background, mask=count > 0)
+    seconds = time.perf_counter() - t0
+    truth = p.params
+    rot_err = abs((run.geometry.rotation_deg - truth["rotation_deg"] + 90.0) % 180.0 - 90.0)
+    out = {
+        "preset": truth["preset"],
+        "seed": truth["seed"],
+        "s10_true": truth["s10_px"],
+        "counts": truth["counts"],
+        "center_err": math.dist(run.geometry.center, truth["center"]),
+        "rotation_err": rot_err,
+        "geometry_verdict": run.quality.verdict,
+        "geometry_reasons": list(run.quality.reasons),
+        "equator_found": bool(metrics["equator_found"]),
+        "metrics_verdict": metrics.get("quality", {}).get("verdict", "good" if metrics["equator_found"] else "no equator"),
+        "reason": metrics["reason"],
+        "s10_err": abs(metrics["s10_px"] - truth["s10_px"]) if metrics["equator_found"] else math.nan,
+        "ratio_err": abs(metrics["i11_i10"] / truth["i11_i10"] - 1.0) if metrics["equator_found"] else math.nan,
+        "seconds": seconds,
+    }
+    geometry_ok = out["center_err"] <= GOALS["center_px"] and out["rotation_err"] <= GOALS["rotation_deg"]
+    metrics_ok = out["s10_err"] <= GOALS["s10_px"] and out["ratio_err"] <= GOALS["i11_i10_rel"]
+    confident = run.quality.verdict == "good" and out["equator_found"] and out["metrics_verdict"] == "good"
+    out["within_goals"] = bool(geometry_ok and metrics_ok and out["equator_found"])
+    out["confident_wrong"] = bool(
+        (run.quality.verdict == "good" and not geometry_ok) or (confident and not metrics_ok)
+    )
+    return out
+
+
+def _stats(values):
+    v = np.asarray([x for x in values if x == x], float)
+    if v.size == 0:
+        return "-", "-"
+    return f"{np.median(v):.3f}", f"{v.max():.3f}"
+
+
+def summarise(rows: list[dict]) -> str:
+    lines = [
+        "| family | n | centre px med/worst | rotation deg med/worst | S10 px med/worst | I11/I10 rel med/worst "
+        "| within goals | detected | confident wrong | s/pattern |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family in dict.fromkeys(r["preset"] for r in rows):
+        sel = [r for r in rows if r["preset"] == family]
+        cols = [_stats([r[k] for r in sel]) for k in ("center_err", "rotation_err", "s10_err", "ratio_err")]
+        n = len(sel)
+        lines.append(
+            f"| {family} | {n} | " + " | ".join(f"{a} / {b}" for a, b in cols)
+            + f" | {sum(r['within_goals'] for r in sel)}/{n} | {sum(r['equator_found'] for r in sel)}/{n}"
+            + f" | {sum(r['confident_wrong'] for r in sel)}/{n} | {np.median([r['seconds'] for r in sel]):.2f} |"
+        )
+    n = len(rows)
+    lines.append(
+        f"| all | {n} | | | | | {sum(r['within_goals'] for r in rows)}/{n} | {sum(r['equator_found'] for r in rows)}/{n}"
+        f" | {sum(r['confident_wrong'] for r in rows)}/{n} | |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from live_bgsub.synth import FAMILIES
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.split("\n")[0])
+    ap.add_argument("--per-family", type=int, default=40, metavar="N", help="patterns per family (default 40)")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="families (default: all of synth.FAMILIES)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the drawn conditions (default 0)")
+    ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    ap.add_argument("--json", metavar="OUT", help="write every pattern's row here")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        print(f"unknown families {unknown}; expected some of {list(FAMILIES)}", file=sys.stderr)
+        return 2
+    if args.per_family < 1:
+        print(f"--per-family must be >= 1, got {args.per_family}", file=sys.stderr)
+        return 2
+    jobs = [_draw(f, i, args.seed) for f in args.families for i in range(args.per_family)]
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        rows = list(pool.map(evaluate, jobs))
+    print(summarise(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -326,18 +326,16 @@ def fit_windows(
         return empty
     img0 = np.where(valid, corrected, 0.0)
 
-    # Equator: the roi_metrics search and refinement, then its linear part frozen.
+    # Equator: the model roi_metrics accepted (the same analysis), its linear part frozen.
     eq_sector = rf.sector("equator", sector_deg)
-    eq = rf.SectorProfile(img0, valid, rmax=rmax, **eq_sector)
-    r_first = float(np.nonzero(eq.ok)[0][0])
-    found = rf.search_equator(eq, *rf.s10_search_range(r_first, rmax), r_first, rmax)
-    # roi_metrics refines its best candidate (or the strongest 1,0): take the one it reported.
-    fits = [(cand[1], rf.fit_equator(eq, cand[1], cand[2], cand[3], r_first, rmax)[0]) for cand in found]
-    s0, p = min(fits, key=lambda f: abs(f[1][0] - reference["s10_px"]))
+    equator, _ = rf.analyse_equator(img0, valid, rmax, None, sector_deg, **rf.ACCEPTANCE)
+    if equator is None or equator.s10_px != reference["s10_px"]:  # roi_metrics' defaults: the same answer
+        raise RuntimeError("fit_windows: the equator analysis disagrees with roi_metrics on the same fold")
+    p = equator.params
     op = _profile_operator(valid, rmax=rmax, **eq_sector)
     n_bins = nr + 1
     r_bins = np.arange(n_bins, dtype=np.float64)
-    lo, hi = rf.equator_window(s0, r_first, rmax)  # the window roi_metrics fitted over
+    lo, hi = equator.window  # the window roi_metrics fitted over
     sel = op[6] & (r_bins >= lo) & (r_bins <= hi)
     r = r_bins[sel]
     positions, sigmas = rf.equator_positions(*p[:5])
@@ -717,6 +715,7 @@ class DevicePath:
         validity_refit: int = 3,
         validity_check: str = "auto",
         cache: dict | None = None,
+        geometry_quality=None,
     ):
         from .inference import BackgroundModel
 
@@ -752,6 +751,7 @@ class DevicePath:
         self.precision = precision
         self.jit_compile = jit_compile
         self.compute_metrics = bool(metrics)
+        self.geometry_quality = geometry_quality
         self.with_background = bool(with_background)
         self.roi = {"pixel_size_mm": pixel_size_mm, "wavelength_nm": wavelength_nm, "distance_mm": distance_mm}
         self.sector_deg = float(sector_deg)
@@ -786,7 +786,7 @@ class DevicePath:
     def from_engine(cls, engine, **kwargs) -> DevicePath:
         """A device path with an :class:`~live_bgsub.engine.Engine`'s model, geometry, fold map and ROI geometry."""
         kwargs.setdefault("metrics", engine.compute_metrics)
-        for key in ("pixel_size_mm", "wavelength_nm", "distance_mm"):
+        for key in ("pixel_size_mm", "wavelength_nm", "distance_mm", "geometry_quality"):
             kwargs.setdefault(key, getattr(engine, key))
         return cls(engine.step, engine.geometry, engine.shape, fold_map=engine.fold_map, **kwargs)
 
@@ -1183,8 +1183,27 @@ class DevicePath:
             result.metrics = {name: float(metrics[name][i]) for name in METRIC_NAMES}
             result.metrics["equator_found"] = bool(metrics["equator_found"][i])
             result.metrics["reason"] = reason
+            result.metrics["quality"] = self._frame_quality(result.metrics["equator_found"], reason)
             result.timings_s["device"] = share
         return results
+
+    def _frame_quality(self, equator_found: bool, reason) -> dict:
+        """A frame's metrics verdict: the reference fit's (its windows are that fit, frozen) and the geometry's.
+
+        The window integrals carry no per-frame fit evidence; the reference frame's
+        verdict (:func:`live_bgsub.metrics.roi_metrics` on it) stands for the run, and a
+        frame whose 1,0 or 1,1 integral is not positive has no equator.
+        """
+        reasons = []
+        if self.geometry_quality is not None and self.geometry_quality.verdict != "good":
+            reasons += [f"geometry: {r}" for r in self.geometry_quality.reasons] or ["geometry: doubtful"]
+        if not equator_found or self.windows is None:
+            if reason:
+                reasons.append(reason)
+            return {"verdict": "no equator", "reasons": reasons, "evidence": {}}
+        ref = self.windows.params["roi_metrics"]["quality"]
+        reasons = [f"reference frame: {r}" for r in ref["reasons"] if not r.startswith("geometry: ")] + reasons
+        return {"verdict": "doubtful" if reasons else "good", "reasons": reasons, "evidence": dict(ref["evidence"])}
 
     def describe(self) -> dict:
         """Provenance, as :meth:`live_bgsub.engine.Engine.describe` plus ``"device"`` (goes into the derived run's start)."""

@@ -236,6 +236,9 @@ class Engine:
         For the ROI metrics' d10 (nm); without them d10 is NaN.
     metrics : bool, optional
         Compute the ROI metrics (default True; about 50 ms per Pilatus fold).
+    geometry_quality : live_bgsub.geometry.GeometryQuality, optional
+        The verdict on ``geometry``; a doubtful one makes every frame's metrics doubtful
+        (``metrics["quality"]``, :func:`live_bgsub.metrics.roi_metrics`).
     """
 
     def __init__(
@@ -249,6 +252,7 @@ class Engine:
         wavelength_nm: float | None = None,
         distance_mm: float | None = None,
         metrics: bool = True,
+        geometry_quality=None,
     ):
         self.step = make_step(step)
         if not isinstance(geometry, Geometry):
@@ -263,6 +267,7 @@ class Engine:
         self.wavelength_nm = wavelength_nm
         self.distance_mm = distance_mm
         self.compute_metrics = bool(metrics)
+        self.geometry_quality = geometry_quality
 
     def describe(self) -> dict:
         """Provenance of the engine: step, geometry, shapes."""
@@ -359,10 +364,12 @@ class Engine:
                 wavelength_nm=self.wavelength_nm,
                 distance_mm=self.distance_mm,
                 pixel_size_mm=self.pixel_size_mm,
+                geometry_quality=self.geometry_quality,
             )
         except Exception as exc:  # noqa: BLE001 - metrics failing is not the frame failing
             m = {k: float("nan") for k in METRIC_KEYS}
-            m.update(equator_found=False, reason=f"metrics failed: {_describe(exc)}")
+            reason = f"metrics failed: {_describe(exc)}"
+            m.update(equator_found=False, reason=reason, quality={"verdict": "no equator", "reasons": [reason], "evidence": {}})
         result.metrics = m
         result.timings_s["metrics"] = time.perf_counter() - t
 

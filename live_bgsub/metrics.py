@@ -270,9 +270,10 @@ def roi_metrics(
     rmin: float = 0.0,
     rmax: float | None = None,
     sector_deg: float = 15.0,
-    min_snr: float = 5.0,
-    min_snr_11: float = 3.0,
-    min_anisotropy: float = 3.0,
+    min_snr: float = reflections.ACCEPTANCE["min_snr"],
+    min_snr_11: float = reflections.ACCEPTANCE["min_snr_11"],
+    min_anisotropy: float = reflections.ACCEPTANCE["min_anisotropy"],
+    geometry_quality=None,
 ) -> dict:
     """Read the equatorial and meridional metrics from a background-corrected fold.
 
@@ -309,9 +310,13 @@ def roi_metrics(
         muscle has a weak 1,1).
     min_anisotropy : float, optional
         Least ratio of intensity per degree on the equator to that in the off-axis
-        sector (``2 * sector_deg`` to ``90 - sector_deg``) at the 1,0 radius; half of it
-        at the 1,1 radius, where layer lines cross the off-axis sector. Powder rings
-        give ~1.
+        sector (``2 * sector_deg`` to ``90 - sector_deg``) at the 1,0 radius. Powder
+        rings give ~1. (At the 1,1 radius, where layer lines cross the off-axis sector,
+        a low ratio makes the verdict doubtful rather than refusing the equator.)
+    geometry_quality : live_bgsub.geometry.GeometryQuality, optional
+        The verdict on the centre and rotation the fold was made with; a doubtful one
+        makes the metrics doubtful too (its reasons are carried, prefixed
+        ``"geometry: "``).
 
     Returns
     -------
@@ -331,7 +336,13 @@ def roi_metrics(
           approximation); NaN without the three geometry values or without an equator;
         - ``equator_found``: bool;
         - ``reason``: None when everything was found, else why a quantity is NaN (with
-          ``equator_found`` True it explains a missing M3).
+          ``equator_found`` True it explains a missing M3);
+        - ``quality``: ``{"verdict", "reasons", "evidence"}``. ``verdict`` is ``"good"``,
+          ``"doubtful"`` (an equator is reported, but some evidence is past its
+          threshold, :data:`live_bgsub.reflections.EQUATOR_THRESHOLDS`, or the geometry
+          is doubtful; ``reasons`` says which) or ``"no equator"``; ``evidence`` holds
+          the numbers (:class:`live_bgsub.reflections.Equator`), empty without an
+          equator. Read S10 and I11/I10 as measured only when the verdict is ``"good"``.
 
     Notes
     -----
@@ -385,6 +396,7 @@ def roi_metrics(
         "d10_nm": nan,
         "equator_found": False,
         "reason": None,
+        "quality": {"verdict": "no equator", "reasons": [], "evidence": {}},
     }
     if background is not None:
         bg_valid = valid & np.isfinite(background)
@@ -397,6 +409,10 @@ def roi_metrics(
                 "wavelength_nm, distance_mm and pixel_size_mm must be positive, "
                 f"got {wavelength_nm!r}, {distance_mm!r}, {pixel_size_mm!r}"
             )
+    geometry_doubts = []
+    if geometry_quality is not None and geometry_quality.verdict != "good":
+        geometry_doubts = [f"geometry: {r}" for r in geometry_quality.reasons] or ["geometry: doubtful"]
+    out["quality"]["reasons"] = list(geometry_doubts)
     if not valid.any():
         out["reason"] = "no valid pixel in the fold"
         return out
@@ -407,8 +423,10 @@ def roi_metrics(
     if equator is None:
         out["reason"] = reason
         return out
-    s10 = equator["s10_px"]
-    out.update(equator, equator_found=True)
+    s10 = equator.s10_px
+    out.update(equator.metrics(), equator_found=True)
+    reasons = list(equator.reasons) + geometry_doubts
+    out["quality"] = {"verdict": "doubtful" if reasons else "good", "reasons": reasons, "evidence": dict(equator.evidence)}
     if geometry is not None:
         out["d10_nm"] = geometry / s10
     out["reason"] = reflections.analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr)

@@ -467,7 +467,13 @@ def test_results_like_engine(small_run):
     assert [r.seq_num for r in results] == [7, 8, 9, 10]
     assert results[0].ok and results[3].ok
     assert "shape" in results[1].error and "no valid pixel" in results[2].error
-    assert set(results[0].metrics) == set(METRIC_KEYS) | {"equator_found", "reason"}
+    assert set(results[0].metrics) == set(METRIC_KEYS) | {"equator_found", "reason", "quality"}
+    # The verdict of the frozen window metrics is the reference fit's (roi_metrics on the reference frame).
+    reference = path.windows.params["roi_metrics"]["quality"]
+    quality = results[0].metrics["quality"]
+    assert quality["verdict"] in ("good", "doubtful", "no equator")
+    if results[0].metrics["equator_found"]:
+        assert quality["verdict"] == reference["verdict"] and quality["evidence"] == reference["evidence"]
     peak = _peak(small_run["corrected"][0])
     np.testing.assert_allclose(results[0].corrected, small_run["corrected"][0], rtol=0, atol=FP32_TOL * peak)
 

@@ -10,7 +10,7 @@ from live_bgsub.synth import make_pattern, make_powder
 
 RESULT_KEYS = {
     "s10_px", "i10", "i11", "i11_i10", "m3_px", "m3_intensity", "tdi", "background_sum",
-    "d10_nm", "equator_found", "reason",
+    "d10_nm", "equator_found", "reason", "quality",
 }  # fmt: skip
 NAN_WITHOUT_EQUATOR = ("s10_px", "i10", "i11", "i11_i10", "m3_px", "m3_intensity", "d10_nm")
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import MUSCLEX_GEOMETRY
+from live_bgsub import geometry as geometry_module
 from live_bgsub.errors import GeometryError
 from live_bgsub.geometry import Geometry, find_center, find_geometry, find_rotation, find_run_geometry
-from live_bgsub.io import read_image
+from live_bgsub.io import mask_invalid, read_image
 from live_bgsub.synth import make_pattern
 
 
@@ -182,7 +183,11 @@ def test_marccd_cardiac_frame(real_data):
     On bebe8fc the centre was (1020.5, 1042.9): the unmasked shadow, not the pattern.
     The expert centre (1024.0, 1046.0) and MuscleX's automatic one are 2.7 px from the
     midpoint of the two 1,0 spots (1021.9, 1044.3), which is the symmetry centre of the
-    reflections; we meet the spots.
+    reflections; we meet the spots. Two checks that assume no centre: local 2-D Gaussian
+    fits (with a linear baseline) of the two 1,0 spots put them at (1020.82, 934.81) and
+    (1022.93, 1153.89), midpoint (1021.88, 1044.35); and the frame's point-symmetry
+    residual (log counts, annuli of 40-90 and 90-130 px) is 40-50 times larger about the
+    expert centre than about ours. The issue's 1.5 px from the expert centre is not met.
     """
     im = read_image(real_data / "CD_PIGLV_PIG3_FB_SHORT_PRE_BUFFER_00001.tif")
     run = find_run_geometry([im.data], [im.mask])
@@ -256,3 +261,39 @@ def test_quality_verdict_flags_a_pattern_without_symmetry():
     run = find_run_geometry([frame])
     assert run.quality.verdict == "doubtful"
     assert run.quality.reasons
+
+
+def test_faint_beam_stop_arm_is_masked_to_the_edge():
+    """An older 1k CCD (bias 100, read noise 5) with a large S10: far from the beam the
+    background is a few counts, so pixel by pixel the arm's shadow is lost in the read
+    noise and the connected shadow ended ~90 px out; the unmasked rest of the arm (bias
+    only, next to bright background on the mirror side) pulled the centre 2.9 px along
+    the arm (ac629de). Followed as a band, the arm is masked to the frame's edge."""
+    p = make_pattern("ccd-1k", seed=8, s10_px=209.5, counts=5.0, rotation_deg=-84.0, beam_stop_radius_px=29.5)
+    data, mask = mask_invalid(p.raw())
+    run = find_run_geometry([data], [mask])
+    assert math.dist(run.geometry.center, p.params["center"]) < 0.5
+    shadow = ~p.mask & mask  # the stop and its arm read the bias; dead pixels and gaps aside
+    assert (shadow & ~run.beam_stop.mask).sum() < 0.01 * shadow.sum()
+    # The arm runs to the edge: its far end is masked.
+    cx, cy = run.beam_stop.center
+    t = math.radians(p.params["beam_stop_arm_angle_deg"])
+    far = (int(round(cy + 0.9 * 500 * math.sin(t))), int(round(cx + 0.9 * 500 * math.cos(t))))
+    assert run.beam_stop.mask[far]
+
+
+def test_photon_starved_frame_has_an_uncertain_centre():
+    """At 0.4 of the preset's counts an EIGER2 4M frame's centre misses 0.5 px (0.69 px
+    here); the centre's standard error from the pattern's noise says so, where the
+    symmetry alone called it good (ac629de). The same pattern bright is good."""
+    kw = dict(seed=2002, s10_px=52.9, rotation_deg=-5.0, beam_stop_radius_px=26.0)
+    dim = make_pattern("eiger2-4m", counts=0.39, **kw)
+    run = find_run_geometry(*[[a] for a in mask_invalid(dim.raw())])
+    assert run.quality.verdict == "doubtful"
+    assert run.quality.center_sigma_px > geometry_module.MAX_CENTER_SIGMA_PX
+    assert any("uncertain" in r for r in run.quality.reasons)
+    bright = make_pattern("eiger2-4m", counts=20.0, **kw)
+    run = find_run_geometry(*[[a] for a in mask_invalid(bright.raw())])
+    assert math.dist(run.geometry.center, bright.params["center"]) < 0.5
+    assert run.quality.verdict == "good", run.quality.reasons
+    assert run.quality.center_sigma_px < geometry_module.MAX_CENTER_SIGMA_PX

@@ -458,7 +458,8 @@ def collect_image_folds(folder, *, downsample: int = 2, max_frames_per_file: int
                     small,
                     valid,
                     samples,
-                    info={"kind": "image", "file": name, "frame": k, "run": prefix, "geometry": rg.geometry.to_dict()},
+                    info={"kind": "image", "file": name, "frame": k, "run": prefix, "geometry": rg.geometry.to_dict(),
+                          "shape": list(shape)},
                 )
             )
     log(f"  {folder}: {len(folds)} frames in {len(runs)} runs from {len(files)} files ({len(skipped)} skipped)")
@@ -716,9 +717,11 @@ def discard_outliers(folds: Sequence[SourceFold], fraction: float, *, per_source
     """Drop the ``fraction`` of folds that deviate most from their source's average fold.
 
     The paper removed failed folds by discarding the 10 % of folded images that deviate
-    most from the average folded image. Here the average is taken per source (real
-    frames are not judged against an average of synthetic patterns); in each source
-    ``round(fraction * n)`` folds go (none when the source holds fewer than 3).
+    most from the average folded image. Here the average is taken per source and
+    detector (real frames are not judged against an average of synthetic patterns, nor
+    a MarCCD frame against Pilatus frames: its fold, cropped to theirs, shows another
+    part of the pattern); in each group ``round(fraction * n)`` folds go (none when the
+    group holds fewer than 3).
 
     Returns
     -------
@@ -732,7 +735,8 @@ def discard_outliers(folds: Sequence[SourceFold], fraction: float, *, per_source
         raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
     groups: OrderedDict = OrderedDict()
     for i, f in enumerate(folds):
-        groups.setdefault(f.source if per_source else "all", []).append(i)
+        shape = tuple((f.info or {}).get("shape") or ())
+        groups.setdefault((f.source, shape) if per_source else "all", []).append(i)
     drop, discarded = set(), []
     for idx in groups.values():
         n_drop = _round(fraction * len(idx)) if len(idx) >= 3 else 0

@@ -8,7 +8,10 @@ it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's docu
   name and card hash), the geometry, the package version;
 - stream ``primary``: one event per processed frame with the ROI metrics (``i10``,
   ``i11``, ``i11_i10``, ``s10_px``, ``m3_px``, ``m3_intensity``, ``tdi``,
-  ``background_sum``, ``d10_nm``, ``equator_found``), the raw ``raw_seq_num``, the
+  ``background_sum``, ``d10_nm``, ``equator_found``), their verdict
+  ``metrics_verdict`` (``good``, ``doubtful`` or ``no equator``) with ``metrics_doubts``
+  (why; empty when good) and the evidence ``s10_err_px`` and ``i11_i10_err`` (standard
+  errors), the raw ``raw_seq_num``, the
   per-frame ``latency_s`` (frame available to the callback -> derived event),
   ``lag_s`` (raw event time -> derived event) and ``processing_s`` (fold, background
   and metrics of this frame, its share of a batched step included); the corrected fold ``corrected`` lives in
@@ -61,6 +64,10 @@ KEEP_RUNS = 100
 AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "AD_EIGER", "AD_HDF5_GERM")
 _AD_DATASET = "/entry/data/data"
 
+#: Evidence behind each frame's metrics verdict carried in its derived event (NaN when
+#: there is no equator): standard errors of S10 (pixels) and, relative, of I11/I10.
+EVIDENCE_KEYS = ("s10_err_px", "i11_i10_err")
+
 
 @dataclass
 class RunSummary:
@@ -86,6 +93,7 @@ class RunSummary:
     exit_status: str | None = None
     reason: str = ""
     geometry: dict | None = None
+    doubtful: int = 0  # processed frames whose metrics verdict is "doubtful"
 
     @property
     def complete(self) -> bool:
@@ -554,7 +562,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
             estimate = run.geometry_estimate
             # The beam-stop shadow found with the geometry is no data: it stays out of the fold.
             static = None if estimate is None or estimate.beam_stop is None else ~estimate.beam_stop.mask
-            run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, **roi)
+            quality = None if estimate is None else estimate.quality
+            run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, geometry_quality=quality, **roi)
             if self.accelerate:
                 from .device_path import DevicePath
 
@@ -607,6 +616,13 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raw_time = run.event_times.get(r.seq_num)
             data = {k: _number(r.metrics.get(k)) for k in METRIC_KEYS}
             data["equator_found"] = bool(r.metrics.get("equator_found", False))
+            quality = r.metrics.get("quality") or {"verdict": "no equator", "reasons": [], "evidence": {}}
+            data["metrics_verdict"] = quality["verdict"]
+            data["metrics_doubts"] = "; ".join(quality["reasons"])
+            for k in EVIDENCE_KEYS:
+                data[k] = _number(quality["evidence"].get(k))
+            if quality["verdict"] == "doubtful":
+                run.summary.doubtful += 1
             data["raw_seq_num"] = r.seq_num
             data["latency_s"] = now_mono - received[r.seq_num]
             data["processing_s"] = float(sum(r.timings_s.values()))
@@ -690,8 +706,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
             "lag_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
             "processing_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
             "equator_found": {"source": "live_bgsub", "dtype": "boolean", "shape": []},
+            "metrics_verdict": {"source": "live_bgsub", "dtype": "string", "shape": []},
+            "metrics_doubts": {"source": "live_bgsub", "dtype": "string", "shape": []},
         }
-        for k in METRIC_KEYS:
+        for k in METRIC_KEYS + EVIDENCE_KEYS:
             data_keys[k] = {"source": "live_bgsub", "dtype": "number", "shape": []}
         desc = run.descriptors["primary"] = run.bundle.compose_descriptor(name="primary", data_keys=data_keys)
         self._emit("descriptor", desc.descriptor_doc)
@@ -732,6 +750,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 s.reason += f"; {s.disabled}"
             if run.geometry_estimate is not None and not run.geometry_estimate.quality.good:
                 s.reason += "; doubtful geometry: " + "; ".join(run.geometry_estimate.quality.reasons)
+            if s.doubtful:
+                s.reason += f"; metrics doubtful in {s.doubtful} of {s.processed} processed frames (events' metrics_doubts)"
             raw_exit = (run.stop_doc or {}).get("exit_status")
             s.exit_status = "success" if s.complete else "fail"
             if raw_exit and raw_exit != "success":

@@ -68,11 +68,17 @@ def process_image(
     distance_mm=None,
     pixel_size_mm=None,
     model=None,
+    run_geometry=None,
+    fold_maps: dict | None = None,
 ) -> tuple[dict, dict]:
     """Read, fold, subtract the background and measure one image.
 
     ``model`` (a loaded :class:`live_bgsub.inference.BackgroundModel`) replaces the
     classical ``method`` when given; ``method`` is then recorded as ``model:NAME``.
+    ``run_geometry`` (a :class:`live_bgsub.geometry.RunGeometry` of the run the image
+    belongs to) is used instead of estimating the geometry on this image (``center``
+    and ``rotation_deg`` still win when given); ``fold_maps``, a dict kept across calls,
+    caches the fold maps of images of one shape, geometry and mask.
 
     Returns
     -------
@@ -99,16 +105,24 @@ def process_image(
     t = time.perf_counter()
     static = image.mask
     geometry_record = {"source": "given"}
+    quality = None
     if center is None:
-        found = find_run_geometry([image.data], [image.mask])
+        if run_geometry is not None and run_geometry.beam_stop is not None and run_geometry.beam_stop.mask.shape != image.shape:
+            raise ProcessingError(
+                f"{str(path)!r}: image of shape {image.shape}, but the run geometry was found on frames of shape "
+                f"{run_geometry.beam_stop.mask.shape}"
+            )
+        found = find_run_geometry([image.data], [image.mask]) if run_geometry is None else run_geometry
+        source = "estimated" if run_geometry is None else "estimated once for the run"
         center = found.geometry.center
+        quality = found.quality
         if found.beam_stop is not None:  # the shadow is no data: it stays out of the fold
             static = image.mask & ~found.beam_stop.mask
         if rotation_deg is None:
             rotation_deg = found.geometry.rotation_deg
-            geometry_record = {"source": "estimated", **found.to_dict()}
+            geometry_record = {"source": source, **found.to_dict()}
         else:
-            geometry_record = {"source": "centre estimated, rotation given", **found.to_dict()}
+            geometry_record = {"source": f"centre {source}, rotation given", **found.to_dict()}
     elif rotation_deg is None:
         rotation_deg = find_rotation(image.data, image.mask, center)
         geometry_record = {"source": "centre given, rotation estimated"}
@@ -117,7 +131,13 @@ def process_image(
     timings["geometry"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fold_map = FoldMap(image.shape, geometry, static)
+    key = (image.shape, geometry.center, geometry.rotation_deg, hash(static.tobytes()))
+    fold_map = None if fold_maps is None else fold_maps.get(key)
+    if fold_map is None:
+        fold_map = FoldMap(image.shape, geometry, static)
+        if fold_maps is not None:
+            fold_maps.clear()  # one run's map at a time
+            fold_maps[key] = fold_map
     folded, count = fold_map.fold(image.data, static)
     timings["fold"] = time.perf_counter() - t
     valid = count > 0
@@ -142,6 +162,7 @@ def process_image(
         wavelength_nm=wavelength_nm,
         distance_mm=distance_mm,
         pixel_size_mm=pixel_size_mm if pixel_size_mm is not None else image.pixel_size_mm,
+        geometry_quality=quality,
     )
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -214,6 +235,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"), help="beam centre in pixels (x = column); found automatically when omitted")
     p.add_argument("--rotation", type=float, metavar="DEG", help="equator rotation in degrees; found automatically when omitted")
     p.add_argument("--downsample", type=int, default=1, metavar="N", help="work at 1/N resolution like MuscleX (its default is 2); default 1")
+    p.add_argument(
+        "--geometry",
+        choices=("per-frame", "per-run"),
+        default="per-frame",
+        help=f"estimate centre, rotation and beam stop on every image (default), or once from the first {RUN_GEOMETRY_FRAMES} "
+        "images for all of them (images of one run; faster; recorded in each JSON)",
+    )
     p.add_argument("--frame", type=int, default=0, help="frame index in multi-frame files (default 0)")
     p.add_argument("--wavelength-nm", type=float, help="X-ray wavelength (nm), for d10")
     p.add_argument("--distance-mm", type=float, help="sample-detector distance (mm), for d10")
@@ -323,6 +351,19 @@ def _cmd_process(args) -> int:
         _fail("no IMAGE given (pass image paths, or --sample for the shipped frame)")
         return 2
     center = tuple(args.center) if args.center else None
+    run_geometry, fold_maps = None, {}
+    if args.geometry == "per-run" and center is None:
+        try:
+            run_geometry = _run_geometry(images[:RUN_GEOMETRY_FRAMES], args.frame)
+        except (OSError, ValueError) as exc:
+            _fail(f"--geometry per-run: {exc}")
+            return 1
+        q = run_geometry.quality
+        print(
+            f"run geometry from {min(len(images), RUN_GEOMETRY_FRAMES)} image(s): center=({run_geometry.geometry.center[0]:.2f}, "
+            f"{run_geometry.geometry.center[1]:.2f}) rotation={run_geometry.geometry.rotation_deg:.2f} deg, {q.verdict}"
+            + (f" ({'; '.join(q.reasons)})" if q.reasons else "")
+        )
     failed = 0
     for path in images:
         try:
@@ -338,6 +379,8 @@ def _cmd_process(args) -> int:
                 distance_mm=args.distance_mm,
                 pixel_size_mm=args.pixel_size_mm,
                 model=model,
+                run_geometry=run_geometry,
+                fold_maps=fold_maps,
             )
             json_path, _ = _write_outputs(args.out, Path(path).stem, record, arrays)
         except (OSError, ValueError) as exc:
@@ -346,7 +389,13 @@ def _cmd_process(args) -> int:
             continue
         m = record["metrics"]
         ratio = m.get("i11_i10")
-        summary = f"I11/I10={ratio:.3f} S10={m['s10_px']:.2f}px" if m.get("equator_found") else f"no equator: {m.get('reason')}"
+        q = m["quality"]
+        if m.get("equator_found"):
+            summary = f"I11/I10={ratio:.3f} S10={m['s10_px']:.2f}px {q['verdict']}"
+            if q["reasons"]:
+                summary += f" ({'; '.join(q['reasons'])})"
+        else:
+            summary = f"no equator: {m.get('reason')}"
         print(
             f"{path}: center=({record['center'][0]:.2f}, {record['center'][1]:.2f}) "
             f"rotation={record['rotation_deg']:.2f} deg {summary} "
@@ -356,6 +405,22 @@ def _cmd_process(args) -> int:
         _fail(f"{failed} of {len(images)} image(s) failed")
         return 1
     return 0
+
+
+#: Images ``process --geometry per-run`` estimates the run's geometry from (the first ones).
+RUN_GEOMETRY_FRAMES = 8
+
+
+def _run_geometry(paths, frame):
+    """:func:`live_bgsub.geometry.find_run_geometry` on the given images."""
+    from .geometry import find_run_geometry
+    from .io import read_image
+
+    images = [read_image(p, frame=frame) for p in paths]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different shapes {sorted(shapes)}: one run's frames share one shape")
+    return find_run_geometry([im.data for im in images], [im.mask for im in images])
 
 
 def _cmd_demo(args) -> int:

@@ -8,6 +8,7 @@ arrives while frames are queued, and a full queue in ``skip`` mode.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -165,6 +166,11 @@ def test_inline_frames_match_process_image(tmp_path, frames, raw_file):
         np.testing.assert_allclose(corrected[i], arrays["corrected"], rtol=1e-6, atol=1e-4)
         for key in ("i10", "i11", "i11_i10", "s10_px", "tdi", "background_sum"):
             assert event["data"][key] == pytest.approx(record["metrics"][key], rel=1e-6, nan_ok=True), key
+        # The verdict and its evidence travel with the numbers (given geometry: no geometry doubt).
+        quality = record["metrics"]["quality"]
+        assert event["data"]["metrics_verdict"] == quality["verdict"]
+        assert event["data"]["metrics_doubts"] == "; ".join(quality["reasons"])
+        assert event["data"]["i11_i10_err"] == pytest.approx(quality["evidence"].get("i11_i10_err", math.nan), rel=1e-6, nan_ok=True)
 
 
 def test_event_page_gives_the_same_run(tmp_path, frames):

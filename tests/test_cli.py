@@ -123,3 +123,34 @@ def test_powder_frame_reports_no_equator(real_data, tmp_path):
     assert m["equator_found"] is False and m["reason"]
     assert m["s10_px"] is None and m["i11_i10"] is None  # NaN is written as null
     assert m["tdi"] is not None
+
+
+def test_per_run_geometry_and_quality_in_the_json(tmp_path, capsys):
+    """Three frames of one run: ``--geometry per-run`` estimates once (from all three)
+    and every JSON records that geometry and the verdicts behind the numbers."""
+    paths = []
+    for i in range(3):
+        p = make_pattern("pilatus-1m", seed=11, counts=3.0)  # one geometry, fresh noise below
+        raw = p.raw()
+        rng = np.random.default_rng(i)
+        raw = np.where(raw >= 0, rng.poisson(np.clip(p.frame, 0, None)), raw).astype(np.int32)
+        paths.append(tmp_path / f"frame_{i}.tif")
+        TifImage(data=raw).write(str(paths[-1]))
+    out = tmp_path / "out"
+    assert main(["process", *map(str, paths), "--method", "none", "--geometry", "per-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "run geometry from 3 image(s)" in printed
+    records = [json.loads((out / f"frame_{i}.json").read_text()) for i in range(3)]
+    assert len({tuple(r["center"]) for r in records}) == 1  # one geometry for the run
+    for r in records:
+        assert r["geometry"]["source"] == "estimated once for the run"
+        assert r["geometry"]["quality"]["verdict"] == "good"
+        assert r["geometry"]["quality"]["center_spread_px"] is not None  # from three frames
+        q = r["metrics"]["quality"]
+        assert q["verdict"] in ("good", "doubtful") and isinstance(q["reasons"], list)
+        assert q["evidence"]["s10_err_px"] >= 0 and q["evidence"]["i11_i10_err"] >= 0
+        assert np.hypot(*(np.array(r["center"]) - p.params["center"])) < 0.5
+    # Per frame (the default), each image is estimated alone.
+    assert main(["process", str(paths[0]), "--method", "none", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "frame_0.json").read_text())
+    assert alone["geometry"]["source"] == "estimated" and alone["geometry"]["quality"]["center_spread_px"] is None

@@ -111,6 +111,8 @@ def _check_live_run(catalog, uid, det, summary):
         record, arrays = process_image(det.file_path, frame=i, center=center, rotation_deg=rotation)
         np.testing.assert_allclose(corrected[i], arrays["corrected"], rtol=1e-6, atol=1e-4)
         assert table["i11_i10"][i] == pytest.approx(record["metrics"]["i11_i10"], rel=1e-6)
+        assert table["metrics_verdict"][i] == record["metrics"]["quality"]["verdict"]  # strings survive Tiled
+        assert table["metrics_doubts"][i] == "; ".join(record["metrics"]["quality"]["reasons"])
     return derived, table
 
 

@@ -437,13 +437,13 @@ def find_beam_stop(data, mask=None, center=None, *, contrast: float = 0.2) -> Be
     found = _dark_region(lin, bmask, floor, r, contrast)
     if found is None:
         return None
-    dist = ndimage.distance_transform_edt(found[0])
+    dist = _inner_distance(found[0])
     core = (dist >= 0.5 * dist.max()) & bmask
     refined = float(np.median(lin[core])) if core.any() else floor
     if refined > floor:
         again = _dark_region(lin, bmask, refined, r, contrast)
         if again is not None:
-            found, dist = again, ndimage.distance_transform_edt(again[0])
+            found, dist = again, _inner_distance(again[0])
     shadow_b, smooth, envelope = found
     radius = float(dist.max()) * b
     core = dist >= 0.5 * dist.max()  # the disc, not the arm
@@ -457,6 +457,22 @@ def find_beam_stop(data, mask=None, center=None, *, contrast: float = 0.2) -> Be
     margin = max(2, int(math.ceil(0.5 * radius)))
     full = ndimage.binary_dilation(full, iterations=margin) & mask
     return BeamStop((float(xs.mean()) * b + off, float(ys.mean()) * b + off), radius, full)
+
+
+def _inner_distance(region: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pixel of ``region`` to the nearest pixel outside it.
+
+    Computed on the region's bounding box with a one-pixel margin (the nearest outside
+    pixel is always within it), not on the whole frame.
+    """
+    out = np.zeros(region.shape, np.float64)
+    ys, xs = np.nonzero(region)
+    if ys.size == 0:
+        return out
+    y0, y1 = max(ys.min() - 1, 0), min(ys.max() + 2, region.shape[0])
+    x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, region.shape[1])
+    out[y0:y1, x0:x1] = ndimage.distance_transform_edt(region[y0:y1, x0:x1])
+    return out
 
 
 def _dark_region(lin, valid, floor, r, contrast):

@@ -436,7 +436,18 @@ def find_beam_stop(data, mask=None, center=None, *, contrast: float = 0.2) -> Be
     floor = float(np.percentile(lin[bmask], 0.5))
     found = _dark_region(lin, bmask, floor, r, contrast)
     if found is None:
-        return None
+        # A faint CCD frame: the background barely above the bias, the 0.5th percentile
+        # a few read-noise sigmas below it, so the shadow is not "dark" against that
+        # floor. Try the floor the centre itself reads (no shadow: the centre is the
+        # brightest, and nothing falls below a fraction of its excess).
+        seed = bmask & (r <= 3)
+        level = float(np.median(lin[seed])) if seed.any() else floor
+        if not level > floor:
+            return None
+        floor = level
+        found = _dark_region(lin, bmask, floor, r, contrast)
+        if found is None:
+            return None
     dist = _inner_distance(found[0])
     core = (dist >= 0.5 * dist.max()) & bmask
     refined = float(np.median(lin[core])) if core.any() else floor

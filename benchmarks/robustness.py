@@ -92,7 +92,7 @@ def evaluate(conditions: dict) -> dict:
         "geometry_verdict": run.quality.verdict,
         "geometry_reasons": list(run.quality.reasons),
         "equator_found": bool(metrics["equator_found"]),
-        "metrics_verdict": metrics.get("quality", {}).get("verdict", "good" if metrics["equator_found"] else "no equator"),
+        "metrics_verdict": metrics["quality"]["verdict"],
         "reason": metrics["reason"],
         "s10_err": abs(metrics["s10_px"] - truth["s10_px"]) if metrics["equator_found"] else math.nan,
         "ratio_err": abs(metrics["i11_i10"] / truth["i11_i10"] - 1.0) if metrics["equator_found"] else math.nan,

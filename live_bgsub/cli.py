@@ -107,10 +107,10 @@ def process_image(
     geometry_record = {"source": "given"}
     quality = None
     if center is None:
-        if run_geometry is not None and run_geometry.beam_stop is not None and run_geometry.beam_stop.mask.shape != image.shape:
+        if run_geometry is not None and run_geometry.shape != image.shape:
             raise ProcessingError(
                 f"{str(path)!r}: image of shape {image.shape}, but the run geometry was found on frames of shape "
-                f"{run_geometry.beam_stop.mask.shape}"
+                f"{run_geometry.shape}"
             )
         found = find_run_geometry([image.data], [image.mask]) if run_geometry is None else run_geometry
         source = "estimated" if run_geometry is None else "estimated once for the run"
@@ -360,7 +360,7 @@ def _cmd_process(args) -> int:
             return 1
         q = run_geometry.quality
         print(
-            f"run geometry from {min(len(images), RUN_GEOMETRY_FRAMES)} image(s): center=({run_geometry.geometry.center[0]:.2f}, "
+            f"run geometry from {len(run_geometry.per_frame)} image(s): center=({run_geometry.geometry.center[0]:.2f}, "
             f"{run_geometry.geometry.center[1]:.2f}) rotation={run_geometry.geometry.rotation_deg:.2f} deg, {q.verdict}"
             + (f" ({'; '.join(q.reasons)})" if q.reasons else "")
         )
@@ -412,14 +412,13 @@ RUN_GEOMETRY_FRAMES = 8
 
 
 def _run_geometry(paths, frame):
-    """:func:`live_bgsub.geometry.find_run_geometry` on the given images."""
+    """:func:`live_bgsub.geometry.find_run_geometry` on those of the given images shaped like the first."""
     from .geometry import find_run_geometry
     from .io import read_image
 
     images = [read_image(p, frame=frame) for p in paths]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images of different shapes {sorted(shapes)}: one run's frames share one shape")
+    # The run is the first image's shape; an image of another shape fails on its own later.
+    images = [im for im in images if im.shape == images[0].shape]
     return find_run_geometry([im.data for im in images], [im.mask for im in images])
 
 

@@ -134,6 +134,8 @@ class RunGeometry:
         The beam-stop shadow found on the run's mean frame (mask it when folding).
     quality : GeometryQuality or None
         The evidence and the verdict.
+    shape : tuple of int or None
+        Shape of the frames the estimate was made on: the geometry holds for those.
     """
 
     geometry: Geometry
@@ -142,6 +144,7 @@ class RunGeometry:
     rotation_spread_deg: float = 0.0
     beam_stop: BeamStop | None = None
     quality: GeometryQuality | None = None
+    shape: tuple | None = None
 
     def to_dict(self) -> dict:
         """The geometry, its beam stop and its quality as JSON-ready values."""
@@ -999,7 +1002,7 @@ def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
         rotation_spread_deg=None if len(checked) == 1 else spread_r,
         center_sigma_px=center_sigma,
     )
-    return RunGeometry(geometry, per_frame, spread_c, spread_r, stop, quality)
+    return RunGeometry(geometry, per_frame, spread_c, spread_r, stop, quality, tuple(shape))
 
 
 # --------------------------------------------------------------------------- radial integration

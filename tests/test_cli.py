@@ -150,6 +150,13 @@ def test_per_run_geometry_and_quality_in_the_json(tmp_path, capsys):
         assert q["verdict"] in ("good", "doubtful") and isinstance(q["reasons"], list)
         assert q["evidence"]["s10_err_px"] >= 0 and q["evidence"]["i11_i10_err"] >= 0
         assert np.hypot(*(np.array(r["center"]) - p.params["center"])) < 0.5
+    # An image of another shape in a per-run batch fails on one line; the rest go on.
+    other = tmp_path / "other.tif"
+    TifImage(data=make_pattern("pilatus-1m", seed=3, counts=3.0).raw()[:-10]).write(str(other))
+    rc = main(["process", *map(str, paths), str(other), "--method", "none", "--geometry", "per-run", "--out", str(tmp_path / "mixed")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "other.tif" in err and "the run geometry was found on frames of shape (1043, 981)" in err
+    assert sorted(q.name for q in (tmp_path / "mixed").glob("*.json")) == ["frame_0.json", "frame_1.json", "frame_2.json"]
     # Per frame (the default), each image is estimated alone.
     assert main(["process", str(paths[0]), "--method", "none", "--out", str(tmp_path / "alone")]) == 0
     alone = json.loads((tmp_path / "alone" / "frame_0.json").read_text())

@@ -471,9 +471,8 @@ def test_results_like_engine(small_run):
     # The verdict of the frozen window metrics is the reference fit's (roi_metrics on the reference frame).
     reference = path.windows.params["roi_metrics"]["quality"]
     quality = results[0].metrics["quality"]
-    assert quality["verdict"] in ("good", "doubtful", "no equator")
-    if results[0].metrics["equator_found"]:
-        assert quality["verdict"] == reference["verdict"] and quality["evidence"] == reference["evidence"]
+    assert results[0].metrics["equator_found"]
+    assert quality["verdict"] == reference["verdict"] == "good" and quality["evidence"] == reference["evidence"]
     peak = _peak(small_run["corrected"][0])
     np.testing.assert_allclose(results[0].corrected, small_run["corrected"][0], rtol=0, atol=FP32_TOL * peak)
 

@@ -644,8 +644,17 @@ def _bias_free(data, mask):
     return np.where(mask, np.clip(data - floor, 0, None), 0).astype(np.float32)
 
 
-def _locate_center(data, mask, *, bin_factor=None, refine_radius=None, sigma=1.0, beam_stop=True, exclude=2.0):
-    """Centre, beam stop and symmetry of a checked frame (see :func:`find_center`)."""
+def _locate_center(
+    data, mask, *, bin_factor=None, refine_radius=None, sigma=1.0, beam_stop=True, exclude=2.0, known_stop=None,
+    start=None,
+):
+    """Centre, beam stop and symmetry of a checked frame (see :func:`find_center`).
+
+    ``start``, the ``(x, y)`` centre found on other frames of the run, replaces the
+    coarse search (the refinement still searches a window of several coarse bins around
+    it), and ``known_stop``, the :class:`BeamStop` found on them (None: none was), is
+    masked instead of searching this frame's shadow.
+    """
     h, w = data.shape
     b = _coarse_bin(data.shape) if bin_factor is None else int(bin_factor)
     if b < 1:
@@ -653,14 +662,20 @@ def _locate_center(data, mask, *, bin_factor=None, refine_radius=None, sigma=1.0
     if h // b < 4 or w // b < 4:
         raise GeometryError(f"frame of shape {data.shape} is too small to find a centre")
     data = _bias_free(data, mask)
-    cx, cy, _ = _coarse_center(data, mask, b)
-    stop = find_beam_stop(data, mask, (cx, cy)) if beam_stop else None
-    if stop is not None:
-        mask = mask & ~stop.mask
+    if start is not None:
+        stop = known_stop
+        if stop is not None:
+            mask = mask & ~stop.mask
+        cx, cy = start
+    else:
         cx, cy, _ = _coarse_center(data, mask, b)
-        if exclude > 0:
-            yy, xx = np.ogrid[:h, :w]
-            mask = mask & ((xx - stop.center[0]) ** 2 + (yy - stop.center[1]) ** 2 > (exclude * stop.radius_px) ** 2)
+        stop = find_beam_stop(data, mask, (cx, cy)) if beam_stop else None
+        if stop is not None:
+            mask = mask & ~stop.mask
+            cx, cy, _ = _coarse_center(data, mask, b)
+    if stop is not None and exclude > 0:
+        yy, xx = np.ogrid[:h, :w]
+        mask = mask & ((xx - stop.center[0]) ** 2 + (yy - stop.center[1]) ** 2 > (exclude * stop.radius_px) ** 2)
     r = max(64, min(h, w) // 8) if refine_radius is None else int(refine_radius)
     pad = int(math.ceil(3 * sigma)) + 1
     for _ in range(2):
@@ -905,10 +920,10 @@ def _polar_samples(image, valid, center, *, rmin, rmax, n_angles, dr):
     return values, ok
 
 
-def _estimate(data, mask, **kwargs):
-    """Geometry, beam stop and quality evidence of one checked frame."""
+def _estimate(data, mask, known_stop=None, start=None, **kwargs):
+    """Geometry, beam stop and quality evidence of one checked frame (``known_stop``, ``start``: see :func:`_locate_center`)."""
     center_kw = {k: kwargs.pop(k) for k in ("bin_factor", "refine_radius") if k in kwargs}
-    center, stop, symmetry, center_sigma = _locate_center(data, mask, **center_kw)
+    center, stop, symmetry, center_sigma = _locate_center(data, mask, known_stop=known_stop, start=start, **center_kw)
     if stop is not None:
         mask = mask & ~stop.mask
     rotation, mirror, contrast = _locate_rotation(_bias_free(data, mask), mask, center, **kwargs)
@@ -987,7 +1002,14 @@ def find_run_geometry(frames, masks=None, **kwargs) -> RunGeometry:
     if len(checked) == 1:
         per_frame, spread_c, spread_r = (geometry,), (0.0, 0.0), 0.0
     else:
-        per_frame = tuple(_estimate(f, m, **kwargs)[0] for f, m in checked)
+        # The beam stop does not move within a run: each frame masks the one found on
+        # the mean (sharper than any one frame's) rather than searching its own, and its
+        # centre is refined from the mean's (the refinement's window spans several
+        # coarse bins: a beam that moved by more shows as a centre at the window's edge).
+        per_frame = tuple(
+            _estimate(f, m, known_stop=stop, start=geometry.center, **kwargs)[0]
+            for f, m in checked
+        )
         centers = np.array([g.center for g in per_frame])
         rots = np.array([g.rotation_deg for g in per_frame])
         # Rotations are axis angles: unwrap around the run's value before the spread.

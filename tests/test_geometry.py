@@ -40,6 +40,19 @@ def test_fifty_synthetic_pilatus_patterns(capsys):
     assert max(rot_err) < 0.2
 
 
+
+def test_a_run_whose_beam_moved_is_flagged_and_each_frame_keeps_its_own_centre():
+    """The frames' estimates start from the run's centre but are not pinned to it."""
+    rotation = 3.0
+    centers = [(431.3, 505.8), (431.3, 505.8), (434.3, 503.8), (434.3, 503.8)]  # the beam moved 3.6 px
+    frames = [make_pattern("pilatus-1m", seed=40 + k, center=c, rotation_deg=rotation) for k, c in enumerate(centers)]
+    run = find_run_geometry([p.frame for p in frames], frames[0].mask)
+    for g, c in zip(run.per_frame, centers):
+        assert math.dist(g.center, c) < 0.5
+    assert math.hypot(*run.center_spread_px) > geometry_module.MAX_CENTER_SPREAD_PX
+    assert run.quality.verdict == "doubtful"
+    assert any("centres scatter" in r for r in run.quality.reasons)
+
 def test_vertical_equator_is_found_near_90():
     p = make_pattern("pilatus-1m", seed=7, rotation_deg=88.0)
     g = find_geometry(p.frame, p.mask)

@@ -12,6 +12,7 @@ The reflection model it fits (profiles, peaks, the equator and M3 fits) is
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -251,9 +252,17 @@ def image_metrics(pred, target, *, data_range: float | None = None) -> dict:
 # --------------------------------------------------------------------------- ROI metrics
 
 
-def _region_sum(img, valid, rmin, rmax):
-    ii, jj = np.indices(img.shape)
+@functools.lru_cache(maxsize=4)
+def _fold_radius(shape) -> np.ndarray:
+    """Each fold pixel's distance from the beam centre (the fold's [0, 0]), read-only."""
+    ii, jj = np.indices(shape)
     r = np.hypot(ii, jj)
+    r.flags.writeable = False
+    return r
+
+
+def _region_sum(img, valid, rmin, rmax):
+    r = _fold_radius(tuple(img.shape))
     sel = valid & (r >= rmin) & (r <= rmax)
     return float(np.sum(img[sel], dtype=np.float64))
 

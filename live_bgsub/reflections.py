@@ -52,8 +52,11 @@ geometry is given (:func:`m3_search_range`).
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import optimize
@@ -93,6 +96,53 @@ M3_SPACING_NM = 14.3
 
 _SQRT3 = math.sqrt(3.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------- caches
+
+
+class _ContentCache:
+    """The few most recent results of a pure function of arrays, keyed by their content.
+
+    The folds of one run share their validity, so the parts of the profiles and of the
+    equator search that depend on the validity alone (not on the values) are the same
+    from frame to frame: they are computed once and found again by a digest of the
+    arrays. Thread-safe; a miss costs the digest (about 0.2 ms for a Pilatus 1M fold).
+    """
+
+    def __init__(self, size: int):
+        self._size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(*parts) -> tuple:
+        """A hashable key: arrays by shape, dtype and a digest of their bytes, other parts as they are."""
+        out = []
+        for part in parts:
+            if isinstance(part, np.ndarray):
+                a = np.ascontiguousarray(part)
+                out.append((a.shape, a.dtype.str, hashlib.blake2b(a.view(np.uint8), digest_size=16).digest()))
+            else:
+                out.append(part)
+        return tuple(out)
+
+    def get(self, key, make):
+        """The cached value of ``key``, or ``make()``'s, stored."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+_BINS_CACHE = _ContentCache(8)  # the equatorial, off-axis and meridional sectors of a run or two
+_SEARCH_CACHE = _ContentCache(2)
 
 
 # --------------------------------------------------------------------------- profiles
@@ -277,7 +327,14 @@ class SectorProfile:
     """
 
     def __init__(self, fold, valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
-        bins = sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
+        valid = np.asarray(valid, dtype=bool)
+        key = _ContentCache.key(valid, axis, float(lo_deg), float(hi_deg), float(rmax), float(min_coverage))
+
+        def make():
+            b = sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
+            return replace(b, valid=b.valid.copy())  # not a view of the caller's array
+
+        bins = _BINS_CACHE.get(key, make)
         v = np.where(bins.valid, fold[: bins.shape[0], : bins.shape[1]], 0.0)[bins.mask]
         self.ok = bins.ok
         self.r = np.arange(bins.nr + 1, dtype=np.float64)
@@ -478,42 +535,23 @@ def search_equator(profile: SectorProfile, s_lo, s_hi, r_first, rmax, chunk=128,
         fits inside the profile or none has a finite score.
     """
     prof = profile
-    s_all = search_grid(s_lo, s_hi)
-    lo = np.maximum(0.6 * s_all, r_first)
-    hi = np.minimum(2.25 * s_all, rmax)
-    s_all, lo, hi = (v[hi >= (_SQRT3 + 0.15) * s_all] for v in (s_all, lo, hi))
-    if s_all.size == 0:
+    key = _ContentCache.key(prof.ok, prof.var, float(s_lo), float(s_hi), float(r_first), float(rmax), int(chunk))
+    s_all, design = _SEARCH_CACHE.get(key, lambda: _search_design(prof, s_lo, s_hi, r_first, rmax, chunk))
+    n_all = s_all.size
+    if n_all == 0:
         return []
     y_all = np.where(prof.ok, prof.values, 0.0)
-    inv_var_all = np.where(prof.ok, 1.0 / prof.var, 0.0)
-    n_all = s_all.size
     score_all = np.full(n_all, -np.inf)
     t10_all = np.full(n_all, -np.inf)
     width_all = np.zeros(n_all)
     width10_all = np.zeros(n_all)
     coef_all = np.zeros((n_all, 7))
     coef10_all = np.zeros((n_all, 7))
-    for start in range(0, n_all, chunk):
-        part = slice(start, start + chunk)
-        k_lo, k_hi = int(math.floor(lo[part].min())), int(math.ceil(hi[part].max()))
-        r = prof.r[k_lo : k_hi + 1]
+    for part, k_lo, k_hi, w, n_used, by_width in design:
         y = y_all[k_lo : k_hi + 1]
-        s = s_all[part, None]
-        w = inv_var_all[None, k_lo : k_hi + 1] * ((r[None, :] >= lo[part, None]) & (r[None, :] <= hi[part, None]))
-        n_used = (w > 0).sum(axis=1)
-        x = (r[None, :] - s) / s
-        for sc in (1.5, 2.5, 4.0):
-            cols = [arced_peak(r[None, :], f * s, np.hypot(sc, 0.015 * f * s)) for f in (1.0, 1.46, _SQRT3, 2.0)]
-            a = np.stack(cols + [np.ones_like(x), x, x * x], axis=-1)  # (n, K, 7)
-            aw = a * w[..., None]
-            awt = aw.transpose(0, 2, 1)
-            g = awt @ a
-            b = awt @ y
-            try:
-                g_inv = np.linalg.inv(g)
-            except np.linalg.LinAlgError:
-                g_inv = np.linalg.pinv(g)
-            coef = (g_inv @ b[..., None])[..., 0]
+        enough = n_used >= 16
+        for sc, a, awt, g_inv in by_width:
+            coef = (g_inv @ (awt @ y)[..., None])[..., 0]
             res = y[None, :] - (a @ coef[..., None])[..., 0]
             s2 = (w * res * res).sum(axis=1) / np.maximum(n_used - 7, 1)
             var10 = g_inv[:, 0, 0] * s2
@@ -521,7 +559,6 @@ def search_equator(profile: SectorProfile, s_lo, s_hi, r_first, rmax, chunk=128,
             with np.errstate(divide="ignore", invalid="ignore"):
                 t10 = np.where(var10 > 0, coef[:, 0] / np.sqrt(np.abs(var10)), np.sign(coef[:, 0]) * np.inf)
                 t11 = np.where(var11 > 0, coef[:, 2] / np.sqrt(np.abs(var11)), np.sign(coef[:, 2]) * np.inf)
-            enough = n_used >= 16
             score = np.nan_to_num(np.where(enough, np.minimum(t10, t11), -np.inf), nan=-np.inf)
             t10 = np.nan_to_num(np.where(enough, t10, -np.inf), nan=-np.inf)
             better = score > score_all[part]
@@ -552,6 +589,38 @@ def search_equator(profile: SectorProfile, s_lo, s_hi, r_first, rmax, chunk=128,
         out.append(EquatorCandidate(float(score_all[k]), float(s_all[k]), float(width10_all[k]), coef10_all[k].copy(),
                                     float(t10_all[k])))
     return out
+
+
+def _search_design(prof: SectorProfile, s_lo, s_hi, r_first, rmax, chunk):
+    """What :func:`search_equator` solves that depends on the profile's usable bins and
+    variances only, not on its values: the candidates and, per chunk of them and per
+    width, the design matrix, its weighted transpose and the inverse normal matrix."""
+    s_all = search_grid(s_lo, s_hi)
+    lo = np.maximum(0.6 * s_all, r_first)
+    hi = np.minimum(2.25 * s_all, rmax)
+    s_all, lo, hi = (v[hi >= (_SQRT3 + 0.15) * s_all] for v in (s_all, lo, hi))
+    inv_var_all = np.where(prof.ok, 1.0 / prof.var, 0.0)
+    design = []
+    for start in range(0, s_all.size, chunk):
+        part = slice(start, start + chunk)
+        k_lo, k_hi = int(math.floor(lo[part].min())), int(math.ceil(hi[part].max()))
+        r = prof.r[k_lo : k_hi + 1]
+        s = s_all[part, None]
+        w = inv_var_all[None, k_lo : k_hi + 1] * ((r[None, :] >= lo[part, None]) & (r[None, :] <= hi[part, None]))
+        x = (r[None, :] - s) / s
+        by_width = []
+        for sc in (1.5, 2.5, 4.0):
+            cols = [arced_peak(r[None, :], f * s, np.hypot(sc, 0.015 * f * s)) for f in (1.0, 1.46, _SQRT3, 2.0)]
+            a = np.stack(cols + [np.ones_like(x), x, x * x], axis=-1)  # (n, K, 7)
+            awt = (a * w[..., None]).transpose(0, 2, 1)
+            g = awt @ a
+            try:
+                g_inv = np.linalg.inv(g)
+            except np.linalg.LinAlgError:
+                g_inv = np.linalg.pinv(g)
+            by_width.append((sc, a, awt, g_inv))
+        design.append((part, k_lo, k_hi, w, (w > 0).sum(axis=1), by_width))
+    return s_all, design
 
 
 def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, covariance=False):

@@ -38,8 +38,10 @@ def test_process_writes_json_and_h5(synthetic_tif, tmp_path, capsys):
     assert abs(record["rotation_deg"] - p.params["rotation_deg"]) < 0.2
     with h5py.File(tmp_path / "synthetic.h5") as h5:
         for name in ("folded", "background", "corrected", "count"):
-            assert h5[name].dtype == np.float32
+            assert h5[name].dtype == (np.uint8 if name == "count" else np.float32)
             assert list(h5[name].shape) == record["fold_shape"]
+        assert h5["folded"].compression == "gzip" and h5["corrected"].compression is None
+        assert set(np.unique(h5["count"][()])) <= {0, 1, 2, 3, 4}  # detector pixels per fold pixel
         folded, background, corrected = h5["folded"][()], h5["background"][()], h5["corrected"][()]
         valid = h5["count"][()] > 0
     np.testing.assert_allclose(corrected[valid], folded[valid] - background[valid], atol=1e-3)
@@ -85,6 +87,25 @@ def test_batch_continues_past_bad_files(synthetic_tif, tmp_path, capsys):
     assert (out / "synthetic.json").exists()  # the good file was processed anyway
     assert not (out / "junk.json").exists()
 
+
+
+def test_an_output_that_cannot_be_written_fails_its_image_only(synthetic_tif, tmp_path, capsys):
+    """Outputs are written on a writer thread; its failure is still one line and counted."""
+    path, _ = synthetic_tif
+    images = []
+    for name in ("a", "b", "c"):
+        images.append(tmp_path / f"{name}.tif")
+        images[-1].write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    (out / "b.h5.part").mkdir(parents=True)  # b's HDF5 file cannot be created
+    rc = main(["process", *map(str, images), "--method", "none", "--geometry", "per-run", "--out", str(out)])
+    assert rc == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and "b.tif" in err[0] and err[1].endswith("1 of 3 image(s) failed")
+    printed = [line.split(":")[0] for line in captured.out.splitlines() if line.endswith(".json")]
+    assert printed == [str(images[0]), str(images[2])]  # in image order
+    assert (out / "a.json").exists() and (out / "c.json").exists() and not (out / "b.json").exists()
 
 @pytest.mark.parametrize(
     "args, message",

@@ -107,6 +107,26 @@ def test_an_output_that_cannot_be_written_fails_its_image_only(synthetic_tif, tm
     assert printed == [str(images[0]), str(images[2])]  # in image order
     assert (out / "a.json").exists() and (out / "c.json").exists() and not (out / "b.json").exists()
 
+
+def test_images_processed_at_once_give_the_same_outputs_in_order(tmp_path, capsys):
+    """--workers 3 against --workers 1: the same numbers, lines in image order."""
+    images = []
+    for k in range(4):
+        p = make_pattern("pilatus-1m", seed=70 + k, counts=2.0)
+        images.append(tmp_path / f"f{k}.tif")
+        TifImage(data=p.raw()).write(str(images[-1]))
+    lines = {}
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        assert main(["process", *map(str, images), "--downsample", "2", "--workers", str(workers), "--out", str(out)]) == 0
+        lines[workers] = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+        assert lines[workers] == [str(p) for p in images]
+    for p in images:
+        one, three = (json.loads((tmp_path / f"out{w}" / f"{p.stem}.json").read_text()) for w in (1, 3))
+        assert one["center"] == three["center"] and one["metrics"]["s10_px"] == three["metrics"]["s10_px"]
+        with h5py.File(tmp_path / "out1" / f"{p.stem}.h5") as a, h5py.File(tmp_path / "out3" / f"{p.stem}.h5") as b:
+            np.testing.assert_array_equal(a["corrected"][()], b["corrected"][()])
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -115,6 +135,7 @@ def test_an_output_that_cannot_be_written_fails_its_image_only(synthetic_tif, tm
         (["--method", "white-top-hat", "--param", "tophat=big"], "big"),
         (["--method", "white-top-hat", "--param", "tophat"], "KEY=VALUE"),
         (["--downsample", "0"], "--downsample"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(synthetic_tif, tmp_path, capsys, args, message):

@@ -161,6 +161,14 @@ class RunGeometry:
 
 # --------------------------------------------------------------------------- quality
 
+#: Gaussian blur (pixels) of the log-intensity before the centre's refinement. A wider
+#: blur averages more photons per compared pixel: on 160 synthetic patterns of the eight
+#: detector families (``benchmarks.robustness --seed 1``, 20 per family, one frame each)
+#: the centre missed 0.5 px in 22 with a blur of 1 px, 7 with 2 px and 5 with 3 px
+#: (median error 0.142, 0.097, 0.091 px), and the centre's standard error passed
+#: :data:`MAX_CENTER_SIGMA_PX` in 71, 28 and 13 of them.
+CENTER_BLUR_PX = 3.0
+
 #: Least correlation between the blurred log-intensity and its point reflection about
 #: the centre found (1 for a perfectly symmetric pattern; noise and unmasked asymmetric
 #: objects lower it). Below it the centre is doubtful.
@@ -174,12 +182,14 @@ MIN_MIRROR = 0.5
 #: cannot be told apart: the rotation may be 90 degrees off.
 MIN_AXIS_CONTRAST = 0.5
 #: Largest standard error (pixels) of the centre estimated from the pattern's own noise
-#: (photon-starved frames; see ``_center_sigma``). The estimate errs high, about twice
-#: the actual error in the median: on the P40 Pilatus frames it gives 0.21-0.34 px
-#: where the frames' centres scatter by 0.09 px and splitting each frame's photons in
-#: two halves (binomial thinning) gives 0.09-0.19 px. Chosen on 320 synthetic patterns
-#: (``benchmarks.robustness --seed 1``): of the 36 whose centre missed the 0.5 px goal,
-#: 35 had an estimate above 0.35 px; of the 284 within it, 96 are flagged too.
+#: (photon-starved frames; see ``_center_sigma``). The estimate errs high: on the P40
+#: Pilatus frames it gives 0.16 px where the frames' centres scatter by 0.09 px. Chosen
+#: on 320 synthetic patterns (``benchmarks.robustness --seed 1``) with a refinement blur
+#: of 1 px: of the 36 whose centre missed the 0.5 px goal, 35 had an estimate above
+#: 0.35 px. With the 3 px blur of :data:`CENTER_BLUR_PX`, on 320 patterns of ``--seed
+#: 2`` (not used to choose either): 2 centres miss the goal, 1 of them with an estimate
+#: below the threshold (0.59 px off at 0.29; 3 of 35 misses at 1 px), and 23 estimates
+#: pass it (136 at 1 px).
 MAX_CENTER_SIGMA_PX = 0.35
 #: Largest spread (standard deviation, pixels) of the per-frame centres of a run.
 MAX_CENTER_SPREAD_PX = 1.0
@@ -647,7 +657,7 @@ def _bias_free(data, mask):
 
 
 def _locate_center(
-    data, mask, *, bin_factor=None, refine_radius=None, sigma=1.0, beam_stop=True, exclude=2.0, known_stop=None,
+    data, mask, *, bin_factor=None, refine_radius=None, sigma=None, beam_stop=True, exclude=2.0, known_stop=None,
     start=None,
 ):
     """Centre, beam stop and symmetry of a checked frame (see :func:`find_center`).
@@ -658,6 +668,7 @@ def _locate_center(
     masked instead of searching this frame's shadow.
     """
     h, w = data.shape
+    sigma = CENTER_BLUR_PX if sigma is None else float(sigma)
     b = _coarse_bin(data.shape) if bin_factor is None else int(bin_factor)
     if b < 1:
         raise GeometryError(f"bin_factor must be >= 1, got {bin_factor!r}")
@@ -706,7 +717,7 @@ def find_center(
     *,
     bin_factor: int | None = None,
     refine_radius: int | None = None,
-    sigma: float = 1.0,
+    sigma: float | None = None,
 ) -> tuple[float, float]:
     """Find the beam centre as the pattern's point of inversion symmetry.
 
@@ -723,7 +734,8 @@ def find_center(
         Half-size (pixels) of the full-resolution refinement window (default: an
         eighth of the frame's smaller side, at least 64).
     sigma : float, optional
-        Gaussian blur (pixels) applied, mask-aware, before the refinement (default 1).
+        Gaussian blur (pixels) applied, mask-aware, before the refinement (default
+        :data:`CENTER_BLUR_PX`).
 
     Returns
     -------

@@ -21,9 +21,10 @@ from the self-convolution ``C(s) = sum_p a(p) a(s - p)`` of the zero-mean
 log-intensity of a 4x-binned frame, which peaks at ``s = 2 * center``; it is refined at
 full resolution by minimising the masked mean squared difference between the
 log-intensity (blurred by :data:`CENTER_BLUR_PX`) and its point reflection, all shifts
-at once with FFTs, with a parabolic sub-pixel fit. The rotation is the pattern's mirror axis: in polar
-coordinates around the centre, the masked mean squared difference between each
-radius' azimuthal profile and its reflection about an axis is minimal at that axis.
+at once with FFTs, with a parabolic sub-pixel fit. The rotation is the pattern's mirror
+axis: in polar coordinates around the centre, the masked mean squared difference
+between each radius' azimuthal profile and its reflection about an axis is minimal at
+that axis.
 Fiber patterns have two mirror axes (equator and meridian); the equator is the one
 with more intensity along it.
 
@@ -761,8 +762,8 @@ def find_center(
     minimises the masked mean squared difference between the blurred log-intensity
     and its point reflection, with a parabolic sub-pixel fit; repeated once around
     the new centre. Cost: about 0.4 s for a Pilatus 1M frame on a 2-core VM
-    (2026-12-02), most of it the beam-stop search; a run's frames after the first
-    reuse its beam stop and centre (:func:`find_run_geometry`).
+    (2026-12-02), most of it the beam-stop search; :func:`find_run_geometry` searches
+    the beam stop once, on the run's mean, and each frame's own estimate reuses it.
     """
     data, mask = _check_frame(data, mask)
     center, _, _, _ = _locate_center(data, mask, bin_factor=bin_factor, refine_radius=refine_radius, sigma=sigma)

@@ -128,17 +128,31 @@ class _ContentCache:
         return tuple(out)
 
     def get(self, key, make):
-        """The cached value of ``key``, or ``make()``'s, stored."""
+        """The cached value of ``key``, or ``make()``'s, stored with its arrays made
+        read-only (it is shared by every later caller: an in-place write raises)."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
         value = make()
+        _freeze(value)
         with self._lock:
             self._items[key] = value
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return value
+
+
+def _freeze(value) -> None:
+    """Make every ndarray in ``value`` (nested tuples, lists, dataclass fields) read-only."""
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _freeze(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            _freeze(getattr(value, name))
 
 
 _BINS_CACHE = _ContentCache(8)  # the equatorial, off-axis and meridional sectors of a run or two

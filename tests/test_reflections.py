@@ -315,3 +315,16 @@ def test_equator_jacobian_is_the_models_derivative():
         h = 1e-6 * max(abs(p[k]), 1e-3)
         numeric = (model(p + np.eye(12)[k] * h) - model(p - np.eye(12)[k] * h)) / (2 * h)
         np.testing.assert_allclose(jac[:, k], numeric, rtol=1e-5, atol=1e-6 * np.abs(numeric).max(), err_msg=f"p[{k}]")
+
+
+def test_cached_profile_geometry_is_shared_read_only():
+    """Folds of one run share their validity, so their sector bins come from one cache
+    entry: it must not be writable through a profile, or one frame would change the next."""
+    valid = np.ones((120, 130), bool)
+    valid[40:44, :] = False  # a gap
+    first = rf.SectorProfile(np.ones(valid.shape), valid, rmax=100.0, **rf.sector("equator", 15.0))
+    second = rf.SectorProfile(np.full(valid.shape, 2.0), valid.copy(), rmax=100.0, **rf.sector("equator", 15.0))
+    assert second.ok is first.ok  # found again by content, not recomputed
+    np.testing.assert_allclose(second.values, 2.0 * first.values)
+    with pytest.raises(ValueError):
+        first.ok[0] = True

@@ -19,10 +19,21 @@ it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's docu
 - stream ``failures``: one event per raw frame that did not make it, with
   ``raw_seq_num``, ``status`` (``failed``, ``skipped``, ``unprocessed`` or ``missing``)
   and ``error``;
+- stream ``metrics_only`` (only when corrected folds could not be written, e.g. a full
+  disk): the metrics of frames whose corrected fold was lost, keys as in ``primary``
+  without ``corrected``; those frames count as failed and say so in ``failures``;
 - stop: ``exit_status`` ``success`` only when every received frame was processed and
   the raw run succeeded (an aborted or failed raw run gives its own exit status);
   ``reason`` gives the counts (received, processed, failed, skipped, unprocessed,
-  missing) and the raw run's exit status when it was not a success.
+  missing) and the raw run's exit status when it was not a success. Every received
+  frame is in exactly one of processed, failed, skipped and unprocessed, whatever
+  broke: a frame that some fault left in none of them is listed unprocessed at the stop.
+
+A bad frame is one bad frame: the run's frame shape comes from the descriptor (the
+data key's ``shape``; the first frame's only when the descriptor gives none), a frame of
+another shape fails alone, and a geometry estimated from the frames uses the first
+``geometry_frames`` frames that are usable (the right shape, at least
+:data:`MIN_VALID_FRACTION` valid pixels, not constant); the others fail alone.
 
 Threads: the document handlers run on the caller's thread (the RunEngine's) and only
 record the document and put a frame reference on a bounded queue. One worker thread
@@ -64,6 +75,12 @@ KEEP_RUNS = 100
 AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "AD_EIGER", "AD_HDF5_GERM")
 _AD_DATASET = "/entry/data/data"
 
+#: Least fraction of valid pixels (:func:`live_bgsub.io.mask_invalid`) of a frame used to
+#: estimate a run's geometry; a circular CCD active area is ~0.78 of its square.
+MIN_VALID_FRACTION = 0.1
+#: Document-handling errors kept by the callback (the oldest are dropped; all are counted).
+KEEP_ERRORS = 1000
+
 #: Evidence behind each frame's metrics verdict carried in its derived event (NaN when
 #: there is no equator): standard errors of S10 (pixels) and, relative, of I11/I10.
 EVIDENCE_KEYS = ("s10_err_px", "i11_i10_err")
@@ -94,6 +111,7 @@ class RunSummary:
     reason: str = ""
     geometry: dict | None = None
     doubtful: int = 0  # processed frames whose metrics verdict is "doubtful"
+    metrics_only: int = 0  # failed frames whose corrected fold was lost but metrics kept
 
     @property
     def complete(self) -> bool:
@@ -128,6 +146,8 @@ class _Run:
         self.stop_doc: dict | None = None
         self.stop_at: float | None = None
         self.done = threading.Event()
+        self.frame_shape: tuple[int, int] | None = None  # from the descriptor, else the first frame
+        self.received_seqs: set[int] = set()
         # worker-side state
         self.geometry: Geometry | None = None
         self.geometry_source: str | None = None
@@ -140,6 +160,8 @@ class _Run:
         self.sres_bundle = None
         self.pending_failures: list[tuple[int, str, str]] = []
         self.done_seqs: set[int] = set()  # raw frames whose derived event was emitted
+        self.write_error: str | None = None  # why corrected folds can no longer be written
+        self.internal_errors = 0
 
 
 class LiveBackgroundSubtraction(DocumentRouter):
@@ -259,7 +281,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._stream_resources: dict[str, dict] = {}
         self._resources: dict[str, dict] = {}
         self._datums: dict[str, tuple[str, dict]] = {}
-        self._errors: list[str] = []
+        self._errors: collections.deque = collections.deque(maxlen=KEEP_ERRORS)
+        self.error_count = 0
         self._items: collections.deque = collections.deque()
         self._frames_queued = 0
         self._cond = threading.Condition()
@@ -314,8 +337,13 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     @property
     def errors(self) -> list[str]:
-        """Document-handling errors (documents that could not be understood)."""
+        """The last :data:`KEEP_ERRORS` document-handling and worker errors
+        (:attr:`error_count` counts them all)."""
         return list(self._errors)
+
+    def _error(self, message: str) -> None:
+        self._errors.append(message)
+        self.error_count += 1
 
     # ------------------------------------------------------------------ documents (caller's thread)
 
@@ -325,7 +353,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         except Exception as exc:  # never raise into the RunEngine
             message = f"{name} document {doc.get('uid', '')!r}: {type(exc).__name__}: {exc}"
             logger.exception("live_bgsub callback failed on %s", message)
-            self._errors.append(message)
+            self._error(message)
             return name, doc
 
     def start(self, doc):
@@ -351,6 +379,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             logger.warning("live_bgsub: run %s: %s", run.uid, exc)
             return doc
         run.external = keys[run.data_key].get("external")
+        run.frame_shape = _frame_shape(keys[run.data_key])
         for device in (doc.get("configuration") or {}).values():
             run.config.update(device.get("data") or {})
         return doc
@@ -452,6 +481,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def _enqueue(self, run: _Run, ref: _FrameRef) -> None:
         run.summary.received += 1
+        run.received_seqs.add(ref.seq_num)
         with self._cond:
             if self._frames_queued >= self.queue_size:
                 if self.on_full == "skip":
@@ -502,10 +532,28 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 else:
                     self._frames(run, [ref for _, _, ref in items])
             except Exception as exc:  # the worker must survive anything
-                logger.exception("live_bgsub worker failed on run %s", run.uid if run else None)
-                self._errors.append(f"worker: {type(exc).__name__}: {exc}")
+                text = f"{type(exc).__name__}: {exc}"
+                self._error(f"worker: {text}")
                 if kind == "stop":
+                    logger.exception("live_bgsub worker failed finishing run %s", run.uid)
                     run.done.set()
+                else:
+                    self._internal_failure(run, [ref for _, _, ref in items], text)
+
+    def _internal_failure(self, run: _Run, refs: list[_FrameRef], text: str) -> None:
+        """A batch raised where nothing should: its frames not yet accounted for fail
+        (the traceback is logged for the run's first such batch only)."""
+        run.internal_errors += 1
+        if run.internal_errors == 1:
+            logger.exception("live_bgsub worker failed on run %s (later failures of this run: one line)", run.uid)
+        else:
+            logger.error("live_bgsub worker failed on run %s: %s", run.uid, text)
+        pending = {ref.seq_num for ref, _ in run.buffer}
+        lost = [ref.seq_num for ref in refs if not _accounted(run, ref.seq_num) and ref.seq_num not in pending]
+        try:
+            self._fail(run, [FrameResult(seq, error=f"internal error: {text}") for seq in lost])
+        except Exception:  # noqa: BLE001 - the stop's sweep lists them as unprocessed
+            logger.exception("live_bgsub: recording failed frames of run %s failed", run.uid)
 
     def _frames(self, run: _Run, refs: list[_FrameRef]) -> None:
         if run.summary.disabled:
@@ -523,6 +571,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 frames.append((ref, self._read(ref)))
             except Exception as exc:  # noqa: BLE001 - a missing or bad file fails its frames only
                 self._fail(run, [FrameResult(ref.seq_num, error=f"{type(exc).__name__}: {exc}")])
+        if run.engine is None:
+            frames = self._usable(run, frames)
         if not frames:
             return
         if run.engine is None:
@@ -534,6 +584,31 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if run.engine is None:
                 return
         self._process(run, frames)
+
+    def _usable(self, run: _Run, frames: list) -> list:
+        """Before the run's engine exists: fail the frames that must not set it up (wrong
+        shape; for an estimated geometry also too few valid pixels or no contrast) and
+        return the others. The first usable frame fixes the shape when the descriptor
+        gave none."""
+        estimating = run.geometry is None and self._geometry_known(run) is None
+        kept, bad = [], []
+        for ref, array in frames:
+            shape = np.shape(array)
+            expected = run.frame_shape
+            if len(shape) != 2:
+                why = f"frame has shape {shape}, expected a 2-D frame" + (f" of shape {expected}" if expected else "")
+            elif expected is not None and shape != expected:
+                why = f"frame has shape {shape}, expected {expected} (the descriptor's shape of {run.data_key!r})"
+            else:
+                why = _unusable_for_geometry(array) if estimating else None
+            if why is None:
+                if run.frame_shape is None:
+                    run.frame_shape = shape
+                kept.append((ref, array))
+            else:
+                bad.append(FrameResult(ref.seq_num, error=why))
+        self._fail(run, bad)
+        return kept
 
     def _geometry_known(self, run: _Run):
         if run.geometry is not None:
@@ -550,7 +625,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def _build_engine(self, run: _Run, frames) -> None:
         try:
-            shape = np.shape(frames[0][1])
+            shape = run.frame_shape or np.shape(frames[0][1])
             if len(shape) != 2:
                 raise ProcessingError(f"frames must be 2-D, got shape {shape} for data key {run.data_key!r}")
             if self._geometry_known(run) is None:
@@ -602,7 +677,11 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._fail(run, [r for r in results if not r.ok])
         if not good:
             return
-        start, stop = run.writer.append(np.stack([r.corrected for r in good]))
+        rows = self._store(run, good)
+        if rows is None:
+            self._metrics_only(run, good, received)
+            return
+        start, stop = rows
         desc = run.descriptors["primary"]
         first_seq = start + 1
         datum = run.sres_bundle.compose_stream_datum(
@@ -613,20 +692,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._emit("stream_datum", datum)
         now_mono, now = time.monotonic(), time.time()
         for i, r in enumerate(good):
-            raw_time = run.event_times.get(r.seq_num)
-            data = {k: _number(r.metrics.get(k)) for k in METRIC_KEYS}
-            data["equator_found"] = bool(r.metrics.get("equator_found", False))
-            quality = r.metrics.get("quality") or {"verdict": "no equator", "reasons": [], "evidence": {}}
-            data["metrics_verdict"] = quality["verdict"]
-            data["metrics_doubts"] = "; ".join(quality["reasons"])
-            for k in EVIDENCE_KEYS:
-                data[k] = _number(quality["evidence"].get(k))
-            if quality["verdict"] == "doubtful":
-                run.summary.doubtful += 1
-            data["raw_seq_num"] = r.seq_num
-            data["latency_s"] = now_mono - received[r.seq_num]
-            data["processing_s"] = float(sum(r.timings_s.values()))
-            data["lag_s"] = now - raw_time if raw_time is not None else math.nan
+            data = self._event_data(run, r, now_mono - received[r.seq_num], now)
             event = desc.compose_event(
                 data=data, timestamps={k: now for k in data}, seq_num=first_seq + i, time=now
             )
@@ -634,12 +700,60 @@ class LiveBackgroundSubtraction(DocumentRouter):
             run.done_seqs.add(r.seq_num)
         run.summary.processed += len(good)
 
-    def _fail(self, run: _Run, results: list[FrameResult]) -> None:
+    def _event_data(self, run: _Run, r: FrameResult, latency_s: float, now: float) -> dict:
+        raw_time = run.event_times.get(r.seq_num)
+        data = {k: _number(r.metrics.get(k)) for k in METRIC_KEYS}
+        data["equator_found"] = bool(r.metrics.get("equator_found", False))
+        quality = r.metrics.get("quality") or {"verdict": "no equator", "reasons": [], "evidence": {}}
+        data["metrics_verdict"] = quality["verdict"]
+        data["metrics_doubts"] = "; ".join(quality["reasons"])
+        for k in EVIDENCE_KEYS:
+            data[k] = _number(quality["evidence"].get(k))
+        if quality["verdict"] == "doubtful":
+            run.summary.doubtful += 1
+        data["raw_seq_num"] = r.seq_num
+        data["latency_s"] = latency_s
+        data["processing_s"] = float(sum(r.timings_s.values()))
+        data["lag_s"] = now - raw_time if raw_time is not None else math.nan
+        return data
+
+    def _store(self, run: _Run, good: list[FrameResult]):
+        """Append the corrected folds to the run's file: their ``(start, stop)`` rows, or
+        None when they cannot be written (the run's first such error is logged, once)."""
+        if run.write_error is None:
+            try:
+                return run.writer.append(np.stack([r.corrected for r in good]))
+            except Exception as exc:  # noqa: BLE001 - a full disk or a bad file loses folds, not frames
+                run.write_error = f"{type(exc).__name__}: {exc}"
+                logger.error(
+                    "live_bgsub: run %s: corrected folds can no longer be written (%s); from frame %s on, "
+                    "frames fail and keep their metrics in stream 'metrics_only'",
+                    run.uid, run.write_error, good[0].seq_num,
+                )
+        return None
+
+    def _metrics_only(self, run: _Run, good: list[FrameResult], received: dict) -> None:
+        """Frames whose corrected fold was lost: failed, with their metrics kept."""
+        desc = run.descriptors.get("metrics_only")
+        if desc is None:
+            data_keys = {k: v for k, v in _primary_data_keys(run.engine.fold_shape).items() if k != "corrected"}
+            desc = run.descriptors["metrics_only"] = run.bundle.compose_descriptor(name="metrics_only", data_keys=data_keys)
+            self._emit("descriptor", desc.descriptor_doc)
+        now_mono, now = time.monotonic(), time.time()
+        for r in good:
+            data = self._event_data(run, r, now_mono - received[r.seq_num], now)
+            self._emit("event", desc.compose_event(data=data, timestamps={k: now for k in data}, time=now))
+        run.summary.metrics_only += len(good)
+        why = f"corrected fold not written ({run.write_error}); its metrics are in stream 'metrics_only'"
+        self._fail(run, [FrameResult(r.seq_num, error=why) for r in good], log=False)
+
+    def _fail(self, run: _Run, results: list[FrameResult], *, log: bool = True) -> None:
         for r in results:
             run.done_seqs.add(r.seq_num)
             run.summary.failed[r.seq_num] = r.error
             run.pending_failures.append((r.seq_num, "failed", r.error))
-            logger.warning("live_bgsub: run %s frame %s failed: %s", run.uid, r.seq_num, r.error)
+            if log:
+                logger.warning("live_bgsub: run %s frame %s failed: %s", run.uid, r.seq_num, r.error)
         if run.engine is not None:
             self._ensure_started(run)
 
@@ -693,28 +807,15 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def _start_primary(self, run: _Run) -> None:
         fold_shape = list(run.engine.fold_shape)
-        data_keys = {
-            "corrected": {
-                "source": "live_bgsub",
-                "dtype": "array",
-                "dtype_numpy": "<f4",
-                "shape": fold_shape,
-                "external": "STREAM:",
-            },
-            "raw_seq_num": {"source": "live_bgsub", "dtype": "integer", "shape": []},
-            "latency_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
-            "lag_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
-            "processing_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
-            "equator_found": {"source": "live_bgsub", "dtype": "boolean", "shape": []},
-            "metrics_verdict": {"source": "live_bgsub", "dtype": "string", "shape": []},
-            "metrics_doubts": {"source": "live_bgsub", "dtype": "string", "shape": []},
-        }
-        for k in METRIC_KEYS + EVIDENCE_KEYS:
-            data_keys[k] = {"source": "live_bgsub", "dtype": "number", "shape": []}
-        desc = run.descriptors["primary"] = run.bundle.compose_descriptor(name="primary", data_keys=data_keys)
+        desc = run.descriptors["primary"] = run.bundle.compose_descriptor(name="primary", data_keys=_primary_data_keys(fold_shape))
         self._emit("descriptor", desc.descriptor_doc)
         derived_uid = run.summary.derived_uid
-        run.writer = FoldWriter(self.directory / f"{derived_uid}_corrected.h5", fold_shape)
+        try:
+            run.writer = FoldWriter(self.directory / f"{derived_uid}_corrected.h5", fold_shape)
+        except Exception as exc:  # noqa: BLE001 - no file, no folds: the metrics still go out
+            run.write_error = f"{type(exc).__name__}: {exc}"
+            logger.error("live_bgsub: run %s: cannot create the corrected folds' file (%s); frames keep their metrics in stream 'metrics_only'", run.uid, run.write_error)
+            return
         run.sres_bundle = run.bundle.compose_stream_resource(
             mimetype="application/x-hdf5",
             uri=run.writer.uri,
@@ -732,6 +833,11 @@ class LiveBackgroundSubtraction(DocumentRouter):
                     self._process(run, frames)
             self._ensure_started(run)
             s = run.summary
+            # Every received frame ends in exactly one count: one that a fault left in
+            # none of them is unprocessed, with why.
+            settled = run.done_seqs | set(s.skipped) | set(s.unprocessed)
+            for seq in sorted(run.received_seqs - settled):
+                s.unprocessed[seq] = "lost inside live_bgsub after an internal error (see the log)"
             for seq in s.skipped:
                 self._emit_failure(run, seq, "skipped", "the queue was full (on_full='skip')")
             for seq, why in sorted(s.unprocessed.items()):
@@ -748,6 +854,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
             if s.disabled:
                 s.reason += f"; {s.disabled}"
+            if run.write_error:
+                s.reason += f"; corrected folds not written ({run.write_error})"
+                if s.metrics_only:
+                    s.reason += f", metrics of {s.metrics_only} of those frames in stream 'metrics_only'"
             if run.geometry_estimate is not None and not run.geometry_estimate.quality.good:
                 s.reason += "; doubtful geometry: " + "; ".join(run.geometry_estimate.quality.reasons)
             if s.doubtful:
@@ -849,6 +959,59 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _primary_data_keys(fold_shape) -> dict:
+    data_keys = {
+        "corrected": {
+            "source": "live_bgsub",
+            "dtype": "array",
+            "dtype_numpy": "<f4",
+            "shape": list(fold_shape),
+            "external": "STREAM:",
+        },
+        "raw_seq_num": {"source": "live_bgsub", "dtype": "integer", "shape": []},
+        "latency_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+        "lag_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+        "processing_s": {"source": "live_bgsub", "dtype": "number", "shape": [], "units": "s"},
+        "equator_found": {"source": "live_bgsub", "dtype": "boolean", "shape": []},
+        "metrics_verdict": {"source": "live_bgsub", "dtype": "string", "shape": []},
+        "metrics_doubts": {"source": "live_bgsub", "dtype": "string", "shape": []},
+    }
+    for k in METRIC_KEYS + EVIDENCE_KEYS:
+        data_keys[k] = {"source": "live_bgsub", "dtype": "number", "shape": []}
+    return data_keys
+
+
+def _frame_shape(data_key: dict) -> tuple[int, int] | None:
+    """A frame's (rows, cols) from a descriptor's data key: its ``shape`` without the
+    leading 1s of a one-frame-per-event detector; None when that is not two dims."""
+    try:
+        shape = [int(d) for d in data_key.get("shape") or []]
+    except (TypeError, ValueError):
+        return None
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or min(shape) < 2:
+        return None
+    return shape[0], shape[1]
+
+
+def _unusable_for_geometry(array) -> str | None:
+    """Why a frame must not be used to estimate the geometry (None: it may)."""
+    data, valid = mask_invalid(np.asarray(array))
+    fraction = float(valid.mean()) if valid.size else 0.0
+    if fraction < MIN_VALID_FRACTION:
+        return f"only {fraction:.1%} of the frame's pixels are valid, at least {MIN_VALID_FRACTION:.0%} expected"
+    values = data[valid]
+    if values.min() == values.max():
+        return f"every valid pixel reads {values.min():g}: no pattern"
+    return None
+
+
+def _accounted(run: _Run, seq: int) -> bool:
+    s = run.summary
+    return seq in run.done_seqs or seq in s.unprocessed or seq in s.skipped
 
 
 def _pick_data_key(keys: dict, wanted: str | None, stream: str) -> str:

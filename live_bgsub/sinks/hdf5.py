@@ -6,16 +6,26 @@ chunk per frame, written in SWMR mode and flushed after every append so that a r
 (Tiled, a notebook) sees each frame as soon as its StreamDatum is published. The
 derived run references the file with a StreamResource (mimetype
 ``application/x-hdf5``) and each batch of frames with a StreamDatum.
+
+A full disk: before each append the writer checks that the file system has room for
+the folds plus :data:`ROOM_MARGIN_BYTES` (HDF5's own metadata) and, when it has not,
+raises :class:`DiskFullError` without touching the file, because HDF5 writes that fail
+with ENOSPC can leave the library in a state where a later flush or close crashes the
+interpreter (seen: a segmentation fault of the process running the RunEngine). After
+any failed append the writer refuses further appends with the same error, and its
+:meth:`FoldWriter.close` never raises: the folds written before stay readable.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASET", "FoldWriter", "read_in_process", "register_in_process_writer", "unregister_in_process_writer"]
+__all__ = ["DATASET", "ROOM_MARGIN_BYTES", "DiskFullError", "FoldWriter", "read_in_process", "register_in_process_writer", "unregister_in_process_writer"]
 
 # Files this process is writing with SWMR, by resolved path: (lock, {dataset name: h5py
 # Dataset}). HDF5 does not support a SWMR writer and a reader of one file in the same
@@ -66,6 +76,14 @@ def read_in_process(path, name: str, index: int):
 #: Dataset path of the corrected folds inside the derived run's HDF5 file.
 DATASET = "/entry/data/corrected"
 
+#: Free bytes an append leaves for HDF5's metadata (chunk index, superblock updates) on
+#: top of the folds' own bytes; an append that would leave less is refused.
+ROOM_MARGIN_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """The derived file's file system has no room for the next folds (errno ENOSPC)."""
+
 
 class FoldWriter:
     """Append corrected folds of one derived run to an HDF5 file.
@@ -84,6 +102,13 @@ class FoldWriter:
     ----------
     count : int
         Folds written so far.
+    broken : OSError or None
+        Why the writer refuses appends (the first failed append's error), else None.
+
+    Raises
+    ------
+    DiskFullError
+        The directory's file system has less than :data:`ROOM_MARGIN_BYTES` free.
     """
 
     def __init__(self, path, fold_shape, *, dataset: str = DATASET):
@@ -93,6 +118,8 @@ class FoldWriter:
         self.fold_shape = tuple(int(s) for s in fold_shape)
         self.dataset = dataset
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.broken: OSError | None = None
+        self._check_room(0)
         # "x": fail if the file exists rather than truncate someone's data.
         self._file = h5py.File(self.path, "x", libver="latest")
         self._data = self._file.create_dataset(
@@ -111,23 +138,54 @@ class FoldWriter:
         return "file://localhost" + self.path.as_posix()
 
     def append(self, folds) -> tuple[int, int]:
-        """Append folds ``(n, rows, cols)`` (or one fold); return their ``(start, stop)`` rows."""
+        """Append folds ``(n, rows, cols)`` (or one fold); return their ``(start, stop)`` rows.
+
+        Raises
+        ------
+        DiskFullError
+            The file system lacks room for these folds (nothing was written), or an
+            earlier append failed for that reason.
+        OSError
+            An earlier append failed (the writer is :attr:`broken`) or this one did.
+        """
         folds = np.asarray(folds, dtype=np.float32)
         if folds.ndim == 2:
             folds = folds[None]
         if folds.shape[1:] != self.fold_shape:
             raise ValueError(f"fold shape {folds.shape[1:]} does not match the file's {self.fold_shape}")
+        if self.broken is not None:
+            raise self.broken
+        self._check_room(folds.nbytes)
         start = self.count
         stop = start + len(folds)
-        self._data.resize(stop, axis=0)
-        self._data[start:stop] = folds
-        self._data.flush()
+        try:
+            self._data.resize(stop, axis=0)
+            self._data[start:stop] = folds
+            self._data.flush()
+        except OSError as exc:
+            self.broken = exc
+            raise
         self.count = stop
         return start, stop
 
+    def _check_room(self, nbytes: int) -> None:
+        stat = os.statvfs(self.path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < nbytes + ROOM_MARGIN_BYTES:
+            self.broken = DiskFullError(
+                errno.ENOSPC,
+                f"no room for the corrected folds in {self.path.parent}: {free} bytes free, an append needs "
+                f"{nbytes} + {ROOM_MARGIN_BYTES} for HDF5 metadata",
+            )
+            raise self.broken
+
     def close(self) -> None:
+        """Close the file; never raises (a failure to close is kept in :attr:`broken`)."""
         if self._file.id.valid:
-            self._file.close()
+            try:
+                self._file.close()
+            except Exception as exc:  # noqa: BLE001 - what was flushed before stays readable
+                self.broken = self.broken or OSError(f"closing {self.path} failed: {exc}")
 
     def __enter__(self):
         return self

@@ -111,11 +111,12 @@ class RunSummary:
     reason: str = ""
     geometry: dict | None = None
     doubtful: int = 0  # processed frames whose metrics verdict is "doubtful"
+    bad_documents: list = field(default_factory=list)  # this run's documents that could not be understood
     metrics_only: int = 0  # failed frames whose corrected fold was lost but metrics kept
 
     @property
     def complete(self) -> bool:
-        return self.received == self.processed and not self.disabled and not self.missing
+        return self.received == self.processed and not self.disabled and not self.missing and not self.bad_documents
 
 
 @dataclass
@@ -416,17 +417,20 @@ class LiveBackgroundSubtraction(DocumentRouter):
         if run is None or run.data_key is None:
             return doc
         if sres is None:
-            raise ProcessingError(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
+            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
+            raise ProcessingError(run.summary.bad_documents[-1])
         if sres["data_key"] != run.data_key:
             return doc
         path, dataset, error = _hdf5_location(sres)
         now = time.monotonic()
         indices = range(doc["indices"]["start"], doc["indices"]["stop"])
         seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
+        if seqs.start < 1 or seqs.stop < seqs.start:
+            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} is not a range of sequence numbers from 1")
+            raise ProcessingError(run.summary.bad_documents[-1])
         if len(seqs) != len(indices):
-            raise ProcessingError(
-                f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}"
-            )
+            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}")
+            raise ProcessingError(run.summary.bad_documents[-1])
         for seq, index in zip(seqs, indices):
             if self.select is not None and seq not in self.select:
                 continue
@@ -850,6 +854,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
             )
             if s.missing:
                 s.reason += f", missing {len(s.missing)}"
+            if s.bad_documents:
+                s.reason += f"; {len(s.bad_documents)} document(s) not understood, frames unknown: " + "; ".join(s.bad_documents[:3])
             if s.timed_out:
                 s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
             if s.disabled:
@@ -918,6 +924,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raise ProcessingError(ref.error)
         if ref.array is not None:
             return ref.array
+        if ref.index < 0:  # Python would read a frame counted from the end: another frame
+            raise ProcessingError(f"{ref.path}: frame index {ref.index} is negative")
         try:  # a file this process writes (the simulated detector): through the writer's handle
             frame = read_in_process(ref.path, ref.dataset, ref.index)
         except IndexError as exc:

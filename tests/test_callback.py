@@ -421,6 +421,35 @@ def test_bad_documents_never_raise(tmp_path, frames):
     cb("stop", bundle.compose_stop())
     assert cb.wait(timeout=60)
     assert any("unknown stream_resource 'nope'" in e for e in cb.errors)
+    # The frames that datum named are unknown: the derived run cannot pass for complete.
+    assert cb.summary(bundle.start_doc["uid"]).exit_status == "fail"
+    assert "1 document(s) not understood" in cb.summary(bundle.start_doc["uid"]).reason
+
+
+@pytest.mark.parametrize("indices, seq_nums, why", [
+    ({"start": -2, "stop": 0}, {"start": 1, "stop": 3}, "frame index -2 is negative"),
+    ({"start": 0, "stop": 2}, {"start": -1, "stop": 1}, "is not a range of sequence numbers from 1"),
+])
+def test_a_stream_datum_with_negative_numbers_reads_no_other_frame(tmp_path, frames, raw_file, indices, seq_nums, why):
+    """Python would read index -2 as the second frame from the end: a frame of another
+    seq_num published as this one's, with a success stop."""
+    cb, out = _callback(tmp_path)
+    bundle = compose_run(metadata={"scan_id": 44})
+    desc = _descriptor(bundle, frames[0].shape, external="STREAM:")
+    sres = bundle.compose_stream_resource(
+        mimetype="application/x-hdf5", uri="file://localhost" + str(raw_file), data_key=KEY,
+        parameters={"dataset": "/entry/data/data", "chunk_shape": [1, *frames[0].shape]},
+    )
+    for name, doc in [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc), ("stream_resource", sres.stream_resource_doc)]:
+        cb(name, doc)
+    datum = {"uid": "d-1", "stream_resource": sres.stream_resource_doc["uid"], "descriptor": desc.descriptor_doc["uid"], "indices": indices, "seq_nums": seq_nums}
+    cb("stream_datum", datum)
+    cb("stop", bundle.compose_stop())
+    assert cb.wait(timeout=60)
+    summary = cb.summary(bundle.start_doc["uid"])
+    assert summary.processed == 0 and summary.exit_status == "fail"
+    assert out.events() == []
+    assert why in (" ".join(summary.failed.values()) + summary.reason)
 
 
 def test_engine_batches_match_single_frames(frames):

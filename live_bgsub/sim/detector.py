@@ -341,8 +341,12 @@ class SimDetector(FrameStreamMixin, Device):
         Returns
         -------
         DeviceStatus
-            Finished by the writer thread; failed if the write raises or the
-            detector is stopped/unstaged before the period ends.
+            Finished by the writer thread when the frame is written and its period is
+            over; failed if the write raises. Stopping or unstaging the detector
+            finishes it at once, as an areaDetector's acquire status finishes when
+            Acquire returns to 0: a frame already written is kept (and announced), one
+            not yet begun is not acquired. A RunEngine's ``abort()``/``stop()`` (which
+            stop every device) therefore end cleanly instead of raising ``FailedStatus``.
 
         Raises
         ------
@@ -360,7 +364,8 @@ class SimDetector(FrameStreamMixin, Device):
         return status
 
     def stop(self, *, success: bool = False) -> None:
-        """Abort acquisition: pending frames' statuses fail at once (until the next stage)."""
+        """Stop acquiring: pending frames' statuses finish at once without a frame (until
+        the next stage); a frame being waited on for its period is kept."""
         self._halt.set()
         super().stop(success=success)
 
@@ -427,7 +432,7 @@ class SimDetector(FrameStreamMixin, Device):
 
     def _close(self) -> None:
         if self._worker is not None:
-            self._halt.set()  # pending frames fail rather than wait out their period
+            self._halt.set()  # pending frames end rather than wait out their period
             self._jobs.put(None)
             self._worker.join()
         self._worker = self._jobs = None
@@ -447,13 +452,12 @@ class SimDetector(FrameStreamMixin, Device):
                 return
             status, index, period_end = job
             try:
-                if self._halt.is_set():
-                    raise RuntimeError(f"{self.name}: frame {index} was not acquired: the detector was stopped")
-                self._write_frame(index)
-                remaining = period_end - time.monotonic()
-                if remaining > 0 and self._halt.wait(remaining):
-                    raise RuntimeError(f"{self.name}: frame {index} was stopped before its acquire period ended")
-                self._frame_ready(index)
+                if not self._halt.is_set():  # stopped: the frame is not acquired
+                    self._write_frame(index)
+                    remaining = period_end - time.monotonic()
+                    if remaining > 0:
+                        self._halt.wait(remaining)  # a stop ends the period early; the frame is written
+                    self._frame_ready(index)
             except Exception as exc:  # noqa: BLE001 - any failure must reach the status, or it hangs
                 status.set_exception(exc)
             else:

@@ -28,6 +28,10 @@ it to a RunEngine (``RE.subscribe(callback)``) or feed it an archived run's docu
   missing) and the raw run's exit status when it was not a success. Every received
   frame is in exactly one of processed, failed, skipped and unprocessed, whatever
   broke: a frame that some fault left in none of them is listed unprocessed at the stop.
+  Before the stop, publishers that count what they could not deliver (``flush`` and
+  ``undelivered``, as :class:`~live_bgsub.sinks.tiled.TiledPublisher`) are asked about
+  the raw and the derived run; a loss makes the stop ``fail`` and ``reason`` says what
+  was lost and which backup holds it.
 
 A bad frame is one bad frame: the run's frame shape comes from the descriptor (the
 data key's ``shape``; the first frame's only when the descriptor gives none), a frame of
@@ -112,11 +116,18 @@ class RunSummary:
     geometry: dict | None = None
     doubtful: int = 0  # processed frames whose metrics verdict is "doubtful"
     bad_documents: list = field(default_factory=list)  # this run's documents that could not be understood
+    undelivered: str = ""  # what a publisher could not deliver (e.g. to Tiled), said at the stop
     metrics_only: int = 0  # failed frames whose corrected fold was lost but metrics kept
 
     @property
     def complete(self) -> bool:
-        return self.received == self.processed and not self.disabled and not self.missing and not self.bad_documents
+        return (
+            self.received == self.processed
+            and not self.disabled
+            and not self.missing
+            and not self.bad_documents
+            and not self.undelivered
+        )
 
 
 @dataclass
@@ -868,6 +879,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 s.reason += "; doubtful geometry: " + "; ".join(run.geometry_estimate.quality.reasons)
             if s.doubtful:
                 s.reason += f"; metrics doubtful in {s.doubtful} of {s.processed} processed frames (events' metrics_doubts)"
+            s.undelivered = self._undelivered(run)
+            if s.undelivered:
+                s.reason += "; " + s.undelivered
             raw_exit = (run.stop_doc or {}).get("exit_status")
             s.exit_status = "success" if s.complete else "fail"
             if raw_exit and raw_exit != "success":
@@ -886,6 +900,29 @@ class LiveBackgroundSubtraction(DocumentRouter):
             self._close_files()
             self._forget(run)
             run.done.set()
+
+    def _undelivered(self, run: _Run) -> str:
+        """What the publishers that keep such counts (``flush(timeout)`` and
+        ``undelivered(uid)``, as :class:`~live_bgsub.sinks.tiled.TiledPublisher`) could
+        not deliver of the raw and the derived run so far ("" when everything went)."""
+        said = []
+        for publish in self._publishers:
+            if not (hasattr(publish, "undelivered") and hasattr(publish, "flush")):
+                continue
+            try:
+                flushed = publish.flush(self.stop_timeout_s)
+                counts = {"raw": publish.undelivered(run.uid), "derived": publish.undelivered(run.summary.derived_uid)}
+            except Exception as exc:  # noqa: BLE001 - a sink's own failure is still news
+                said.append(f"{type(publish).__name__} could not say what it delivered ({type(exc).__name__}: {exc})")
+                continue
+            lost = [f"{which} run {n} document(s)" for which, n in counts.items() if n]
+            where = getattr(publish, "backup_directory", None)
+            keep = f" (kept in the backup {where}: live-bgsub recover {where})" if where else " (no backup kept)"
+            if lost:
+                said.append(f"not delivered by {type(publish).__name__}: " + ", ".join(lost) + keep)
+            if not flushed:
+                said.append(f"{type(publish).__name__} had not delivered everything within {self.stop_timeout_s} s of the stop")
+        return "; ".join(said)
 
     def _forget(self, run: _Run) -> None:
         """Drop a finished run's heavy state (fold map, buffers, document maps); keep

@@ -509,3 +509,45 @@ def test_missing_frames_and_an_aborted_raw_run_mark_the_derived_run(tmp_path, fr
     assert [(e["data"]["raw_seq_num"], e["data"]["status"]) for e in out.events("failures")] == [(2, "missing")]
     with pytest.raises(KeyError, match="never started"):
         cb.mark_missing("nope", [1], "x")
+
+
+class _LossyPublisher(Collector):
+    """A publisher that keeps the documents but reports, as TiledPublisher does, that
+    ``lost[uid]`` documents of a run did not reach its store."""
+
+    backup_directory = "/data/backup"
+
+    def __init__(self):
+        super().__init__()
+        self.lost = {}
+        self.flushed = 0
+
+    def flush(self, timeout=None):
+        self.flushed += 1
+        return True
+
+    def undelivered(self, run_uid):
+        return self.lost.get(run_uid, 0)
+
+
+def test_a_publisher_that_lost_documents_fails_the_derived_stop(tmp_path, frames):
+    lossy = _LossyPublisher()
+    cb, out = _callback(tmp_path)
+    cb.subscribe(lossy)
+    bundle = compose_run()
+    lossy.lost[bundle.start_doc["uid"]] = 37  # e.g. the raw run's events while Tiled was down
+    cb("start", bundle.start_doc)
+    desc = _descriptor(bundle, frames[0].shape)
+    cb("descriptor", desc.descriptor_doc)
+    cb("event", desc.compose_event(data={KEY: frames[0], "det_frame_number": 0}, timestamps={KEY: 0.0, "det_frame_number": 0.0}))
+    cb("stop", bundle.compose_stop())
+    assert cb.wait(timeout=60)
+    summary = cb.summary(bundle.start_doc["uid"])
+    assert summary.processed == 1 and lossy.flushed == 1
+    stop = out.stop()
+    assert stop["exit_status"] == "fail"
+    assert "not delivered by _LossyPublisher: raw run 37 document(s) (kept in the backup /data/backup: live-bgsub recover /data/backup)" in stop["reason"]
+    # Without losses the same run is a success.
+    lossy.lost.clear()
+    uid = _run_inline(cb, frames[:1])
+    assert cb.wait(uid, timeout=60) and cb.summary(uid).exit_status == "success"

@@ -29,7 +29,7 @@ runs the same plan, ``count([det], num=N)`` of a simulated Pilatus 1M writing HD
   ``HDF1:NumCaptured_RBV`` reached the frame, i.e. the status completed) and the RE's
   cycle per frame (raw event time deltas).
 - ``zmq``: the in-process ``SimDetector``; *baseline* is the RunEngine publishing
-  nothing, *live* the RunEngine with a ``bluesky.callbacks.zmq.Publisher`` into a
+  nothing, *live* the RunEngine with ``live_bgsub.wire.make_publisher`` (msgpack) into a
   ``bluesky-0MQ-proxy`` subprocess, read by a ``python -m live_bgsub.serve``
   subprocess that runs the callback and writes the derived runs to the embedded Tiled
   server. The raw runs stay out of Tiled (the embedded SQLite server takes one writer
@@ -435,7 +435,7 @@ def _derived_figures(catalog, raw_uid: str, first_raw_event_time: float) -> dict
 def run_zmq(methods, *, frames: int, period: float, repeats: int, directory: Path) -> dict:
     """``--path zmq``: RE -> Publisher -> bluesky-0MQ-proxy -> live_bgsub.serve -> Tiled."""
     from bluesky import RunEngine
-    from bluesky.callbacks.zmq import Publisher
+    from live_bgsub.wire import make_publisher
 
     from live_bgsub.provenance import machine_facts
     from live_bgsub.serve import read_status, wait_for_subscriber
@@ -452,7 +452,7 @@ def run_zmq(methods, *, frames: int, period: float, repeats: int, directory: Pat
         "period_s": period,
         "repeats": repeats,
         "detector": "simulated pilatus-1m (1043x981 int32, HDF5 + StreamResource/StreamDatum), in the RunEngine's process",
-        "transport": "bluesky.callbacks.zmq.Publisher -> bluesky-0MQ-proxy (child) -> python -m live_bgsub.serve (child, on_full=skip)",
+        "transport": "live_bgsub.wire.make_publisher (msgpack) -> bluesky-0MQ-proxy (child) -> python -m live_bgsub.serve (child, on_full=skip)",
         "store": "embedded Tiled (SQLite): derived runs only, written by serve; raw runs not stored",
         "methods": {},
     }
@@ -463,7 +463,7 @@ def run_zmq(methods, *, frames: int, period: float, repeats: int, directory: Pat
         in_port, out_port = _free_port(), _free_port()
         proxy = Path(sys.executable).with_name("bluesky-0MQ-proxy")
         children.start([str(proxy), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"])
-        publisher = Publisher(f"127.0.0.1:{in_port}")
+        publisher = make_publisher(f"127.0.0.1:{in_port}")  # unsigned msgpack: serve never unpickles
         stack.callback(publisher.close)
         det = SimDetector(name="det", directory=raw_dir, period_s=period, n_patterns=4, seed=0)
         _ = det.geometry  # render the frame bank before timing

@@ -119,11 +119,11 @@ def _free_port() -> int:
 
 
 def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
+    import secrets
     import subprocess
     import sys
 
     from bluesky import RunEngine
-    from bluesky.callbacks.zmq import Publisher
     from bluesky.plans import count
 
     from .beamline import _persistent_key
@@ -132,6 +132,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
     from .sim.detector import SimDetector
     from .sinks.tiled import TiledPublisher
     from .tiled_server import EmbeddedTiledServer, connect
+    from .wire import KEY_ENV, make_publisher
 
     raw_dir, derived_dir = directory / "raw", directory / "derived"
     for d in (raw_dir, derived_dir):
@@ -142,6 +143,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
           f"RunEngine -> bluesky-0MQ-proxy (127.0.0.1:{in_port} -> {out_port}) -> live-bgsub serve, method {method}")
     processes = []
     key = _persistent_key(directory / "tiled")
+    zmq_key = secrets.token_hex(32)  # signs every 0MQ message (docs/remote.md); never pickle
     with EmbeddedTiledServer(directory / "tiled", readable_storage=[raw_dir, derived_dir], api_key=key) as server:
         try:
             proxy = Path(sys.executable).with_name("bluesky-0MQ-proxy")
@@ -154,10 +156,10 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
                 [sys.executable, "-m", "live_bgsub.serve", "--zmq", f"127.0.0.1:{out_port}", "--tiled", server.uri,
                  "--directory", str(derived_dir), "--method", method, "--status-file", str(status_path),
                  "--queue-size", str(max(256, 2 * frames)), "--run-timeout", "120"],
-                env={**__import__("os").environ, "TILED_API_KEY": key}, stdout=log, stderr=subprocess.STDOUT,
+                env={**__import__("os").environ, "TILED_API_KEY": key, KEY_ENV: zmq_key}, stdout=log, stderr=subprocess.STDOUT,
             ))
             log.close()
-            publisher = Publisher(f"127.0.0.1:{in_port}")
+            publisher = make_publisher(f"127.0.0.1:{in_port}", key=zmq_key)
             wait_for_subscriber(publisher, lambda t: t in _status(read_status, status_path).get("probes", []), timeout=60)
             raw_docs = []
             RE = RunEngine({})

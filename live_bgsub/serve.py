@@ -16,6 +16,13 @@ propagated ("slow joiner"). :func:`wait_for_subscriber` sends *probe* documents
 the server reports one, through its status file (``--status-file``, read with
 :func:`read_status`).
 
+Documents cross the process boundary as msgpack (:mod:`live_bgsub.wire`), never as
+pickle: the RunEngine side publishes with :func:`live_bgsub.wire.make_publisher`, and
+with a shared key (``--key-file`` or ``$LIVE_BGSUB_ZMQ_KEY``) every message is signed
+(HMAC-SHA256) and checked here. A message that is not ours (a pickle, garbage, unsigned
+or badly signed where a key is set) is dropped, counted (``rejected`` in the status)
+and logged in one line; the server keeps running.
+
 Python API: :class:`RemoteServer` (``from_options(...)``, then ``run()`` in this
 thread or ``start()`` in a background thread, and ``stop()``); command line:
 :func:`main` (``python -m live_bgsub.serve --zmq HOST:PORT ...``).
@@ -38,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .transport import GapDetector
+from .wire import KEY_ENV, WireError, as_key, decode, load_key
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -59,6 +67,8 @@ logger = logging.getLogger("live_bgsub.serve")
 PROBE_KEY = "live_bgsub_probe"
 _KEEP_STATUS_RUNS = 50
 _KEEP_PROBES = 20
+_LOG_FIRST_REJECTS = 10  # then one line per _LOG_EVERY_REJECT rejected messages
+_LOG_EVERY_REJECT = 1000
 
 
 # ---------------------------------------------------------------------- probes (RE side)
@@ -117,6 +127,67 @@ def read_status(path) -> dict:
         return {}
 
 
+# ---------------------------------------------------------------------- the 0MQ subscriber
+
+_dispatcher_class = None
+
+
+def _wire_dispatcher_class():
+    """bluesky's ``RemoteDispatcher`` reading :mod:`live_bgsub.wire` messages only.
+
+    Its own receive loop prints every message it cannot read (payload included) and
+    dies on an unknown document name; this one hands each bad message to
+    ``on_reject(reason, detail)`` and carries on. The deserializer given to the base
+    class is the wire decoder too, so nothing here ever unpickles.
+    """
+    global _dispatcher_class
+    if _dispatcher_class is not None:
+        return _dispatcher_class
+    from bluesky.callbacks.zmq import RemoteDispatcher
+    from bluesky.run_engine import DocumentNames
+
+    if not hasattr(RemoteDispatcher, "_poll"):  # pragma: no cover - a future bluesky
+        logger.warning("serve: bluesky's RemoteDispatcher has no _poll; rejected messages are printed by bluesky, not counted")
+
+    class WireDispatcher(RemoteDispatcher):
+        def __init__(self, address, *, prefix: bytes = b"", key=None, on_reject=None):
+            self._key = as_key(key)
+            self._on_reject = on_reject or (lambda reason, detail: None)
+            super().__init__(address, prefix=prefix, deserializer=self._document_only)
+
+        def _document_only(self, payload: bytes) -> dict:
+            return decode(payload, self._key)[1]
+
+        async def _poll(self):
+            while True:
+                message = await self._socket.recv()
+                try:
+                    self._receive(message)
+                except Exception as exc:  # noqa: BLE001 - one bad message never ends the loop
+                    self._on_reject("malformed", f"{type(exc).__name__}: {exc}")
+
+        def _receive(self, message: bytes) -> None:
+            parts = message.split(b" ", 2)
+            if len(parts) != 3:
+                self._on_reject("foreign", f"not 'prefix name payload' ({len(message)} bytes starting {message[:8]!r})")
+                return
+            prefix, name, payload = parts
+            if self._prefix and prefix != self._prefix:
+                return
+            try:
+                name, doc = decode(payload, self._key, name=name)
+            except WireError as exc:
+                self._on_reject(exc.reason, str(exc))
+                return
+            if name not in DocumentNames.__members__:
+                self._on_reject("malformed", f"unknown document name {name[:40]!r}")
+                return
+            self.loop.call_soon(self.process, DocumentNames[name], doc)
+
+    _dispatcher_class = WireDispatcher
+    return WireDispatcher
+
+
 # ---------------------------------------------------------------------- the server
 
 
@@ -143,6 +214,17 @@ class RemoteServer:
         Flushed and closed by :meth:`close` (already subscribed to ``callback``).
     pvs : MetricsPVs, optional
         Stopped by :meth:`close` (already subscribed to ``callback``).
+    key : bytes or str, optional
+        Shared secret (>= 16 bytes): only messages signed with it are accepted (see
+        :mod:`live_bgsub.wire`). None: unsigned msgpack messages are accepted too
+        (never pickle).
+
+    Attributes
+    ----------
+    rejected : int
+        Messages dropped because they were not valid live-bgsub wire messages (a
+        pickle, garbage, unsigned or badly signed with a key set, an unknown name);
+        ``rejected_reasons`` counts them per reason.
 
     Examples
     --------
@@ -151,16 +233,30 @@ class RemoteServer:
     >>> server.run()  # until SIGTERM / stop()                          # doctest: +SKIP
     """
 
-    def __init__(self, address, callback, *, run_timeout: float = 300.0, prefix: bytes = b"", status_path=None, publisher=None, pvs=None):
+    def __init__(
+        self,
+        address,
+        callback,
+        *,
+        run_timeout: float = 300.0,
+        prefix: bytes = b"",
+        status_path=None,
+        publisher=None,
+        pvs=None,
+        key=None,
+    ):
         self.address = address
+        self.key = as_key(key)
         self.callback = callback
         self.prefix = prefix
         self.publisher = publisher
         self.pvs = pvs
         self.status_path = Path(status_path) if status_path is not None else None
-        self.detector = GapDetector(callback, run_timeout=run_timeout, on_finished=self._transport_finished)
+        self.detector = GapDetector(callback, run_timeout=run_timeout, on_finished=self._transport_finished, derive_missed_starts=True)
         self.tick_s = min(1.0, self.detector.run_timeout / 4)
         self.documents = 0
+        self.rejected = 0
+        self.rejected_reasons: collections.Counter = collections.Counter()
         self._probes: collections.deque = collections.deque(maxlen=_KEEP_PROBES)
         self._runs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self._derived_of: dict[str, str] = {}  # derived uid -> raw uid
@@ -190,6 +286,7 @@ class RemoteServer:
         status_path=None,
         on_full: str = "skip",
         queue_size: int = 256,
+        key=None,
         **callback_kwargs,
     ) -> RemoteServer:
         """Build the usual server: callback -> TiledPublisher (+ MetricsPVs).
@@ -199,9 +296,17 @@ class RemoteServer:
         ``directory``, ``data_key``...). ``on_full`` defaults to ``"skip"`` here: a
         callback that blocks stops reading the 0MQ socket, whose buffer then drops
         documents (the stop too); skipped frames are listed and can be filled.
+        ``backup_directory`` (with ``tiled``): where the TiledPublisher appends every
+        derived document as JSON lines; None (default) is ``backup`` in the callback's
+        ``directory``, False keeps no backup. ``key``: see :class:`RemoteServer`.
         """
         from .callback import LiveBackgroundSubtraction
 
+        key = as_key(key)  # a bad key fails before anything is started
+        if backup_directory is None:
+            backup_directory = Path(callback_kwargs.get("directory") or "derived") / "backup"
+        elif backup_directory is False:
+            backup_directory = None
         publish, publisher, pvs = [], None, None
         try:
             if tiled:
@@ -221,7 +326,9 @@ class RemoteServer:
             if publisher is not None:
                 publisher.close(timeout=5)
             raise
-        return cls(address, callback, run_timeout=run_timeout, prefix=prefix, status_path=status_path, publisher=publisher, pvs=pvs)
+        return cls(
+            address, callback, run_timeout=run_timeout, prefix=prefix, status_path=status_path, publisher=publisher, pvs=pvs, key=key
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address} {self._state}, open runs={len(self.detector.open_runs)}>"
@@ -232,9 +339,7 @@ class RemoteServer:
         """Receive and process documents in this thread until :meth:`stop` (or a signal)."""
         import asyncio
 
-        from bluesky.callbacks.zmq import RemoteDispatcher
-
-        dispatcher = RemoteDispatcher(self.address, prefix=self.prefix)
+        dispatcher = _wire_dispatcher_class()(self.address, prefix=self.prefix, key=self.key, on_reject=self._reject)
         dispatcher.subscribe(self._document)
         self._dispatcher = dispatcher
         loop = dispatcher.loop
@@ -357,6 +462,16 @@ class RemoteServer:
                 self._run_entry(doc["uid"])["scan_id"] = doc.get("scan_id")
             self._write_status()
 
+    def _reject(self, reason: str, detail: str) -> None:
+        """A message that is not a valid live-bgsub wire message (0MQ loop thread)."""
+        with self._status_lock:
+            self.rejected += 1
+            self.rejected_reasons[reason] += 1
+            n = self.rejected
+        if n <= _LOG_FIRST_REJECTS or n % _LOG_EVERY_REJECT == 0:
+            logger.warning("serve: rejected a message from %s (%s): %s [%d rejected so far]", self.address, reason, detail, n)
+        self._status_dirty = True  # written by the next tick, not per message
+
     def _transport_finished(self, report) -> None:
         with self._status_lock:
             self._run_entry(report.raw_uid)["transport"] = dataclasses.asdict(report)
@@ -400,6 +515,9 @@ class RemoteServer:
                 "open_runs": self.detector.open_runs,
                 "orphans": dict(self.detector.orphans),
                 "late": self.detector.late,
+                "signed": self.key is not None,
+                "rejected": self.rejected,
+                "rejected_reasons": dict(self.rejected_reasons),
                 "tiled_errors": len(self.publisher.errors) if self.publisher is not None else 0,
                 "runs": json.loads(json.dumps(list(self._runs.values()), default=str)),
                 "updated": time.time(),
@@ -428,7 +546,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tiled", metavar="URI", help="Tiled server for the derived runs (default: $TILED_URI; none: no Tiled)")
     parser.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
     parser.add_argument("--catalog", default="runs", help="catalog path on the Tiled server (default: runs)")
-    parser.add_argument("--backup", type=Path, metavar="DIR", help="also append every derived document to DIR/<uid>.jsonl")
+    backup = parser.add_mutually_exclusive_group()
+    backup.add_argument("--backup", type=Path, metavar="DIR", help="with --tiled, also append every derived document to DIR/<uid>.jsonl (default: DIRECTORY/backup)")
+    backup.add_argument("--no-backup", action="store_true", help="keep no JSON-lines backup of the derived documents")
+    parser.add_argument(
+        "--key-file", type=Path, metavar="PATH",
+        help=f"shared key: accept only messages signed with it (default: ${KEY_ENV}; neither: unsigned msgpack, never pickle)",
+    )  # fmt: skip
     parser.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     parser.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
@@ -453,6 +577,11 @@ def run_from_args(args) -> int:
         return 2
     tiled = args.tiled or os.environ.get("TILED_URI")
     try:
+        key = load_key(args.key_file)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"live-bgsub serve: error: the 0MQ key: {exc}", file=sys.stderr)
+        return 2
+    try:
         from .background import parse_params
         from .inference import MODEL_PREFIX
 
@@ -462,7 +591,8 @@ def run_from_args(args) -> int:
             tiled=tiled,
             api_key=args.api_key,
             catalog=args.catalog,
-            backup_directory=args.backup,
+            backup_directory=False if args.no_backup else args.backup,
+            key=key,
             pv_prefix=args.pv_prefix,
             run_timeout=args.run_timeout,
             prefix=args.zmq_prefix.encode(),
@@ -480,13 +610,20 @@ def run_from_args(args) -> int:
         return 2
     if not tiled:
         logger.warning("serve: no --tiled: derived runs are not stored (only HDF5 files, PVs and logs)")
+    if key is None:
+        logger.warning("serve: no key (--key-file, $%s): messages are not authenticated (unsigned msgpack accepted)", KEY_ENV)
 
     def on_signal(signum, frame):
         logger.info("serve: signal %d: stopping", signum)
         server.request_stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    print(f"live-bgsub serve: listening to {args.zmq}" + (f", PVs {args.pv_prefix}*" if args.pv_prefix else ""), flush=True)
+    print(
+        f"live-bgsub serve: listening to {args.zmq}"
+        + (", signed messages only" if key is not None else ", unsigned messages accepted")
+        + (f", PVs {args.pv_prefix}*" if args.pv_prefix else ""),
+        flush=True,
+    )
     try:
         server.run()
     finally:

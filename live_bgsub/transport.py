@@ -17,9 +17,16 @@ it repairs what the transport broke:
   suspected; frames after seq_num K unknown"``) and fed to the callback, which
   finishes the derived run and marks it incomplete. Documents of that run arriving
   later are dropped and counted (:attr:`late`): the derived run is closed;
-- **a run's start never arrives**: its documents cannot be routed; they are dropped,
-  counted per run (:attr:`orphans`) and logged once per run. The raw run, if it is
-  archived, can be replayed as a whole.
+- **a run's start never arrives** (0MQ dropped it, or the server was not running when
+  the run began: a restart): its documents cannot be routed; they are dropped,
+  counted per run (:attr:`orphans`; events and StreamDatums, which do not name their
+  run, under ``"?"``) and logged once per run. With ``derive_missed_starts`` (what
+  ``live-bgsub serve`` uses), the run's stop, which names it, still yields a derived
+  run: a start is made up (marked ``live_bgsub_start_missed``), all frames
+  ``1..num_events[stream]`` are marked missing (reason :data:`START_MISSED`: without
+  the start and descriptor none of them can be read) and the stop is passed on as a
+  failure whose reason says the start was missed. The raw run, if it is archived, can
+  be replayed as a whole (``frames_to_fill`` lists every frame).
 
 A new run's start does *not* finish an earlier run that is still open: several
 RunEngines may publish into one proxy, and a plan may hold several runs open.
@@ -44,12 +51,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-__all__ = ["LOST_IN_TRANSPORT", "GapDetector", "TransportReport"]
+__all__ = ["LOST_IN_TRANSPORT", "START_MISSED", "START_MISSED_KEY", "GapDetector", "TransportReport"]
 
 logger = logging.getLogger("live_bgsub.transport")
 
 #: Reason given to :meth:`LiveBackgroundSubtraction.mark_missing` for dropped frames.
 LOST_IN_TRANSPORT = "lost in transport (0MQ)"
+#: Reason given for the frames of a run whose start never arrived.
+START_MISSED = "start document never arrived (the server was not listening when the run began, or 0MQ dropped it)"
+#: Key of a made-up start document (see ``derive_missed_starts``).
+START_MISSED_KEY = "live_bgsub_start_missed"
 _KEEP_FINISHED = 1000  # finished runs remembered (late documents, reports)
 
 
@@ -59,7 +70,8 @@ class TransportReport:
 
     ``missing`` are the raw seq_nums reported missing; ``finished_by`` is ``"stop"``
     (its stop arrived), ``"timeout"`` (silent for ``run_timeout`` s, stop made up)
-    or ``"shutdown"`` (:meth:`GapDetector.finish_all`), None while the run is open.
+    or ``"shutdown"`` (:meth:`GapDetector.finish_all`), or ``"start missed"`` (only
+    its stop arrived; ``derive_missed_starts``), None while the run is open.
     ``highest_seq_num`` is the highest frame seen; ``expected`` is the stop's
     ``num_events`` for the frame stream (None without a stop).
     """
@@ -126,6 +138,11 @@ class GapDetector:
     on_finished : callable, optional
         Called as ``on_finished(report)`` after a run's stop (real or made up) was
         passed on; exceptions are logged.
+    derive_missed_starts : bool, optional
+        When the stop of a run whose start never arrived comes (a server restarted
+        mid-run), make up its start so that the callback produces a derived run
+        listing all its frames as missing (default False: only count; see the module
+        docstring).
 
     Attributes
     ----------
@@ -145,6 +162,7 @@ class GapDetector:
         data_key: str | None = None,
         clock=time.monotonic,
         on_finished=None,
+        derive_missed_starts: bool = False,
     ):
         if not hasattr(callback, "mark_missing"):
             raise TypeError(f"callback must offer mark_missing(raw_uid, seq_nums, reason), got {type(callback).__name__}")
@@ -156,6 +174,7 @@ class GapDetector:
         self.data_key = data_key if data_key is not None else getattr(callback, "data_key", None)
         self.clock = clock
         self.on_finished = on_finished
+        self.derive_missed_starts = bool(derive_missed_starts)
         self.orphans: dict[str, int] = {}
         self.late = 0
         self._lock = threading.RLock()
@@ -214,7 +233,10 @@ class GapDetector:
         run_uid = self._run_of(name, doc)
         run = self._open.get(run_uid) if run_uid else None
         if run is None:
+            missed_start = name == "stop" and run_uid is not None and run_uid not in self._finished
             self._count_lost(name, run_uid)
+            if missed_start and self.derive_missed_starts:
+                return False, self._derive_missed_start(run_uid, doc, now)
             return False, None
         run.last_seen = now
         run.report.documents += 1
@@ -298,18 +320,32 @@ class GapDetector:
         missing = sorted(set(range(1, int(expected or 0) + 1)) - run.received())
         self._close(run, missing, "stop")
 
-    def _close(self, run: _OpenRun, missing: list[int], finished_by: str) -> None:
+    def _derive_missed_start(self, uid: str, stop: dict, now: float) -> TransportReport | None:
+        """The stop of a run never started: a derived run saying so (all frames missing)."""
+        expected = (stop.get("num_events") or {}).get(self.stream_name)
+        if not expected:
+            return None  # no frames to account for: counting is enough
+        run = _OpenRun(uid, now)
+        self._open[uid] = run
+        self.callback("start", {"uid": uid, "time": stop.get("time", time.time()), START_MISSED_KEY: START_MISSED})
+        run.report.documents = self.orphans.get(uid, 0)
+        run.report.expected = int(expected)
+        self._close(run, list(range(1, int(expected) + 1)), "start missed", START_MISSED)
+        raw = f"the raw stop says exit_status {stop.get('exit_status')!r}" + (f" ({stop['reason']})" if stop.get("reason") else "")
+        self.callback("stop", {**stop, "exit_status": "fail", "reason": f"{START_MISSED}; {raw}"})
+        logger.warning("transport: run %s: its start never arrived; derived run made with its %s frame(s) missing", uid, expected)
+        return run.report
+
+    def _close(self, run: _OpenRun, missing: list[int], finished_by: str, reason: str = LOST_IN_TRANSPORT) -> None:
         report = run.snapshot()
         report.missing = missing
         report.finished_by = finished_by
         if missing:
             try:
-                self.callback.mark_missing(run.uid, missing, LOST_IN_TRANSPORT)
+                self.callback.mark_missing(run.uid, missing, reason)
             except Exception:
                 logger.exception("transport: could not mark %d frame(s) of run %s missing", len(missing), run.uid)
-            logger.warning(
-                "transport: run %s: %d frame(s) lost in transport: %s", run.uid, len(missing), _ranges(missing)
-            )
+            logger.warning("transport: run %s: %d frame(s) missing (%s): %s", run.uid, len(missing), reason, _ranges(missing))
         del self._open[run.uid]
         self._finished[run.uid] = report
         while len(self._finished) > _KEEP_FINISHED:

@@ -3,7 +3,8 @@
 The first tests drive :class:`live_bgsub.transport.GapDetector` in process with
 composed documents (exact gaps, a clock the test advances). The rest run real peers on
 loopback: the proxy and the server are subprocesses, the RunEngine publishes from this
-process through ``bluesky.callbacks.zmq.Publisher``, the derived runs land in an
+process through a ``bluesky.callbacks.zmq.Publisher`` (msgpack, ``live_bgsub.wire.
+make_publisher``), the derived runs land in an
 embedded Tiled server and the metrics on Channel Access PVs. Gaps are forced
 deterministically by withholding chosen documents before they reach the real
 Publisher, which is what a 0MQ drop looks like to the subscriber.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import secrets
 import socket
 import subprocess
@@ -24,7 +26,6 @@ from pathlib import Path
 import epics
 import pytest
 from bluesky import RunEngine
-from bluesky.callbacks.zmq import Publisher
 from bluesky.plans import count
 from conftest import MINI
 from event_model import compose_run
@@ -38,6 +39,7 @@ from live_bgsub.sinks.tiled import TiledPublisher
 from live_bgsub.synth import make_pattern
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 from live_bgsub.transport import LOST_IN_TRANSPORT, GapDetector
+from live_bgsub.wire import KEY_ENV, encode, make_publisher
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 2.0
@@ -342,7 +344,7 @@ def serve(dirs, tiled, proxy):
 @pytest.fixture(scope="module")
 def publish(proxy, serve):
     """A Publisher into the proxy, connected end to end (probes answered by serve)."""
-    publisher = Publisher(f"127.0.0.1:{proxy[0]}")
+    publisher = make_publisher(f"127.0.0.1:{proxy[0]}")  # msgpack: serve never unpickles
     wait_for_subscriber(publisher, lambda token: token in serve.status().get("probes", []), timeout=60)
     yield publisher
     publisher.close()
@@ -485,7 +487,10 @@ def test_a_run_whose_start_was_lost_is_counted_and_the_next_run_is_fine(dirs, ti
     lost_uid, _ = _acquire(dirs, Withholding(publish, lambda name, doc: name == "start"), 3, seed=31)
     # descriptor, stream_resource and stop name the run; events and datums cannot.
     wait_for(lambda: serve.status()["orphans"].get(lost_uid) == 3, 30, "the orphans to be counted", serve.log)
-    assert lost_uid not in {r["raw_uid"] for r in serve.status()["runs"]}
+    # Its stop named it: a derived run says the start was missed and lists every frame.
+    entry = serve.wait_derived(lost_uid, catalog)
+    assert entry["exit_status"] == "fail" and "start document never arrived" in entry["reason"]
+    assert (entry["transport"]["finished_by"], entry["transport"]["missing"]) == ("start missed", [1, 2, 3])
     uid, _ = _acquire(dirs, Withholding(publish), 3, seed=41)
     assert serve.wait_derived(uid, catalog)["exit_status"] == "success"
 
@@ -508,3 +513,192 @@ def test_command_line_errors_exit_2(capsys):
     assert "--run-timeout must be > 0 seconds, got 0.0" in capsys.readouterr().err
     assert main(["--zmq", "127.0.0.1:1", "--method", "no-such-method"]) == 2
     assert "no-such-method" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- no pickle, keys, restart
+
+
+class _Exploit:
+    """Unpickling this creates ``path``: what a hostile publisher could run in serve."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_published_to_the_proxy_is_rejected_and_serve_carries_on(dirs, tiled, serve, publish, tmp_path):
+    _, catalog = tiled
+    proof, marker = tmp_path / "proof", tmp_path / "marker"
+    pickle.loads(pickle.dumps(_Exploit(proof))).close()
+    assert proof.exists()  # the payload is live: unpickling it runs open(path, "w")
+    before = serve.status()
+    # Exactly what bluesky's default Publisher puts on the wire, through a socket that
+    # is connected end to end (so that it cannot be lost to the slow joiner).
+    publish._socket.send(b" ".join([b"", b"start", pickle.dumps(_Exploit(marker))]))
+    wait_for(lambda: serve.status()["rejected"] == before["rejected"] + 1, 30, "the pickle to be rejected", serve.log)
+    status = serve.status()
+    assert status["rejected_reasons"].get("pickle", 0) == before["rejected_reasons"].get("pickle", 0) + 1
+    assert status["documents"] == before["documents"] and status["signed"] is False
+    assert not marker.exists()
+    # Garbage and an unknown document name (which ends bluesky's own receive loop).
+    publish._socket.send(b"no-spaces-at-all")
+    publish._socket.send(b" bogus " + encode("bogus", {}))  # a valid payload, an unknown name
+    wait_for(lambda: serve.status()["rejected"] == before["rejected"] + 3, 30, "the garbage to be rejected", serve.log)
+    # One log line per rejected message, no traceback.
+    log = serve.log.read_text()
+    assert log.count("serve: rejected a message") >= 3 and "Traceback" not in log
+    # A genuine run afterwards is processed as usual.
+    uid, _ = _acquire(dirs, Withholding(publish), 3, seed=61)
+    entry = serve.wait_derived(uid, catalog)
+    assert entry["exit_status"] == "success", entry
+    assert not marker.exists()
+    # The derived documents are also backed up by default, beside the derived files.
+    assert (dirs / "derived" / "backup" / f"{entry['derived_uid']}.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def own_proxy():
+    """A proxy of its own: the module's serve (no key) must not see these messages."""
+    in_port, out_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("bluesky-0MQ-proxy")), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield in_port, out_port
+    _stop(process)
+
+
+def _connect_rejected(publisher, server, reason):
+    """Probe through a publisher whose messages ``server`` rejects until one was counted."""
+    wait_for_subscriber(publisher, lambda token: server.status()["rejected_reasons"].get(reason, 0) > 0, timeout=60)
+
+
+def test_with_a_key_only_messages_signed_with_it_are_accepted(dirs, own_proxy, tmp_path):
+    key, wrong = secrets.token_bytes(32), secrets.token_bytes(32)
+    cb = LiveBackgroundSubtraction(directory=tmp_path / "derived")
+    server = RemoteServer(f"127.0.0.1:{own_proxy[1]}", cb, run_timeout=60, status_path=tmp_path / "status.json", key=key)
+    publishers = []
+    server.start(timeout=30)
+    try:
+        right = make_publisher(f"127.0.0.1:{own_proxy[0]}", key=key)
+        bad = make_publisher(f"127.0.0.1:{own_proxy[0]}", key=wrong)
+        unsigned = make_publisher(f"127.0.0.1:{own_proxy[0]}")
+        publishers += [right, bad, unsigned]
+        wait_for_subscriber(right, lambda token: token in server.status()["probes"], timeout=60)
+        _connect_rejected(bad, server, "bad signature")
+        _connect_rejected(unsigned, server, "unsigned")
+        documents, rejected = server.documents, server.status()["rejected_reasons"]
+        # A whole run signed with the wrong key: every document rejected, nothing processed.
+        bad_uid, bad_docs = _acquire(dirs, bad, 3, seed=71)
+        wait_for(
+            lambda: server.status()["rejected_reasons"]["bad signature"] >= rejected["bad signature"] + len(bad_docs),
+            30, "the wrongly signed run to be rejected",
+        )  # fmt: skip
+        unsigned_uid, unsigned_docs = _acquire(dirs, unsigned, 2, seed=72)
+        wait_for(
+            lambda: server.status()["rejected_reasons"]["unsigned"] >= rejected["unsigned"] + len(unsigned_docs),
+            30, "the unsigned run to be rejected",
+        )  # fmt: skip
+        assert server.documents == documents
+        # The right key works.
+        uid, docs = _acquire(dirs, right, 3, seed=73)
+        assert cb.wait(uid, timeout=60)
+        entry = wait_for(lambda: next((r for r in server.status()["runs"] if r["raw_uid"] == uid and "exit_status" in r), None), 30, "the derived run")
+        assert entry["exit_status"] == "success" and entry["transport"]["missing"] == []
+        assert server.documents == documents + len(docs)
+        status = server.status()
+        assert status["signed"] is True
+        assert {bad_uid, unsigned_uid}.isdisjoint(r["raw_uid"] for r in status["runs"])
+        wait_for(lambda: read_status(tmp_path / "status.json").get("rejected") == status["rejected"], 30, "the status file")
+    finally:
+        for publisher in publishers:
+            publisher.close()
+        server.stop(timeout=60)
+
+
+def test_key_options(tmp_path, monkeypatch, capsys):
+    from live_bgsub.serve import main
+    from live_bgsub.wire import load_key
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert load_key() is None
+    (tmp_path / "key").write_text("0123456789abcdef0123456789abcdef\n")
+    assert load_key(tmp_path / "key") == b"0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv(KEY_ENV, "an environment key of enough bytes")
+    assert load_key() == b"an environment key of enough bytes"
+    assert load_key(tmp_path / "key") == b"0123456789abcdef0123456789abcdef"  # the file wins
+    (tmp_path / "short").write_text("short")
+    assert main(["--zmq", "127.0.0.1:1", "--key-file", str(tmp_path / "short")]) == 2
+    assert "at least 16 bytes" in capsys.readouterr().err
+    assert main(["--zmq", "127.0.0.1:1", "--key-file", str(tmp_path / "absent")]) == 2
+    assert "the 0MQ key" in capsys.readouterr().err
+
+
+def test_the_derived_documents_are_backed_up_by_default(tiled, tmp_path):
+    server, _ = tiled
+    address = f"127.0.0.1:{_free_port()}"
+    remote = RemoteServer.from_options(address, tiled=server.uri, api_key=server.api_key, directory=tmp_path / "derived")
+    assert remote.publisher.backup_directory == tmp_path / "derived" / "backup"
+    remote.close(timeout=30)
+    remote = RemoteServer.from_options(address, tiled=server.uri, api_key=server.api_key, directory=tmp_path, backup_directory=tmp_path / "elsewhere")
+    assert remote.publisher.backup_directory == tmp_path / "elsewhere"
+    remote.close(timeout=30)
+    remote = RemoteServer.from_options(address, tiled=server.uri, api_key=server.api_key, directory=tmp_path, backup_directory=False)
+    assert remote.publisher.backup_directory is None
+    remote.close(timeout=30)
+
+
+def _serve_process(port, directory, status_path, log):
+    command = [
+        sys.executable, "-m", "live_bgsub.serve", "--zmq", f"127.0.0.1:{port}", "--directory", str(directory),
+        "--run-timeout", "60", "--status-file", str(status_path), "-v",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_serve_killed_mid_run_and_restarted_accounts_for_the_run(dirs, own_proxy, tmp_path):
+    # The run is recorded first, then published in two halves around a SIGKILL.
+    uid, docs = _acquire(dirs, lambda name, doc: None, 6, seed=81)
+    cut = next(i for i, (name, doc) in enumerate(docs) if name == "event" and doc["seq_num"] == 3) + 1
+    publisher = make_publisher(f"127.0.0.1:{own_proxy[0]}")
+    first = _serve_process(own_proxy[1], tmp_path / "derived", tmp_path / "first.json", tmp_path / "first.log")
+    second = None
+    try:
+        wait_for_subscriber(publisher, lambda token: token in read_status(tmp_path / "first.json").get("probes", []), timeout=120)
+        for name, doc in docs[:cut]:
+            publisher(name, doc)
+        # 0MQ keeps one publisher's order: once a later probe is in, so is the first half.
+        wait_for_subscriber(publisher, lambda token: token in read_status(tmp_path / "first.json").get("probes", []), timeout=60)
+        assert read_status(tmp_path / "first.json")["open_runs"] == [uid]
+        first.kill()
+        first.wait(30)
+        second = _serve_process(own_proxy[1], tmp_path / "derived", tmp_path / "second.json", tmp_path / "second.log")
+        wait_for_subscriber(publisher, lambda token: token in read_status(tmp_path / "second.json").get("probes", []), timeout=120)
+        for name, doc in docs[cut:]:
+            publisher(name, doc)
+
+        def finished():
+            assert second.poll() is None, (tmp_path / "second.log").read_text()[-4000:]
+            status = read_status(tmp_path / "second.json")
+            return next((r for r in status.get("runs", []) if r["raw_uid"] == uid and "exit_status" in r), None)
+
+        entry = wait_for(finished, 60, "the derived run of the restarted server", tmp_path / "second.log")
+        assert entry["exit_status"] == "fail"
+        assert "start document never arrived" in entry["reason"] and "missing 6" in entry["reason"]
+        assert (entry["transport"]["finished_by"], entry["transport"]["missing"]) == ("start missed", [1, 2, 3, 4, 5, 6])
+        # What it saw of the run: frames 4-6 (events and StreamDatums, which do not name
+        # their run) and the stop, counted.
+        seen = [name for name, _ in docs[cut:]]
+        orphans = wait_for(lambda: read_status(tmp_path / "second.json")["orphans"], 30, "the orphans in the status file")
+        assert orphans == {"?": seen.count("event") + seen.count("stream_datum"), uid: 1}
+    finally:
+        publisher.close()
+        first.kill()
+        if second is not None:
+            assert _stop(second) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    # Every derived run the restarted server opened has its stop.
+    assert read_status(tmp_path / "second.json")["open_runs"] == []

@@ -9,8 +9,9 @@ usage error (unknown method or parameter).
 
 ``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`), ``replay``
 sends archived runs from Tiled through the live callback (:mod:`live_bgsub.replay`),
-``tiled-server`` serves a demo directory's catalog again, and ``sim-ioc`` runs the
-simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`), and ``serve`` the live
+``recover`` writes runs from a TiledPublisher backup into Tiled, only what Tiled lacks
+(:mod:`live_bgsub.recover`), ``tiled-server`` serves a demo directory's catalog again,
+and ``sim-ioc`` runs the simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`), and ``serve`` the live
 callback in its own process behind bluesky's 0MQ proxy (:mod:`live_bgsub.serve`). Heavy libraries are
 imported only inside the command that needs them.
 """
@@ -303,7 +304,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
     p.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
     p.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the server must be able to read it")
+    p.add_argument("--backup", type=Path, metavar="DIR", help="JSON-lines backup of the derived runs' documents (default: backup/ beside --directory)")
+    p.add_argument("--no-backup", action="store_true", help="keep no backup of the derived runs")
+    p.add_argument("--timeout", type=float, default=REPLAY_TIMEOUT_S, metavar="S", help=f"seconds to wait for a derived run after its raw run's last document (default {REPLAY_TIMEOUT_S:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "recover",
+        help="write runs from a TiledPublisher backup into Tiled, only what Tiled lacks",
+        description="Re-send the runs of a JSON-lines backup (a TiledPublisher backup_directory, or one "
+        "<run uid>.jsonl file) to Tiled: a run Tiled lacks is written whole, a run Tiled holds in part "
+        "(no stop) is completed, a complete run is skipped. Safe to run again: it then writes nothing. "
+        "Exit status 0 when every run is complete in Tiled, 1 when some could not be, 2 when the server "
+        "cannot be used.",
+    )
+    p.add_argument("backup", type=Path, metavar="BACKUP", help="backup directory, or one <run uid>.jsonl file")
+    p.add_argument("--tiled", metavar="URI", help="Tiled server URI (default: $TILED_URI)")
+    p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
+    p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
+    p.add_argument("--batch-size", type=int, default=500, metavar="N", help="events per request (default 500)")
 
     p = sub.add_parser(
         "serve",
@@ -537,6 +556,18 @@ def _split_query(items) -> dict:
     return query
 
 
+#: Default of ``replay --timeout``: seconds to wait for a derived run after its raw run's
+#: last document (with on_full="block" only a queue of frames is left by then).
+REPLAY_TIMEOUT_S = 600.0
+
+
+def _replay_backup(args) -> Path | None:
+    """Where replay's publisher keeps its backup: --backup, else backup/ beside --directory."""
+    if args.no_backup:
+        return None
+    return args.backup if args.backup is not None else args.directory.parent / "backup"
+
+
 def _cmd_replay(args) -> int:
     uri = args.tiled or os.environ.get("TILED_URI")
     if not uri:
@@ -547,6 +578,9 @@ def _cmd_replay(args) -> int:
         return 2
     if args.fill and (args.uids or args.query or args.last):
         _fail("--fill DERIVED_UID replays that run's raw run: give no other selection")
+        return 2
+    if not args.timeout > 0:
+        _fail(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
         return 2
     try:
         from .background import parse_params
@@ -560,15 +594,21 @@ def _cmd_replay(args) -> int:
         catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
         seq_nums = None
         if args.fill:
-            from .replay import frames_to_fill
+            from .replay import fill_plan
 
-            raw_uid, seq_nums = frames_to_fill(catalog, args.fill)
+            plan = fill_plan(catalog, args.fill)
+            for note in plan.notes:
+                print(note)
+            seq_nums, raw_uid = plan.seq_nums, plan.raw_uid
             if not seq_nums:
-                print(f"derived run {args.fill} processed every frame of {raw_uid}: nothing to fill")
-                return 0
+                if plan.derived_stopped and plan.raw_stopped:
+                    print(f"derived run {args.fill} processed every frame of {raw_uid}: nothing to fill")
+                    return 0
+                print(f"derived run {args.fill} recorded every frame of {raw_uid} that Tiled holds: nothing to fill yet")
+                return 1  # incomplete runs: recover them first
             args.uids = [raw_uid]
             print(f"filling {len(seq_nums)} frame(s) of raw run {raw_uid}: {seq_nums}")
-        publisher = TiledPublisher(catalog)
+        publisher = TiledPublisher(catalog, backup_directory=_replay_backup(args))
         callback = LiveBackgroundSubtraction(
             publisher,
             method=args.method,
@@ -585,22 +625,70 @@ def _cmd_replay(args) -> int:
     from .replay import replay_runs
 
     try:
-        summaries = replay_runs(catalog, args.uids, callback, query=query, last=args.last, progress=not args.no_progress)
+        summaries = replay_runs(
+            catalog, args.uids, callback, query=query, last=args.last, progress=not args.no_progress, timeout=args.timeout
+        )
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
         return 2
+    except TimeoutError as exc:
+        _fail(str(exc))
+        return 1
     finally:
-        callback.close()
+        callback.close(timeout=args.timeout)
         publisher.close(timeout=120)
     if not summaries:
         _fail("no run matched the selection")
         return 1
     for s in summaries:
         print(f"{s.raw_uid} -> {s.derived_uid}: {s.reason} ({s.exit_status})")
-    if publisher.errors:
-        _fail(f"{len(publisher.errors)} document(s) could not be written to Tiled; first: {publisher.errors[0]}")
+    if publisher.error_count:
+        where = f"; all of them are in {publisher.backup_directory} (live-bgsub recover)" if publisher.backup_directory else ""
+        _fail(f"{publisher.error_count} document(s) could not be written to Tiled{where}; first: {publisher.errors[0]}")
         return 1
     return 0 if all(s.exit_status == "success" for s in summaries) else 1
+
+
+def _cmd_recover(args) -> int:
+    uri = args.tiled or os.environ.get("TILED_URI")
+    if not uri:
+        _fail("no Tiled server: pass --tiled URI or set TILED_URI")
+        return 2
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
+        return 2
+    from .recover import backup_files, recover
+    from .sinks.tiled import UNASSIGNED_BACKUP
+
+    try:
+        files = backup_files(args.backup)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+        return 2
+    unassigned = args.backup / UNASSIGNED_BACKUP if args.backup.is_dir() else None
+    if unassigned is not None and unassigned.exists():
+        print(f"{unassigned}: documents of unknown runs, not sent")
+    if not files:
+        print(f"{args.backup}: no run backups (<run uid>.jsonl): nothing to recover")
+        return 0
+    try:
+        import httpx
+
+        from .tiled_server import connect
+
+        # One quick request first: the tiled client retries a refused connection for
+        # up to TILED_RETRY_TIMEOUT (45 s) before it gives up.
+        httpx.get(uri, timeout=10).close()
+        catalog = connect(uri, api_key=args.api_key, catalog=args.catalog)
+    except Exception as exc:  # noqa: BLE001 - unreachable, bad key, not a catalog: one line, no traceback
+        _fail(f"cannot use the Tiled server at {uri} (catalog {args.catalog!r}): {type(exc).__name__}: {exc}")
+        return 2
+    results = recover(catalog, args.backup, batch_size=args.batch_size, on_run=lambda r: print(r.line(), flush=True))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        _fail(f"{len(bad)} of {len(results)} run(s) are not complete in Tiled")
+        return 1
+    return 0
 
 
 def _cmd_tiled_server(args) -> int:
@@ -646,6 +734,8 @@ def main(argv=None) -> int:
         return _cmd_demo(args)
     if args.command == "replay":
         return _cmd_replay(args)
+    if args.command == "recover":
+        return _cmd_recover(args)
     if args.command == "tiled-server":
         return _cmd_tiled_server(args)
     parser.print_help()

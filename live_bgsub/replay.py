@@ -6,6 +6,14 @@ run, so a replay produces a derived run exactly as acquisition would have, for i
 frames and for frames in external HDF5 files (which must be readable from here at the
 path the run recorded). Replays use ``on_full="block"``: nothing is skipped.
 
+A raw run without a stop document (its acquisition, or its writing to Tiled, was cut
+off) is replayed with a stop made up here: ``exit_status`` ``"fail"`` and a
+``reason`` saying the raw run had none (:data:`NO_STOP_REASON`), so its derived run
+finishes (with ``exit_status`` ``"fail"``) instead of waiting for a stop that never
+comes. :func:`replay_run` waits at most ``timeout`` seconds for the derived run.
+:func:`fill_plan` tells which raw frames a derived run lacks, also when the derived
+run itself never got its stop.
+
 Examples
 --------
 >>> from live_bgsub.replay import replay_runs
@@ -15,10 +23,24 @@ Examples
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from dataclasses import dataclass, field
 
-__all__ = ["frames_to_fill", "replay_run", "replay_runs", "select_runs"]
+__all__ = ["NO_STOP_REASON", "FillPlan", "fill_plan", "frames_to_fill", "has_stop", "replay_run", "replay_runs", "select_runs"]
 
 logger = logging.getLogger("live_bgsub.replay")
+
+#: ``reason`` of the stop that a replay makes up for a raw run archived without one.
+NO_STOP_REASON = (
+    "the archived raw run has no stop document (its acquisition or its writing to Tiled was cut off); "
+    "stop made up by live-bgsub replay"
+)
+
+
+def has_stop(run) -> bool:
+    """True when an archived run (a Tiled BlueskyRun client) holds its stop document."""
+    return bool(run.metadata.get("stop"))
 
 
 def replay_run(run, callback, *, progress: bool = False, timeout: float | None = None):
@@ -37,7 +59,9 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
     Returns
     -------
     RunSummary
-        Counts and failures of the derived run (``derived_uid`` names it).
+        Counts and failures of the derived run (``derived_uid`` names it). For a raw
+        run archived without a stop, its ``reason`` quotes :data:`NO_STOP_REASON`
+        and its ``exit_status`` is ``"fail"``.
 
     Raises
     ------
@@ -55,16 +79,26 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
         bar = tqdm(total=total, unit="doc", desc=f"replay {_short(run)}", leave=True)
     stream_names: dict[str, str] = {}
     data_keys: dict[str, str] = {}
+    events: dict[str, int] = {}  # stream name -> events sent
+    stopped = False
     try:
         for name, doc in run.documents():
             if name == "start":
                 raw_uid = doc["uid"]
             elif name == "descriptor":
                 stream_names[doc["uid"]] = doc["name"]
+            elif name == "event":
+                stream = stream_names.get(doc.get("descriptor"), "?")
+                events[stream] = events.get(stream, 0) + 1
             elif name == "stream_resource":
                 data_keys[doc["uid"]] = doc["data_key"]
             elif name == "stream_datum" and _empty(doc):
                 doc = _repair_stream_datum(run, doc, stream_names.get(doc.get("descriptor")), data_keys.get(doc["stream_resource"]))
+            elif name == "stop":
+                if raw_uid is not None and not (doc or {}).get("run_start"):
+                    # The json-seq exporter sends an empty stop for a run without one.
+                    doc = _made_up_stop(raw_uid, events)
+                stopped = True
             callback(name, doc)
             if bar is not None:
                 bar.update(1)
@@ -73,9 +107,27 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
             bar.close()
     if raw_uid is None:
         raise ValueError(f"run {_short(run)} has no start document to replay")
+    if not stopped:  # the documents ended without a stop at all
+        callback("stop", _made_up_stop(raw_uid, events))
     if not callback.wait(raw_uid, timeout=timeout):
-        raise TimeoutError(f"the derived run of {raw_uid} did not finish within {timeout} s")
+        raise TimeoutError(
+            f"the derived run of {raw_uid} did not finish within {timeout:g} s after the raw run's last document "
+            "(frames still queued or being processed; a longer timeout may be needed)"
+        )
     return callback.summary(raw_uid)
+
+
+def _made_up_stop(raw_uid: str, events: dict[str, int]) -> dict:
+    """A stop for a raw run archived without one (see :data:`NO_STOP_REASON`)."""
+    logger.warning("replay: raw run %s has no stop document; replaying it with a made-up one", raw_uid)
+    return {
+        "uid": str(uuid.uuid4()),
+        "time": time.time(),
+        "run_start": raw_uid,
+        "exit_status": "fail",
+        "reason": NO_STOP_REASON,
+        "num_events": dict(events),
+    }
 
 
 def select_runs(catalog, uids=(), *, query: dict | None = None, last: int | None = None) -> list:
@@ -136,14 +188,98 @@ def replay_runs(catalog, uids=(), callback=None, *, query=None, last=None, progr
     return summaries
 
 
-def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
-    """The raw run and the raw seq_nums a derived run did not process.
+@dataclass
+class FillPlan:
+    """What a derived run lacks of its raw run (:func:`fill_plan`).
+
+    Attributes
+    ----------
+    derived_uid, raw_uid : str
+    seq_nums : list of int
+        Raw seq_nums to replay (sorted): listed in the derived run's ``failures``
+        stream, or never recorded by it.
+    derived_stopped, raw_stopped : bool
+        Whether Tiled holds each run's stop document.
+    raw_frames : int
+        Raw frames known: the raw stop's event count, else (no stop) the frames Tiled
+        holds of the raw run; 0 when the raw run is not in the catalog.
+    notes : list of str
+        What a reader should know (a run without its stop, a raw run missing).
+    """
+
+    derived_uid: str
+    raw_uid: str
+    seq_nums: list = field(default_factory=list)
+    derived_stopped: bool = True
+    raw_stopped: bool = True
+    raw_frames: int = 0
+    notes: list = field(default_factory=list)
+
+
+def fill_plan(catalog, derived_uid: str, stream: str = "primary") -> FillPlan:
+    """The raw run and the raw seq_nums a derived run did not process, and why.
 
     Reads the derived run's ``failures`` stream (frames ``skipped`` on a full queue,
     ``unprocessed`` at a stop timeout, ``missing`` in transport, and ``failed``) and,
-    when the raw run is in the catalog, adds every raw event the derived run never
-    processed (frames after a lost stop). Replaying the raw run with ``seq_nums=`` set
-    to these makes a derived run that fills the gaps.
+    when the raw run is in the catalog, adds every raw frame the derived run never
+    recorded: frames after a lost stop, and, for a derived run that never got its stop
+    (its process or its Tiled writes were cut off), every frame it did not record.
+    The raw frames are counted from the raw run's stop, or, when the raw run has no
+    stop either, from what Tiled holds of it (``live-bgsub recover`` completes it from
+    its backup). Replaying the raw run with ``seq_nums=`` set to these makes a derived
+    run that fills the gaps.
+
+    Parameters
+    ----------
+    catalog : CatalogOfBlueskyRuns client
+    derived_uid : str
+    stream : str, optional
+        The raw run's stream of frames.
+
+    Raises
+    ------
+    ValueError
+        When ``derived_uid`` is not a derived run (no ``raw_uid`` in its start).
+    """
+    derived = catalog[derived_uid]
+    start = derived.metadata["start"]
+    if "raw_uid" not in start:
+        raise ValueError(f"run {derived_uid!r} is not a derived run (its start has no raw_uid)")
+    plan = FillPlan(derived_uid, start["raw_uid"], derived_stopped=has_stop(derived))
+    missing = set(_raw_seq_nums(derived, "failures"))
+    if not plan.derived_stopped:
+        plan.notes.append(
+            f"derived run {derived_uid} has no stop document (cut off, or still being written): "
+            "the raw frames it never recorded are to fill"
+        )
+    try:
+        raw = catalog[plan.raw_uid]
+    except KeyError:
+        raw = None
+        plan.raw_stopped = False
+        plan.notes.append(f"raw run {plan.raw_uid} is not in the catalog: only the frames the derived run lists can be filled")
+    if raw is not None:
+        raw_stop = raw.metadata.get("stop") or {}
+        plan.raw_stopped = bool(raw_stop)
+        if plan.raw_stopped:
+            plan.raw_frames = int((raw_stop.get("num_events") or {}).get(stream, 0))
+        else:
+            plan.raw_frames = _frames_held(raw, stream)
+            plan.notes.append(
+                f"raw run {plan.raw_uid} has no stop document either; Tiled holds {plan.raw_frames} of its frames "
+                "(live-bgsub recover BACKUP completes it from its backup; fill again afterwards)"
+            )
+    if plan.raw_frames:
+        # Frames the derived run never heard of (a stop lost in transport: "frames after
+        # seq_num K unknown", or a derived run cut off): every raw frame the derived
+        # run did not record.
+        missing |= set(range(1, plan.raw_frames + 1)) - set(_raw_seq_nums(derived, "primary"))
+    plan.seq_nums = sorted(missing)
+    return plan
+
+
+def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
+    """The raw run and the raw seq_nums a derived run did not process (:func:`fill_plan`).
 
     Returns
     -------
@@ -151,30 +287,38 @@ def frames_to_fill(catalog, derived_uid: str) -> tuple[str, list[int]]:
     seq_nums : list of int
         Sorted; empty when the derived run processed everything.
     """
-    from .catalog import metrics_table
+    plan = fill_plan(catalog, derived_uid)
+    return plan.raw_uid, plan.seq_nums
 
-    derived = catalog[derived_uid]
-    start = derived.metadata["start"]
-    if "raw_uid" not in start:
-        raise ValueError(f"run {derived_uid!r} is not a derived run (its start has no raw_uid)")
-    raw_uid = start["raw_uid"]
-    missing = set()
-    if "failures" in derived:
-        missing |= {int(s) for s in metrics_table(derived, "failures")["raw_seq_num"]}
-    # Frames the derived run never heard of (a stop lost in transport: "frames after
-    # seq_num K unknown"): every raw event the archived raw run holds but the derived
-    # run did not process.
+
+def _raw_seq_nums(derived, stream: str) -> list[int]:
+    """The ``raw_seq_num`` column of a derived run's stream (one column read, not the table)."""
+    if stream not in derived:
+        return []
+    node = derived[stream]
+    if "raw_seq_num" not in node:
+        return []
+    return [int(s) for s in node["raw_seq_num"].read()]
+
+
+def _frames_held(raw, stream: str) -> int:
+    """Frames of a raw run's stream that Tiled holds: its rows, or its registered frames if more."""
     try:
-        raw_stop = catalog[raw_uid].metadata.get("stop") or {}
+        node = raw[stream]
     except KeyError:
-        raw_stop = {}
-    n_raw = int((raw_stop.get("num_events") or {}).get("primary", 0))
-    if n_raw:
-        processed = set()
-        if "primary" in derived:
-            processed = {int(s) for s in metrics_table(derived).get("raw_seq_num", [])}
-        missing |= set(range(1, n_raw + 1)) - processed
-    return raw_uid, sorted(missing)
+        return 0
+    held = 0
+    for key in node:
+        if key.startswith("ts_") or key == "time":
+            continue
+        client = node[key]
+        shape = getattr(client, "shape", None)
+        if key == "seq_num":
+            values = client.read()
+            held = max(held, int(max(values)) if len(values) else 0)
+        elif shape:
+            held = max(held, int(shape[0]))
+    return held
 
 
 def _empty(doc) -> bool:

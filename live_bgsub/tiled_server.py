@@ -235,7 +235,9 @@ class EmbeddedTiledServer:
     Notes
     -----
     Starting costs about 2-4 s (a child interpreter imports the server stack and
-    initialises the catalog). The child stops when :meth:`stop` is called, when the
+    initialises the catalog). :meth:`start` after :meth:`stop`, or after the process
+    died (a crash, SIGKILL), serves the same directory (catalog, tables, data) again,
+    on the same port when it is still free, so clients keep their URI. The child stops when :meth:`stop` is called, when the
     object is used as a context manager and the block ends, at interpreter exit
     (``atexit``), and also when the parent process dies without cleaning up: the
     child watches a pipe only the parent holds and stops itself on end-of-file.
@@ -347,9 +349,18 @@ class EmbeddedTiledServer:
         """
         if self.running:
             return self
+        if self._process is not None:  # It died on its own (crash, SIGKILL): clean up, start again.
+            self._close_pipes(self._process)
+            self._process = None
+        if self._atexit_ref is not None:
+            atexit.unregister(self._atexit_ref)
+            self._atexit_ref = None
         self.write_config()
+        # Started before (then stopped, or died): keep the port, so that the URI that
+        # clients hold stays valid; a free one only if it is taken meanwhile.
+        previous_port = self.port if self.uri is not None else 0
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self.port = self._requested_port or _free_port(self.host)
+            self.port = self._requested_port or previous_port or _free_port(self.host)
             try:
                 self._launch()
                 self._wait_healthy()
@@ -364,6 +375,7 @@ class EmbeddedTiledServer:
                     and self._requested_port == 0
                     and attempt < _PORT_ATTEMPTS
                 ):
+                    previous_port = 0
                     continue
                 raise
             break

@@ -414,3 +414,94 @@ def test_stopped_server_records_errors_and_backup_keeps_everything(
 def test_publisher_rejects_bad_arguments(sqlite_catalog):
     with pytest.raises(ValueError, match="batch_size must be a positive integer.*got 0"):
         TiledPublisher(sqlite_catalog, batch_size=0)
+
+
+class _RefusingCatalog:
+    """Stands in for the catalog of a server that refuses every connection."""
+
+    def include_data_sources(self):
+        return self
+
+    def create_container(self, *args, **kwargs):
+        import httpx
+
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+
+@pytest.mark.filterwarnings("ignore:The callback .* when RunRouter passed it:UserWarning")
+def test_undelivered_counts_per_run_and_the_records_stay_bounded(monkeypatch):
+    import live_bgsub.sinks.tiled as sink
+
+    monkeypatch.setattr(sink, "KEEP_ERRORS", 3)
+    monkeypatch.setattr(sink, "KEEP_RUNS", 2)
+    runs = [compose_scalar_run(2, label=f"refused-{i}", with_array=False) for i in range(4)]
+    publisher = TiledPublisher(_RefusingCatalog())
+    for docs in runs:
+        feed(publisher, docs)
+    assert publisher.flush(timeout=FLUSH_TIMEOUT)
+    # Each run: the start fails, the other 4 documents are held back; 5 undelivered.
+    # Only the 2 most recent runs are remembered; an unknown run has lost nothing.
+    assert [publisher.undelivered(uid_of(docs)) for docs in runs] == [0, 0, 5, 5]
+    assert publisher.undelivered("never-seen") == 0
+    assert publisher.skipped == {uid_of(runs[2]): 4, uid_of(runs[3]): 4}
+    assert publisher.error_count == 4 and len(publisher.errors) == 3
+    assert [e["run_uid"] for e in publisher.errors] == [uid_of(docs) for docs in runs[1:]]
+    assert "errors=4" in repr(publisher)
+
+    # Asked from another thread while the writer works: the counts only grow.
+    more = compose_scalar_run(50, label="refused-more", with_array=False)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(publisher.undelivered(uid_of(more)) for _ in range(200)))
+    reader.start()
+    feed(publisher, more)
+    reader.join(timeout=FLUSH_TIMEOUT)
+    assert publisher.flush(timeout=FLUSH_TIMEOUT)
+    assert seen == sorted(seen) and publisher.undelivered(uid_of(more)) == len(more)
+
+    # After close, a document that names its run is refused and counted for that run.
+    assert publisher.close(timeout=FLUSH_TIMEOUT)
+    publisher("stop", {"uid": "late-stop", "run_start": uid_of(more), "time": 0.0, "exit_status": "success"})
+    assert publisher.undelivered(uid_of(more)) == len(more) + 1
+    assert publisher.errors[-1]["stage"] == "enqueue" and publisher.error_count == 6
+
+
+def write_backup(path, docs):
+    """A JSON-lines backup as TiledPublisher writes it."""
+    import json
+
+    with open(path, "w") as file:
+        for name, doc in docs:
+            file.write(json.dumps({"name": name, "doc": doc}) + "\n")
+    return path
+
+
+def test_recover_completes_runs_written_in_part(sqlite_catalog, hdf5_frames, tmp_path):
+    """Runs cut off mid-way (no stop in Tiled) are completed from their backup, once."""
+    from live_bgsub.recover import recover, recover_run
+
+    h5_path, frames = hdf5_frames
+    inline = compose_scalar_run(7, label="cut-inline")  # table rows + an inline array node
+    hdf5 = compose_hdf5_run(h5_path, 6, label="cut-hdf5")  # table rows + external frames
+    whole = compose_scalar_run(3, label="never-written", with_array=False)
+    with TiledPublisher(sqlite_catalog) as publisher:
+        feed(publisher, inline[:5])  # start, descriptor, 3 events
+        feed(publisher, hdf5[:8])  # ..., the 3rd datum but not its event: more frames than rows
+        assert publisher.flush(timeout=FLUSH_TIMEOUT) and publisher.errors == []
+    assert "stop" not in sqlite_catalog[uid_of(inline)].metadata
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for docs in (inline, hdf5, whole):
+        write_backup(backup / f"{uid_of(docs)}.jsonl", docs)
+
+    results = {r.uid: r for r in recover(sqlite_catalog, backup)}
+    assert (results[uid_of(inline)].state, results[uid_of(inline)].written, results[uid_of(inline)].held) == ("completed", 5, 5)
+    assert (results[uid_of(hdf5)].state, results[uid_of(hdf5)].written, results[uid_of(hdf5)].held) == ("completed", 8, 8)
+    assert (results[uid_of(whole)].state, results[uid_of(whole)].written) == ("written", len(whole))
+    assert_scalar_run(sqlite_catalog, inline)
+    assert_hdf5_run(sqlite_catalog, hdf5, frames)
+    assert_scalar_run(sqlite_catalog, whole, with_array=False)
+    assert "completed by live-bgsub recover" in sqlite_catalog[uid_of(hdf5)].metadata["notes"][-1]
+
+    again = recover_run(sqlite_catalog, backup / f"{uid_of(hdf5)}.jsonl")
+    assert (again.state, again.written, again.held) == ("complete", 0, len(hdf5))
+    assert "written 0 document(s), skipped 16 already held" in again.line()

@@ -16,22 +16,30 @@ With ``backup_directory``, each document is appended to ``<run uid>.jsonl`` in t
 directory (one ``{"name": ..., "doc": ...}`` object per line, numpy values as lists)
 by the writer thread *before* it is sent to Tiled, and the line is flushed to the
 operating system. If Tiled is down or rejects a run, the complete run is still on
-disk; :func:`read_backup` yields its documents for a replay into any callback (e.g. a
-``TiledWriter`` once the server is back). Documents still in the queue when the
+disk; :func:`read_backup` yields its documents for a replay into any callback. To put
+runs back into Tiled use ``live-bgsub recover BACKUP_DIR`` (:mod:`live_bgsub.recover`):
+a plain ``TiledWriter`` fails with 409 Conflict on a run Tiled holds in part, recover
+writes only what Tiled lacks. Documents still in the queue when the
 process dies are not in the backup yet: call :meth:`TiledPublisher.flush` or
 :meth:`TiledPublisher.close` at the end of acquisition.
 
 Failures
 --------
 An exception while writing a document is caught, logged on the
-``live_bgsub.sinks.tiled`` logger, and recorded in :attr:`TiledPublisher.errors`.
+``live_bgsub.sinks.tiled`` logger, and recorded in :attr:`TiledPublisher.errors` (the
+last :data:`KEEP_ERRORS`; :attr:`TiledPublisher.error_count` counts them all).
 The rest of that run is then *not* sent to Tiled (it is still backed up), so that a
 half-written run never receives its stop document and cannot pass for a complete
 one, and a server that is down costs one client timeout per run rather than one per
 document; other runs go on. The number of documents held back this way is in
-:attr:`TiledPublisher.skipped`. How long one failing request takes is the tiled
-client's retry policy: environment variables ``TILED_RETRY_ATTEMPTS`` (default 10) and
-``TILED_RETRY_TIMEOUT`` (default 45 s), read when ``tiled.client`` is first imported.
+:attr:`TiledPublisher.skipped`. :meth:`TiledPublisher.undelivered` answers, from any
+thread, how many documents of a run did not reach Tiled (failed or held back), for the
+last :data:`KEEP_RUNS` runs that lost any: call :meth:`TiledPublisher.flush` first, so
+that the documents handed over so far have been handled. ``live-bgsub recover``
+(:mod:`live_bgsub.recover`) later writes from the backup what Tiled lacks. How long
+one failing request takes is the tiled client's retry policy: environment variables
+``TILED_RETRY_ATTEMPTS`` (default 10) and ``TILED_RETRY_TIMEOUT`` (default 45 s), read
+when ``tiled.client`` is first imported.
 When the writer's first document of a run fails, event-model's RunRouter also emits a
 UserWarning that blames "factory functions"; it is noise, the error is the one
 recorded here.
@@ -50,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from queue import SimpleQueue
@@ -58,12 +67,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["TiledPublisher", "read_backup"]
+__all__ = ["KEEP_ERRORS", "KEEP_RUNS", "TiledPublisher", "read_backup"]
 
 logger = logging.getLogger("live_bgsub.sinks.tiled")
 
 #: Backup file for documents whose run could not be determined.
 UNASSIGNED_BACKUP = "unassigned.jsonl"
+
+#: Failures kept in :attr:`TiledPublisher.errors` (the oldest are dropped; all are counted).
+KEEP_ERRORS = 1000
+#: Runs whose undelivered and held-back counts are kept (the least recently updated are dropped).
+KEEP_RUNS = 1000
 
 
 class _Flush:
@@ -163,11 +177,15 @@ class TiledPublisher:
     Attributes
     ----------
     errors : list of dict
-        One entry per failure: ``{"name", "run_uid", "doc_uid", "stage", "error"}``;
-        ``stage`` is ``"write"`` (Tiled), ``"backup"`` (disk) or ``"enqueue"``
-        (called after :meth:`close`).
+        The last :data:`KEEP_ERRORS` failures, oldest first:
+        ``{"name", "run_uid", "doc_uid", "stage", "error"}``; ``stage`` is ``"write"``
+        (Tiled), ``"backup"`` (disk) or ``"enqueue"`` (called after :meth:`close`).
+    error_count : int
+        Every failure recorded since the publisher was made (also those dropped from
+        ``errors``).
     skipped : dict
-        Run uid -> number of its documents not sent to Tiled after a failure.
+        Run uid -> number of its documents not sent to Tiled after a failure (the last
+        :data:`KEEP_RUNS` runs with any).
     client, writer, batch_size, backup_directory
         As configured; ``writer`` is the ``TiledWriter`` (used by the thread only).
 
@@ -214,7 +232,12 @@ class TiledPublisher:
         writer_kwargs.setdefault("max_array_size", 0)
         self.writer = TiledWriter(client, batch_size=batch_size, **writer_kwargs)
         self.errors: list[dict[str, Any]] = []
-        self.skipped: dict[str, int] = {}
+        self.error_count = 0
+        self.skipped: dict[str, int] = OrderedDict()
+        # Run uid -> documents that failed or were held back; guarded by _stats_lock,
+        # like errors, error_count and skipped (written by the thread, read by anyone).
+        self._undelivered: OrderedDict[str, int] = OrderedDict()
+        self._stats_lock = threading.Lock()
 
         self._queue: SimpleQueue = SimpleQueue()
         self._lock = threading.Lock()  # Guards _closed and _enqueued together with the put.
@@ -248,7 +271,7 @@ class TiledPublisher:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<{type(self).__name__} {state}, pending={self.pending}, errors={len(self.errors)}>"
+        return f"<{type(self).__name__} {state}, pending={self.pending}, errors={self.error_count}>"
 
     # -- caller side -------------------------------------------------------------
 
@@ -270,6 +293,35 @@ class TiledPublisher:
         """Number of documents enqueued but not yet handled by the writer thread."""
         with self._lock:
             return self._enqueued - self._done
+
+    def undelivered(self, run_uid: str) -> int:
+        """Number of documents of run ``run_uid`` that did not reach Tiled, so far.
+
+        Counts the run's documents handled by the writer thread that failed to write
+        plus those held back after its first failure (see the module docstring), and
+        its documents handed over after :meth:`close` when their run is known (start,
+        descriptor, resources, stop). Documents still queued are not counted yet:
+        call :meth:`flush` first. Safe to call from any thread.
+
+        Parameters
+        ----------
+        run_uid : str
+            The run's start uid (raw or derived).
+
+        Returns
+        -------
+        int
+            0 when every handled document of the run was written, or when the run is
+            unknown. Counts are kept for the last :data:`KEEP_RUNS` runs that lost any.
+
+        Examples
+        --------
+        >>> publisher.flush(timeout=30)  # doctest: +SKIP
+        >>> if publisher.undelivered(raw_uid):  # doctest: +SKIP
+        ...     print("the raw run is incomplete in Tiled; its backup holds it all")
+        """
+        with self._stats_lock:
+            return self._undelivered.get(run_uid, 0)
 
     @property
     def closed(self) -> bool:
@@ -360,7 +412,7 @@ class TiledPublisher:
         if self.backup_directory is not None:
             self._backup(run_uid, name, doc)
         if run_uid is not None and run_uid in self._failed_runs:
-            self.skipped[run_uid] = self.skipped.get(run_uid, 0) + 1
+            self._count(run_uid, held_back=True)
         else:
             try:
                 self.writer(name, doc)
@@ -377,6 +429,7 @@ class TiledPublisher:
                 )
                 self._record(name, doc, run_uid, "write", text)
                 if run_uid is not None:
+                    self._count(run_uid, held_back=False)
                     self._failed_runs.add(run_uid)
         if name == "stop" and run_uid is not None:
             self._runs.forget(run_uid)
@@ -401,6 +454,42 @@ class TiledPublisher:
             logger.error("TiledPublisher: backing up a %r document of run %s failed: %s", name, run_uid, text)
             self._record(name, doc, run_uid, "backup", text)
 
+    def _count(self, run_uid: str, *, held_back: bool) -> None:
+        """Count one undelivered document of a run (held back after a failure, or failed)."""
+        with self._stats_lock:
+            _bump(self._undelivered, run_uid)
+            if held_back:
+                _bump(self.skipped, run_uid)
+
     def _record(self, name: str, doc: Any, run_uid: str | None, stage: str, text: str) -> None:
         doc_uid = doc.get("uid") if isinstance(doc, dict) else None
-        self.errors.append({"name": name, "run_uid": run_uid, "doc_uid": doc_uid, "stage": stage, "error": text})
+        entry = {"name": name, "run_uid": run_uid, "doc_uid": doc_uid, "stage": stage, "error": text}
+        # A document refused at the door never reaches the writer: undelivered, when
+        # it names its run (the run index belongs to the writer thread).
+        refused_run = _run_named_by(name, doc) if stage == "enqueue" else None
+        with self._stats_lock:
+            self.errors.append(entry)
+            self.error_count += 1
+            if len(self.errors) > KEEP_ERRORS:
+                del self.errors[: len(self.errors) - KEEP_ERRORS]
+            if refused_run is not None:
+                _bump(self._undelivered, refused_run)
+
+
+def _bump(counts: OrderedDict, run_uid: str) -> None:
+    """Add one to ``counts[run_uid]``, keeping the :data:`KEEP_RUNS` most recently counted runs."""
+    counts[run_uid] = counts.get(run_uid, 0) + 1
+    counts.move_to_end(run_uid)
+    while len(counts) > KEEP_RUNS:
+        counts.popitem(last=False)
+
+
+def _run_named_by(name: str, doc: Any) -> str | None:
+    """The run uid a document names itself (start, stop, descriptor, resources); None otherwise."""
+    if not isinstance(doc, dict):
+        return None
+    if name == "start":
+        return doc.get("uid")
+    if name in ("stop", "descriptor", "stream_resource", "resource"):
+        return doc.get("run_start")
+    return None

@@ -323,6 +323,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
     p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
     p.add_argument("--batch-size", type=int, default=500, metavar="N", help="events per request (default 500)")
+    p.add_argument(
+        "--close-open",
+        action="store_true",
+        help="give a run whose backup has no stop (its writer was killed, e.g. a live-bgsub serve) a stop with "
+        "exit_status 'fail' saying so; only for runs nothing is writing any more",
+    )
 
     p = sub.add_parser(
         "serve",
@@ -683,7 +689,9 @@ def _cmd_recover(args) -> int:
     except Exception as exc:  # noqa: BLE001 - unreachable, bad key, not a catalog: one line, no traceback
         _fail(f"cannot use the Tiled server at {uri} (catalog {args.catalog!r}): {type(exc).__name__}: {exc}")
         return 2
-    results = recover(catalog, args.backup, batch_size=args.batch_size, on_run=lambda r: print(r.line(), flush=True))
+    results = recover(
+        catalog, args.backup, batch_size=args.batch_size, close_open=args.close_open, on_run=lambda r: print(r.line(), flush=True)
+    )
     bad = [r for r in results if not r.ok]
     if bad:
         _fail(f"{len(bad)} of {len(results)} run(s) are not complete in Tiled")

@@ -20,8 +20,11 @@ idempotently. For each run in the backup:
   ``notes`` saying what was recovered.
 
 Running it again writes nothing: every run then holds its stop. A backup without a
-stop (the process died before the run ended) is written as far as it goes and the run
-is left without a stop. Do not recover a run that a live publisher is still writing:
+stop (the process died before the run ended, e.g. a killed ``live-bgsub serve``) is
+written as far as it goes and the run is left without a stop, unless ``close_open``
+(``recover --close-open``) is given: the run then gets a made-up stop, ``exit_status``
+``"fail"``, whose ``reason`` says the writer stopped before the run ended, and
+``num_events`` counted from the backup. Do not recover a run that a live publisher is still writing:
 both would append its missing rows. The counts reported are documents of the backup; for a
 completed run they are counted after normalisation (for StreamResource/StreamDatum
 runs the same documents).
@@ -86,6 +89,7 @@ class RecoveredRun:
     held: int = 0
     plan_name: str | None = None
     error: str | None = None
+    closed: bool = False  # the backup had no stop; a made-up one was written
 
     @property
     def ok(self) -> bool:
@@ -102,7 +106,52 @@ class RecoveredRun:
             return f"{who}: not tried: {self.error}"
         if self.state == "open":
             return f"{who}: {counts}; the backup has no stop document, so the run stays without one"
-        return f"{who}: {counts}" + {"written": " (new in Tiled)", "completed": " (run completed)"}.get(self.state, "")
+        closed = "; the backup had no stop: closed with exit_status 'fail'" if self.closed else ""
+        return f"{who}: {counts}" + {"written": " (new in Tiled)", "completed": " (run completed)"}.get(self.state, "") + closed
+
+
+#: The ``reason`` of a stop made up by ``recover --close-open``.
+CLOSED_REASON = (
+    "the process writing this run stopped before the run's stop document (killed or crashed); "
+    "closed from its backup by live-bgsub recover --close-open"
+)
+
+
+def closing_stop(docs: list[tuple[str, dict]]) -> dict:
+    """A stop for a run whose backup ``docs`` (``(name, doc)``, start first) has none:
+    ``exit_status`` ``"fail"``, :data:`CLOSED_REASON`, and ``num_events`` per stream
+    counted from the backup's events and event pages."""
+    import uuid
+
+    start = docs[0][1]
+    stream_of = {doc["uid"]: doc.get("name") for name, doc in docs if name == "descriptor"}
+    counts: dict[str, int] = {}
+    last = start.get("time", time.time())
+    for name, doc in docs:
+        last = max(last, _latest(doc.get("time"), last))
+        if name == "event":
+            stream = stream_of.get(doc.get("descriptor"))
+            counts[stream] = counts.get(stream, 0) + 1
+        elif name == "event_page":
+            stream = stream_of.get(doc.get("descriptor"))
+            counts[stream] = counts.get(stream, 0) + len(doc.get("seq_num") or [])
+    return {
+        "run_start": start["uid"],
+        "uid": str(uuid.uuid4()),
+        "time": last,
+        "exit_status": "fail",
+        "reason": CLOSED_REASON,
+        "num_events": {k: v for k, v in counts.items() if k is not None},
+    }
+
+
+def _latest(value, default: float) -> float:
+    """The largest time in ``value`` (a number or, for an event page, a list of them)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return float(max(value))
+    return default
 
 
 def backup_files(source: str | Path) -> list[Path]:
@@ -135,6 +184,7 @@ def recover(
     patches: dict | None = None,
     spec_to_mimetype: dict | None = None,
     on_run: Callable[[RecoveredRun], None] | None = None,
+    close_open: bool = False,
 ) -> list[RecoveredRun]:
     """Write the runs of a backup (file or directory) into ``catalog``: only what it lacks.
 
@@ -150,6 +200,9 @@ def recover(
         As given to the ``TiledWriter`` that wrote the runs (TiledPublisher's defaults).
     on_run : callable, optional
         Called with each :class:`RecoveredRun` as soon as its run is done.
+    close_open : bool, optional
+        Give a run whose backup has no stop a made-up one (:func:`closing_stop`).
+        Only for runs whose writer is gone: a live run would be closed under it.
 
     Returns
     -------
@@ -174,6 +227,7 @@ def recover(
                     max_array_size=max_array_size,
                     patches=patches,
                     spec_to_mimetype=spec_to_mimetype,
+                    close_open=close_open,
                 )
             except Exception as error:  # noqa: BLE001 - one bad run must not stop the others
                 logger.debug("recovering %s failed", path, exc_info=True)
@@ -197,6 +251,7 @@ def recover_run(
     max_array_size: int = MAX_ARRAY_SIZE,
     patches: dict | None = None,
     spec_to_mimetype: dict | None = None,
+    close_open: bool = False,
 ) -> RecoveredRun:
     """Write one run's backup into ``catalog``, skipping what Tiled already holds.
 
@@ -222,6 +277,9 @@ def recover_run(
     start = docs[0][1]
     result = RecoveredRun(start["uid"], path, plan_name=start.get("plan_name"))
     has_stop = any(name == "stop" for name, _ in docs)
+    if not has_stop and close_open:
+        docs.append(("stop", closing_stop(docs)))
+        has_stop = result.closed = True
     client = catalog.include_data_sources()  # the data source ids are needed to extend arrays
     try:
         node = client[start["uid"]]

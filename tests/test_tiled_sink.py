@@ -505,3 +505,26 @@ def test_recover_completes_runs_written_in_part(sqlite_catalog, hdf5_frames, tmp
     again = recover_run(sqlite_catalog, backup / f"{uid_of(hdf5)}.jsonl")
     assert (again.state, again.written, again.held) == ("complete", 0, len(hdf5))
     assert "written 0 document(s), skipped 16 already held" in again.line()
+
+
+def test_recover_close_open_gives_a_run_cut_off_in_its_backup_a_failing_stop(sqlite_server, sqlite_catalog, tmp_path):
+    """A writer killed mid-run (a serve) leaves a backup without a stop: `recover
+    --close-open` completes the run and closes it with a stop that says so; again: nothing."""
+    from live_bgsub.cli import main
+    from live_bgsub.recover import CLOSED_REASON
+
+    docs = compose_scalar_run(6, label="writer-killed")
+    cut = [d for d in docs if d[0] != "stop"]
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    write_backup(backup / f"{uid_of(docs)}.jsonl", cut)
+    argv = ["recover", str(backup), "--tiled", sqlite_server.uri, "--api-key", sqlite_server.api_key]
+    assert main(argv) == 1  # without --close-open the run stays open: not complete
+    assert "stop" not in sqlite_catalog[uid_of(docs)].metadata
+    assert main([*argv, "--close-open"]) == 0
+    stop = sqlite_catalog[uid_of(docs)].metadata["stop"]
+    assert (stop["exit_status"], stop["reason"]) == ("fail", CLOSED_REASON)
+    assert stop["num_events"] == {"primary": 6}
+    assert sqlite_catalog[uid_of(docs)]["primary"].read()["frame_index"].values.tolist() == list(range(6))
+    assert main([*argv, "--close-open"]) == 0
+    assert sqlite_catalog[uid_of(docs)].metadata["stop"]["uid"] == stop["uid"]

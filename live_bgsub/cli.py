@@ -625,8 +625,8 @@ def _cmd_replay(args) -> int:
             on_full="block",
             seq_nums=seq_nums,
         )
-    except (ValueError, KeyError) as exc:
-        _fail(str(exc))
+    except (ValueError, KeyError, OSError) as exc:  # OSError: ConnectionError (no server, a refused key)
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
         return 2
     from .replay import replay_runs
 
@@ -678,13 +678,8 @@ def _cmd_recover(args) -> int:
         print(f"{args.backup}: no run backups (<run uid>.jsonl): nothing to recover")
         return 0
     try:
-        import httpx
-
         from .tiled_server import connect
 
-        # One quick request first: the tiled client retries a refused connection for
-        # up to TILED_RETRY_TIMEOUT (45 s) before it gives up.
-        httpx.get(uri, timeout=10).close()
         catalog = connect(uri, api_key=args.api_key, catalog=args.catalog)
     except Exception as exc:  # noqa: BLE001 - unreachable, bad key, not a catalog: one line, no traceback
         _fail(f"cannot use the Tiled server at {uri} (catalog {args.catalog!r}): {type(exc).__name__}: {exc}")

@@ -47,6 +47,7 @@ __all__ = [
     "CATALOG_SPEC_VERSION",
     "EmbeddedTiledServer",
     "TiledServerError",
+    "catalog_segments",
     "connect",
     "render_config",
     "temporary_postgres_database",
@@ -533,18 +534,36 @@ def connect(
     Raises
     ------
     ValueError
-        When the node at ``catalog`` exists but lacks the ``CatalogOfBlueskyRuns``
-        spec (a plain container does not behave as a run catalog).
+        When ``uri`` is not an ``http(s)://`` URI, when ``catalog`` is not a path of
+        names (letters, digits, ``_ . -``; no ``.`` or ``..``), or when the node at
+        ``catalog`` exists but lacks the ``CatalogOfBlueskyRuns`` spec (a plain
+        container does not behave as a run catalog).
+    ConnectionError
+        When the server cannot be reached or refuses the API key (one line; the
+        tiled client's own retries, up to ``TILED_RETRY_TIMEOUT``, are not waited for
+        when nothing listens).
     KeyError
         When it is missing and ``create`` is False.
     """
+    import httpx
     from tiled.client import from_uri
     from tiled.structures.core import Spec
 
     if api_key is None:
         api_key = os.environ.get("TILED_API_KEY") or None
-    segments = [segment for segment in str(catalog).split("/") if segment]
-    node = from_uri(uri, api_key=api_key)
+    segments = catalog_segments(catalog)
+    parts = urllib.parse.urlsplit(str(uri))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"the Tiled URI must look like http://HOST:PORT/api/v1, got {uri!r}")
+    try:  # one quick request: a refused connection fails now, not after the client's retries
+        httpx.get(uri, timeout=10).close()
+        node = from_uri(uri, api_key=api_key)
+    except httpx.TransportError as exc:
+        raise ConnectionError(f"the Tiled server at {uri} cannot be reached: {type(exc).__name__}: {exc}") from None
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        why = "refused the API key" if code in (401, 403) else "answered with an error"
+        raise ConnectionError(f"the Tiled server at {uri} {why} (HTTP {code} {exc.response.reason_phrase})") from None
     for depth, segment in enumerate(segments):
         try:
             node = node[segment]
@@ -565,6 +584,29 @@ def connect(
             f"expected spec {CATALOG_SPEC} version {CATALOG_SPEC_VERSION}, found specs: {found}"
         )
     return node
+
+
+_CATALOG_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def catalog_segments(catalog) -> list[str]:
+    """The names along a catalog path (``"runs"``, ``"beamline/runs"``).
+
+    Raises
+    ------
+    ValueError
+        A path that is empty, holds ``.`` or ``..`` or a character other than letters,
+        digits, ``_``, ``.`` and ``-`` (``"../runs"`` once made a plain container named
+        ``runs`` beside the catalog, which broke every later default replay).
+    """
+    segments = [segment for segment in str(catalog).split("/") if segment]
+    bad = [segment for segment in segments if segment in (".", "..") or not _CATALOG_SEGMENT.fullmatch(segment)]
+    if not segments or bad:
+        raise ValueError(
+            f"catalog path {catalog!r} is not a path of names (letters, digits, '_', '.', '-', "
+            f"separated by '/', no '.' or '..'): e.g. 'runs' or 'beamline/runs'"
+        )
+    return segments
 
 
 @contextlib.contextmanager

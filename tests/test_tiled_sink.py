@@ -528,3 +528,33 @@ def test_recover_close_open_gives_a_run_cut_off_in_its_backup_a_failing_stop(sql
     assert sqlite_catalog[uid_of(docs)]["primary"].read()["frame_index"].values.tolist() == list(range(6))
     assert main([*argv, "--close-open"]) == 0
     assert sqlite_catalog[uid_of(docs)].metadata["stop"]["uid"] == stop["uid"]
+
+
+@pytest.mark.parametrize("command", ["replay", "serve", "recover"])
+def test_a_bad_server_key_uri_or_catalog_is_one_line_and_exit_2(sqlite_server, tmp_path, capsys, command):
+    """No server, not a URI, a refused API key, a catalog path with '..': one line
+    naming the value, exit 2, no traceback (and no container made for '../runs')."""
+    from live_bgsub.cli import main
+
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "0000aaaa.jsonl").write_text('{"name": "start", "doc": {"uid": "0000aaaa", "time": 0}}\n')
+    cases = [
+        (["--tiled", "http://127.0.0.1:9"], "cannot be reached"),
+        (["--tiled", "not-a-uri"], "got 'not-a-uri'"),
+        (["--tiled", sqlite_server.uri, "--api-key", "wrongkey"], "refused the API key (HTTP 401"),
+        (["--tiled", sqlite_server.uri, "--api-key", sqlite_server.api_key, "--catalog", "../runs"], "catalog path '../runs'"),
+    ]
+    head = {
+        "replay": ["replay", "abcd", "--directory", str(tmp_path / "derived")],
+        "serve": ["serve", "--zmq", "127.0.0.1:9", "--directory", str(tmp_path / "derived")],
+        "recover": ["recover", str(tmp_path / "backup")],
+    }[command]
+    from tiled.client import from_uri
+
+    root = from_uri(sqlite_server.uri, api_key=sqlite_server.api_key)
+    before = sorted(root)
+    for extra, said in cases:
+        assert main([*head, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(root) == before  # nothing was created for the bad catalog path

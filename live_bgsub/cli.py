@@ -384,8 +384,10 @@ def _cmd_process(args) -> int:
     except ValueError as exc:
         _fail(str(exc))
         return 2
-    if args.downsample < 1:
-        _fail(f"--downsample must be a positive integer, got {args.downsample}")
+    from .background import MAX_DOWNSAMPLE
+
+    if not 1 <= args.downsample <= MAX_DOWNSAMPLE:
+        _fail(f"--downsample must be an integer from 1 to {MAX_DOWNSAMPLE}, got {args.downsample}")
         return 2
     if args.out is None:
         _fail("--out DIR is required")

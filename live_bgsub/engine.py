@@ -79,6 +79,10 @@ class ProcessingStep:
     def warmup(self, fold_shape, batch_size: int = 1) -> None:
         """Pay one-time costs (graph tracing) before the first real frame."""
 
+    def check_fold(self, fold_shape) -> None:
+        """Raise ValueError when the step cannot run on folds of ``fold_shape`` (a
+        length parameter past the fold, a working resolution that leaves too little)."""
+
 
 class _ClassicalStep(ProcessingStep):
     def __init__(self, method: str, params: dict, downsample: int):
@@ -89,6 +93,11 @@ class _ClassicalStep(ProcessingStep):
         self.params = dict(params)
         # Fills in the defaults and rejects unknown names or bad values up front.
         self.parameters = validate_params(method, self.params)
+
+    def check_fold(self, fold_shape):
+        from .background import check_fold_params
+
+        check_fold_params(self.method, self.params, fold_shape, downsample=self.downsample)
 
     def subtract(self, folds, masks):
         from .background import subtract_background
@@ -146,13 +155,16 @@ def make_step(method="white-top-hat", params: dict | None = None, *, downsample:
     params : dict, optional
         Parameters of a classical method (validated here); a model takes none.
     downsample : int, optional
-        Working resolution of a classical method (a model carries its own).
+        Working resolution of a classical method (a model carries its own): an
+        integer from 1 to 16 (``live_bgsub.background`` also requires a working fold
+        of at least 32 px a side when a fold is processed).
 
     Raises
     ------
     ValueError
-        Unknown method or parameter, parameters given to a model, or a model that
-        cannot be loaded; the message names the value.
+        Unknown method or parameter, a parameter or ``downsample`` out of its range,
+        parameters given to a model, or a model that cannot be loaded; the message
+        names the value and what is accepted.
     """
     from .inference import MODEL_PREFIX, BackgroundModel
 
@@ -168,9 +180,18 @@ def make_step(method="white-top-hat", params: dict | None = None, *, downsample:
         if params:
             raise ProcessingError(f"a model takes no parameters, got {sorted(params)}")
         return _ModelStep(BackgroundModel.load(method))
-    if int(downsample) != downsample or downsample < 1:
-        raise ProcessingError(f"downsample must be a positive integer, got {downsample!r}")
-    return _ClassicalStep(method, params or {}, int(downsample))
+    from .background import validate_params
+
+    factor = downsample
+    if isinstance(downsample, float) and downsample.is_integer():
+        factor = int(downsample)  # 2.0 is 2
+    try:
+        # The method name and downsample (an integer from 1 to 16); the parameters are
+        # checked by the step, and against each fold when it is processed.
+        validate_params(method, {}, downsample=factor)
+    except ValueError as exc:
+        raise ProcessingError(str(exc)) from None
+    return _ClassicalStep(method, params or {}, int(factor))
 
 
 @dataclass
@@ -263,6 +284,10 @@ class Engine:
             raise ProcessingError(f"frame shape must be (rows, cols), got {shape!r}")
         self.fold_map = FoldMap(self.shape, geometry, mask)
         self.fold_shape = tuple(self.fold_map.fold_shape)
+        try:  # parameters that cannot work on this fold fail the set-up, not every frame
+            self.step.check_fold(self.fold_shape)
+        except ValueError as exc:
+            raise ProcessingError(str(exc)) from None
         self.pixel_size_mm = pixel_size_mm
         self.wavelength_nm = wavelength_nm
         self.distance_mm = distance_mm
@@ -282,7 +307,7 @@ class Engine:
     def _prepare(self, raw) -> tuple[np.ndarray, np.ndarray]:
         raw = np.asarray(raw)
         if raw.shape != self.shape:
-            raise ProcessingError(f"frame has shape {raw.shape}, expected {self.shape} like the run's first frame")
+            raise ProcessingError(f"frame has shape {raw.shape}, expected {self.shape} (the run's frame shape)")
         data, mask = mask_invalid(raw)
         if not mask.any():
             raise ProcessingError("every pixel of the frame is invalid (negative, NaN or saturated)")

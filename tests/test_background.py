@@ -471,8 +471,8 @@ def test_parse_params_converts_to_the_default_types():
         "outer_params": {"tophat": 80}, "inner": "none"}
     params = parse_params("white-top-hat", ["tophat=120"])
     assert isinstance(params["tophat"], float)
-    background, _ = subtract_background(np.ones((20, 20)), "white-top-hat", **params)
-    assert background.shape == (20, 20)
+    background, _ = subtract_background(np.ones((150, 150)), "white-top-hat", **params)
+    assert background.shape == (150, 150)
 
 
 @pytest.mark.parametrize("items, words", [
@@ -519,3 +519,68 @@ def test_every_method_on_a_pilatus_sized_fold_is_cheap():
             assert np.all(background[mask] <= fold[mask] + 0.5 * fold.max())
     elapsed = time.perf_counter() - start
     assert elapsed < 10.0
+
+
+# ---------------------------------------------------------------------- bounded inputs
+
+from live_bgsub.background import MAX_DOWNSAMPLE, METHODS, check_fold_params  # noqa: E402
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].ranges])
+def test_every_numeric_parameter_has_a_range_checked_at_both_ends(method):
+    """Just outside either end is one ValueError naming the parameter, the value and the
+    range; both ends themselves are accepted."""
+    m = METHODS[method]
+    numeric = [n for n, v in m.defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numeric += [n for n, t in m.optional_types.items() if t is float]
+    assert set(numeric) <= set(m.ranges), f"{method}: parameters without a range: {set(numeric) - set(m.ranges)}"
+    for name, rng in m.ranges.items():
+        cast = int if isinstance(m.defaults.get(name), int) else float
+        for value in (rng.low, rng.high):
+            try:
+                validate_params(method, {name: cast(value)})
+            except ValueError as exc:  # only a rule between parameters (cirmin <= cirmax) may refuse it
+                assert "must be from" not in str(exc), exc
+        step = 1 if cast is int else max(1e-6, 1e-3 * (rng.high - rng.low))
+        for value in (rng.low - step, rng.high + step):
+            with pytest.raises(ValueError) as info:
+                validate_params(method, {name: cast(value)})
+            text = str(info.value)
+            assert f"parameter {name!r} of method {method!r}" in text and f"from {rng.low:g} to {rng.high:g}" in text
+
+
+def test_huge_lengths_and_downsample_are_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"'tophat' of method 'white-top-hat' must be from 1 to 2000 \(px, disk radius\), got 1e\+09"):
+        subtract_background(np.ones((200, 200)), "white-top-hat", tophat=1e9)
+    with pytest.raises(ValueError, match=rf"downsample must be an integer from 1 to {MAX_DOWNSAMPLE} .*got 5000"):
+        subtract_background(np.ones((200, 200)), "white-top-hat", downsample=5000)
+    with pytest.raises(ValueError, match="must be from"):
+        validate_params("smoothed-gaussian", {"fwhm": float("nan")})
+
+
+def test_lengths_past_the_fold_and_a_too_coarse_working_fold_are_refused_with_the_fold_shape():
+    fold = np.ones((120, 100))
+    corner = np.hypot(119, 99)
+    background, corrected = subtract_background(fold, "white-top-hat", tophat=150.0)  # within the corner radius
+    assert background.shape == fold.shape
+    with pytest.raises(ValueError) as info:
+        subtract_background(fold, "white-top-hat", tophat=200.0)
+    assert f"is 200, more than the corner radius ({corner:g} px) of the fold of shape (120, 100)" in str(info.value)
+    with pytest.raises(ValueError, match=r"'win_size_x' .* more than the number of columns \(100 px\)"):
+        check_fold_params("roving-window", {"win_size_x": 101}, (120, 100))
+    with pytest.raises(ValueError, match=r"inner_params: parameter 'tophat'"):
+        check_fold_params("transition", {"inner": "white-top-hat", "inner_params": {"tophat": 500.0}}, (120, 100))
+    # downsample 3 leaves 40 x 34 working pixels, 4 leaves 30 x 25 (< 32).
+    check_fold_params("white-top-hat", {}, (120, 100), downsample=3)
+    with pytest.raises(ValueError, match=r"downsample 4 leaves a working fold of shape \(30, 25\) .* accepted range for this fold: from 1 to 3"):
+        check_fold_params("white-top-hat", {}, (120, 100), downsample=4)
+
+
+def test_an_engine_refuses_parameters_its_fold_cannot_take_at_set_up():
+    from live_bgsub.engine import Engine, ProcessingError, make_step
+    from live_bgsub.geometry import Geometry
+
+    step = make_step("white-top-hat", {"tophat": 1500.0})
+    with pytest.raises(ProcessingError, match=r"'tophat' .* is 1500, more than the corner radius"):
+        Engine(step, Geometry((100.0, 110.0), 0.0), (220, 200))
+    Engine(make_step("white-top-hat", {"tophat": 100.0}), Geometry((100.0, 110.0), 0.0), (220, 200))

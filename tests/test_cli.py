@@ -203,3 +203,16 @@ def test_per_run_geometry_and_quality_in_the_json(tmp_path, capsys):
     assert main(["process", str(paths[0]), "--method", "none", "--out", str(tmp_path / "alone")]) == 0
     alone = json.loads((tmp_path / "alone" / "frame_0.json").read_text())
     assert alone["geometry"]["source"] == "estimated" and alone["geometry"]["quality"]["center_spread_px"] is None
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--param", "tophat=1e9"], "parameter 'tophat' of method 'white-top-hat' must be from 1 to 2000 (px, disk radius), got 1e+09"),
+    (["--downsample", "5000"], "--downsample must be an integer from 1 to 16, got 5000"),
+    (["--downsample", "0"], "--downsample must be an integer from 1 to 16, got 0"),
+])
+def test_out_of_range_parameters_are_a_usage_error(tmp_path, capsys, argv, said):
+    """Once killed the process for memory (tophat=1e9) or ran for minutes (downsample 5000)."""
+    assert main(["process", "--sample", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"live-bgsub: error: {said}"
+    assert not any(tmp_path.iterdir())

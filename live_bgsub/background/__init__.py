@@ -21,8 +21,12 @@ Only numpy and scipy are imported.
 from ._circular import circularly_symmetric
 from ._convex_hull import convex_hull
 from ._registry import (
+    MAX_DOWNSAMPLE,
     METHODS,
+    MIN_WORKING_SIDE,
     Method,
+    ParamRange,
+    check_fold_params,
     get_method,
     no_background,
     parse_params,
@@ -36,9 +40,13 @@ from ._transition import transition
 
 __all__ = [
     "METHODS",
+    "MAX_DOWNSAMPLE",
+    "MIN_WORKING_SIDE",
     "Method",
+    "ParamRange",
     "get_method",
     "validate_params",
+    "check_fold_params",
     "parse_params",
     "subtract_background",
     "white_top_hat",

@@ -84,6 +84,8 @@ _AD_DATASET = "/entry/data/data"
 MIN_VALID_FRACTION = 0.1
 #: Document-handling errors kept by the callback (the oldest are dropped; all are counted).
 KEEP_ERRORS = 1000
+#: Documents not understood kept per run summary (the first ones; all are counted).
+KEEP_BAD_DOCUMENTS = 100
 
 #: Evidence behind each frame's metrics verdict carried in its derived event (NaN when
 #: there is no equator): standard errors of S10 (pixels) and, relative, of I11/I10.
@@ -115,9 +117,19 @@ class RunSummary:
     reason: str = ""
     geometry: dict | None = None
     doubtful: int = 0  # processed frames whose metrics verdict is "doubtful"
-    bad_documents: list = field(default_factory=list)  # this run's documents that could not be understood
+    bad_documents: list = field(default_factory=list)  # this run's documents that could not be understood (the first ones)
+    bad_document_count: int = 0
+    last_bad_document: str = ""
     undelivered: str = ""  # what a publisher could not deliver (e.g. to Tiled), said at the stop
     metrics_only: int = 0  # failed frames whose corrected fold was lost but metrics kept
+
+    def note_bad_document(self, what: str) -> None:
+        """Record a document of this run that could not be understood (the first
+        :data:`KEEP_BAD_DOCUMENTS` are kept, all are counted)."""
+        self.bad_document_count += 1
+        self.last_bad_document = what
+        if len(self.bad_documents) < KEEP_BAD_DOCUMENTS:
+            self.bad_documents.append(what)
 
     @property
     def complete(self) -> bool:
@@ -428,8 +440,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         if run is None or run.data_key is None:
             return doc
         if sres is None:
-            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
-            raise ProcessingError(run.summary.bad_documents[-1])
+            run.summary.note_bad_document(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
+            raise ProcessingError(run.summary.last_bad_document)
         if sres["data_key"] != run.data_key:
             return doc
         path, dataset, error = _hdf5_location(sres)
@@ -437,11 +449,11 @@ class LiveBackgroundSubtraction(DocumentRouter):
         indices = range(doc["indices"]["start"], doc["indices"]["stop"])
         seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
         if seqs.start < 1 or seqs.stop < seqs.start:
-            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} is not a range of sequence numbers from 1")
-            raise ProcessingError(run.summary.bad_documents[-1])
+            run.summary.note_bad_document(f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} is not a range of sequence numbers from 1")
+            raise ProcessingError(run.summary.last_bad_document)
         if len(seqs) != len(indices):
-            run.summary.bad_documents.append(f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}")
-            raise ProcessingError(run.summary.bad_documents[-1])
+            run.summary.note_bad_document(f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}")
+            raise ProcessingError(run.summary.last_bad_document)
         for seq, index in zip(seqs, indices):
             if self.select is not None and seq not in self.select:
                 continue
@@ -866,7 +878,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if s.missing:
                 s.reason += f", missing {len(s.missing)}"
             if s.bad_documents:
-                s.reason += f"; {len(s.bad_documents)} document(s) not understood, frames unknown: " + "; ".join(s.bad_documents[:3])
+                s.reason += f"; {s.bad_document_count} document(s) not understood, frames unknown: " + "; ".join(s.bad_documents[:3])
             if s.timed_out:
                 s.reason += f"; stop timeout of {self.stop_timeout_s} s reached"
             if s.disabled:

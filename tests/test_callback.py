@@ -551,3 +551,20 @@ def test_a_publisher_that_lost_documents_fails_the_derived_stop(tmp_path, frames
     lossy.lost.clear()
     uid = _run_inline(cb, frames[:1])
     assert cb.wait(uid, timeout=60) and cb.summary(uid).exit_status == "success"
+
+
+def test_the_error_list_keeps_the_last_errors_and_counts_them_all(tmp_path, frames):
+    from live_bgsub.callback import KEEP_ERRORS
+
+    cb, _ = _callback(tmp_path)
+    bundle, desc = _stream_of(cb, frames, 1)
+    for i in range(KEEP_ERRORS + 5):
+        cb("stream_datum", {"uid": f"x{i}", "stream_resource": f"nope{i}", "descriptor": desc.descriptor_doc["uid"],
+                            "indices": {"start": 0, "stop": 1}, "seq_nums": {"start": 1, "stop": 2}})
+    cb("stop", bundle.compose_stop())
+    assert cb.wait(timeout=60)
+    assert cb.error_count == KEEP_ERRORS + 5 and len(cb.errors) == KEEP_ERRORS
+    assert "nope5" in cb.errors[0] and f"nope{KEEP_ERRORS + 4}" in cb.errors[-1]
+    summary = cb.summary(bundle.start_doc["uid"])
+    assert summary.bad_document_count == KEEP_ERRORS + 5 and len(summary.bad_documents) == 100
+    assert f"{KEEP_ERRORS + 5} document(s) not understood" in summary.reason

@@ -56,7 +56,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 from event_model import DocumentRouter, compose_run
@@ -64,9 +63,10 @@ from event_model import DocumentRouter, compose_run
 from . import __version__
 from .engine import METRIC_KEYS, Engine, FrameResult, make_step
 from .errors import ProcessingError
+from .frames import FrameReader, FrameRef, datum_ref, frame_shape, hdf5_location, pick_data_key, unpack_datum_kwargs
 from .geometry import Geometry, find_run_geometry
 from .io import mask_invalid
-from .sinks.hdf5 import DATASET, FoldWriter, read_in_process
+from .sinks.hdf5 import DATASET, FoldWriter
 
 __all__ = ["LiveBackgroundSubtraction", "RunSummary"]
 
@@ -75,9 +75,6 @@ logger = logging.getLogger("live_bgsub.callback")
 ON_FULL = ("block", "skip")
 #: Summaries of finished runs kept for ``summary()`` (older ones are dropped).
 KEEP_RUNS = 100
-#: Area-detector Resource specs whose frames are read from ``/entry/data/data``.
-AD_HDF5_SPECS = ("AD_HDF5", "AD_HDF5_SWMR", "AD_EIGER", "AD_HDF5_GERM")
-_AD_DATASET = "/entry/data/data"
 
 #: Least fraction of valid pixels (:func:`live_bgsub.io.mask_invalid`) of a frame used to
 #: estimate a run's geometry; a circular CCD active area is ~0.78 of its square.
@@ -142,17 +139,6 @@ class RunSummary:
         )
 
 
-@dataclass
-class _FrameRef:
-    seq_num: int
-    received: float  # time.monotonic() when the frame became available
-    array: np.ndarray | None = None
-    path: str | None = None
-    dataset: str | None = None
-    index: int | None = None
-    error: str | None = None  # known unreadable (e.g. unsupported resource spec)
-
-
 class _Run:
     """Per raw run state. Fields set on the document thread are read by the worker
     only after the matching queue item, so no lock is needed beyond the queue's."""
@@ -176,7 +162,7 @@ class _Run:
         self.geometry: Geometry | None = None
         self.geometry_source: str | None = None
         self.geometry_estimate = None  # the RunGeometry when estimated from frames
-        self.buffer: list[_FrameRef] = []
+        self.buffer: list[FrameRef] = []
         self.engine: Engine | None = None
         self.bundle = None
         self.descriptors: dict = {}
@@ -310,7 +296,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._items: collections.deque = collections.deque()
         self._frames_queued = 0
         self._cond = threading.Condition()
-        self._files: dict[str, object] = {}
+        self._reader = FrameReader()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="live_bgsub-worker", daemon=True)
         self._worker.start()
@@ -397,13 +383,13 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self._by_descriptor[doc["uid"]] = run
         keys = doc["data_keys"]
         try:
-            run.data_key = _pick_data_key(keys, self.data_key, self.stream_name)
+            run.data_key = pick_data_key(keys, self.data_key, self.stream_name)
         except ProcessingError as exc:
             run.summary.disabled = str(exc)
             logger.warning("live_bgsub: run %s: %s", run.uid, exc)
             return doc
         run.external = keys[run.data_key].get("external")
-        run.frame_shape = _frame_shape(keys[run.data_key])
+        run.frame_shape = frame_shape(keys[run.data_key])
         for device in (doc.get("configuration") or {}).values():
             run.config.update(device.get("data") or {})
         return doc
@@ -427,7 +413,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 return doc
             self._enqueue(run, self._datum_ref(seq, now, *datum))
         else:
-            self._enqueue(run, _FrameRef(seq, now, array=np.asarray(value)))
+            self._enqueue(run, FrameRef(seq, now, array=np.asarray(value)))
         return doc
 
     def stream_resource(self, doc):
@@ -444,7 +430,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raise ProcessingError(run.summary.last_bad_document)
         if sres["data_key"] != run.data_key:
             return doc
-        path, dataset, error = _hdf5_location(sres)
+        path, dataset, error = hdf5_location(sres)
         now = time.monotonic()
         indices = range(doc["indices"]["start"], doc["indices"]["stop"])
         seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
@@ -457,7 +443,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         for seq, index in zip(seqs, indices):
             if self.select is not None and seq not in self.select:
                 continue
-            self._enqueue(run, _FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error))
+            self._enqueue(run, FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error))
         return doc
 
     def resource(self, doc):
@@ -474,7 +460,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def datum_page(self, doc):
         ids = doc["datum_id"]
-        for datum_id, kwargs in zip(ids, _unpack_kwargs(doc.get("datum_kwargs") or {}, len(ids))):
+        for datum_id, kwargs in zip(ids, unpack_datum_kwargs(doc.get("datum_kwargs") or {}, len(ids))):
             self.datum({"datum_id": datum_id, "resource": doc["resource"], "datum_kwargs": kwargs})
         return doc
 
@@ -493,20 +479,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
             self._cond.notify_all()
         return doc
 
-    def _datum_ref(self, seq, received, resource_uid, kwargs) -> _FrameRef:
-        resource = self._resources.get(resource_uid)
-        if resource is None:
-            return _FrameRef(seq, received, error=f"datum refers to unknown resource {resource_uid!r}")
-        spec = resource.get("spec")
-        if spec not in AD_HDF5_SPECS:
-            return _FrameRef(seq, received, error=f"resource spec {spec!r} is not supported (expected one of {AD_HDF5_SPECS})")
-        root = resource.get("root") or ""
-        path = str(Path(root) / resource["resource_path"]) if root else resource["resource_path"]
-        per_point = int((resource.get("resource_kwargs") or {}).get("frame_per_point", 1))
-        index = int(kwargs.get("point_number", 0)) * per_point
-        return _FrameRef(seq, received, path=path, dataset=_AD_DATASET, index=index)
+    def _datum_ref(self, seq, received, resource_uid, kwargs) -> FrameRef:
+        return datum_ref(self._resources.get(resource_uid), seq, received, kwargs, resource_uid)
 
-    def _enqueue(self, run: _Run, ref: _FrameRef) -> None:
+    def _enqueue(self, run: _Run, ref: FrameRef) -> None:
         run.summary.received += 1
         run.received_seqs.add(ref.seq_num)
         with self._cond:
@@ -567,7 +543,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 else:
                     self._internal_failure(run, [ref for _, _, ref in items], text)
 
-    def _internal_failure(self, run: _Run, refs: list[_FrameRef], text: str) -> None:
+    def _internal_failure(self, run: _Run, refs: list[FrameRef], text: str) -> None:
         """A batch raised where nothing should: its frames not yet accounted for fail
         (the traceback is logged for the run's first such batch only)."""
         run.internal_errors += 1
@@ -582,7 +558,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         except Exception:  # noqa: BLE001 - the stop's sweep lists them as unprocessed
             logger.exception("live_bgsub: recording failed frames of run %s failed", run.uid)
 
-    def _frames(self, run: _Run, refs: list[_FrameRef]) -> None:
+    def _frames(self, run: _Run, refs: list[FrameRef]) -> None:
         if run.summary.disabled:
             for ref in refs:
                 run.summary.unprocessed[ref.seq_num] = run.summary.disabled
@@ -595,7 +571,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         frames = []
         for ref in refs:
             try:
-                frames.append((ref, self._read(ref)))
+                frames.append((ref, self._reader.read(ref)))
             except Exception as exc:  # noqa: BLE001 - a missing or bad file fails its frames only
                 self._fail(run, [FrameResult(ref.seq_num, error=f"{type(exc).__name__}: {exc}")])
         if run.engine is None:
@@ -909,7 +885,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             self._emit("stop", stop)
             logger.info("live_bgsub: run %s -> derived %s: %s", run.uid, s.derived_uid, s.reason)
         finally:
-            self._close_files()
+            self._reader.close()
             self._forget(run)
             run.done.set()
 
@@ -966,55 +942,6 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 logger.exception("live_bgsub: publishing %s failed", name)
                 self._errors.append(f"publish {name}: failed (see log)")
 
-    # ------------------------------------------------------------------ frame reading
-
-    def _read(self, ref: _FrameRef) -> np.ndarray:
-        if ref.error:
-            raise ProcessingError(ref.error)
-        if ref.array is not None:
-            return ref.array
-        if ref.index < 0:  # Python would read a frame counted from the end: another frame
-            raise ProcessingError(f"{ref.path}: frame index {ref.index} is negative")
-        try:  # a file this process writes (the simulated detector): through the writer's handle
-            frame = read_in_process(ref.path, ref.dataset, ref.index)
-        except IndexError as exc:
-            raise ProcessingError(str(exc)) from None
-        if frame is not None:
-            return frame
-        dataset = self._dataset(ref.path, ref.dataset)
-        if ref.index >= dataset.shape[0]:
-            dataset.refresh()
-        if ref.index >= dataset.shape[0]:
-            raise ProcessingError(f"{ref.path}: frame index {ref.index} not written yet ({dataset.shape[0]} frames)")
-        return dataset[ref.index]
-
-    def _dataset(self, path: str, name: str):
-        import h5py
-
-        key = f"{path}::{name}"
-        ds = self._files.get(key)
-        if ds is None:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"HDF5 file {path} does not exist")
-            try:
-                f = h5py.File(path, "r", libver="latest", swmr=True)
-            except OSError:
-                f = h5py.File(path, "r")  # a finished file written without SWMR
-            if name not in f:
-                f.close()
-                raise ProcessingError(f"{path}: no dataset {name!r}")
-            ds = self._files[key] = f[name]
-        return ds
-
-    def _close_files(self) -> None:
-        for ds in self._files.values():
-            try:
-                ds.file.close()
-            except Exception:
-                logger.debug("live_bgsub: closing %s failed", ds, exc_info=True)
-        self._files.clear()
-
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -1040,18 +967,6 @@ def _primary_data_keys(fold_shape) -> dict:
     return data_keys
 
 
-def _frame_shape(data_key: dict) -> tuple[int, int] | None:
-    """A frame's (rows, cols) from a descriptor's data key: its ``shape`` without the
-    leading 1s of a one-frame-per-event detector; None when that is not two dims."""
-    try:
-        shape = [int(d) for d in data_key.get("shape") or []]
-    except (TypeError, ValueError):
-        return None
-    while len(shape) > 2 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) != 2 or min(shape) < 2:
-        return None
-    return shape[0], shape[1]
 
 
 def _unusable_for_geometry(array) -> str | None:
@@ -1071,32 +986,8 @@ def _accounted(run: _Run, seq: int) -> bool:
     return seq in run.done_seqs or seq in s.unprocessed or seq in s.skipped
 
 
-def _pick_data_key(keys: dict, wanted: str | None, stream: str) -> str:
-    if wanted is not None:
-        if wanted not in keys:
-            raise ProcessingError(f"data key {wanted!r} is not in stream {stream!r} (keys: {sorted(keys)})")
-        return wanted
-    images = [k for k, v in keys.items() if len([d for d in (v.get("shape") or []) if d not in (None, 1)]) == 2]
-    if len(images) > 1:
-        named = [k for k in images if k.endswith("_image")]
-        images = named if len(named) == 1 else images
-    if len(images) != 1:
-        raise ProcessingError(
-            f"cannot tell which data key of stream {stream!r} holds the frames: 2-D keys {sorted(images)} "
-            f"among {sorted(keys)}; pass data_key="
-        )
-    return images[0]
 
 
-def _hdf5_location(sres: dict) -> tuple[str | None, str | None, str | None]:
-    mimetype = sres.get("mimetype", "")
-    if mimetype not in ("application/x-hdf5", "application/x-hdf5; swmr"):
-        return None, None, f"stream_resource mimetype {mimetype!r} is not supported (expected 'application/x-hdf5')"
-    uri = urlparse(sres["uri"])
-    if uri.scheme not in ("file", ""):
-        return None, None, f"stream_resource uri {sres['uri']!r} is not a file:// uri"
-    dataset = (sres.get("parameters") or {}).get("dataset", _AD_DATASET)
-    return uri.path, dataset, None
 
 
 def _as_geometry(value, what: str) -> Geometry:
@@ -1157,6 +1048,3 @@ def _number(value) -> float:
     except (TypeError, ValueError):
         return math.nan
 
-
-def _unpack_kwargs(columns: dict, n: int) -> list[dict]:
-    return [{k: v[i] for k, v in columns.items()} for i in range(n)]

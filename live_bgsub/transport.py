@@ -304,9 +304,9 @@ class GapDetector:
             return
         keys = doc.get("data_keys") or {}
         try:
-            from .callback import _pick_data_key
+            from .frames import pick_data_key
 
-            run.frame_key = _pick_data_key(keys, self.data_key, self.stream_name)
+            run.frame_key = pick_data_key(keys, self.data_key, self.stream_name)
         except Exception as exc:  # noqa: BLE001 - the callback will say the same and disable the run
             logger.info("transport: run %s: no frame key (%s); counting events", run.uid, exc)
             return

@@ -34,7 +34,6 @@ def test_ci_runs_the_readme_test_command():
 # the entry. The test fails on a new one, and on an entry that no longer occurs.
 KNOWN_PRIVATE_USES = {
     "live_bgsub/demo.py: live_bgsub.beamline._persistent_key",
-    "live_bgsub/transport.py: live_bgsub.callback._pick_data_key",
 }
 
 

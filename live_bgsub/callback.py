@@ -231,6 +231,18 @@ class LiveBackgroundSubtraction(DocumentRouter):
         are window integrals frozen from ``roi_metrics`` on the run's first frame with
         an equator, see docs/device.md). None (default): on for a model step, off for
         a classical method (which has no device path).
+    engine_factory : callable, optional
+        Builds a run's engine once its geometry is known: called as
+        ``engine_factory(step, geometry, shape, mask, run_start=..., metrics=...,
+        geometry_quality=..., pixel_size_mm=..., wavelength_nm=..., distance_mm=...)``
+        and returning an object with ``process(frames, seq_nums)``, ``describe()``,
+        ``shape`` and ``fold_shape``, like :class:`~live_bgsub.engine.Engine` (the
+        default). An engine whose ``reads_frames`` is False is handed ``None`` for each
+        frame once it exists (the bus's composer: workers elsewhere read the frames).
+    derived_uid : callable, optional
+        ``derived_uid(raw_start) -> str``: the derived run's uid (default: a new uuid4).
+        A deterministic uid lets a restarted composer replace a derived run it wrote
+        in part.
     """
 
     def __init__(
@@ -256,6 +268,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         metrics: bool = True,
         seq_nums=None,
         accelerate: bool | None = None,
+        engine_factory=None,
+        derived_uid=None,
     ):
         super().__init__()
         if on_full not in ON_FULL:
@@ -283,6 +297,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self.select = None if seq_nums is None else {int(s) for s in seq_nums}
         self.accelerate = self.step.batched if accelerate is None else bool(accelerate)
         self._device_cache: dict = {}  # compiled device functions, reused across runs
+        self._engine_factory = engine_factory
+        self._derived_uid = derived_uid
         if self.accelerate and not self.step.batched:
             raise ValueError(f"accelerate=True needs a model step, got the classical method {self.step.method!r}")
 
@@ -568,6 +584,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
             for ref in refs:
                 run.summary.unprocessed[ref.seq_num] = f"not processed within stop_timeout_s={self.stop_timeout_s} s of the stop"
             return
+        if run.engine is not None and not getattr(run.engine, "reads_frames", True):
+            self._process(run, [(ref, None) for ref in refs])
+            return
         frames = []
         for ref in refs:
             try:
@@ -641,7 +660,13 @@ class LiveBackgroundSubtraction(DocumentRouter):
             # The beam-stop shadow found with the geometry is no data: it stays out of the fold.
             static = None if estimate is None or estimate.beam_stop is None else ~estimate.beam_stop.mask
             quality = None if estimate is None else estimate.quality
-            run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, geometry_quality=quality, **roi)
+            if self._engine_factory is not None:
+                run.engine = self._engine_factory(
+                    self.step, run.geometry, shape, static, run_start=run.start,
+                    metrics=self.compute_metrics, geometry_quality=quality, **roi,
+                )
+            else:
+                run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, geometry_quality=quality, **roi)
             if self.accelerate:
                 from .device_path import DevicePath
 
@@ -793,7 +818,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
             metadata["shape"] = list(run.engine.shape)
         if run.summary.disabled:
             metadata["disabled"] = run.summary.disabled
-        run.bundle = compose_run(metadata=metadata)
+        uid = self._derived_uid(raw) if self._derived_uid is not None else None
+        run.bundle = compose_run(uid=uid, metadata=metadata)
         run.summary.derived_uid = run.bundle.start_doc["uid"]
         self._emit("start", run.bundle.start_doc)
 

@@ -92,6 +92,15 @@ class _Flush:
 _CLOSE = object()  # Queue marker: the writer thread stops after it.
 
 
+class _Discard:
+    """Queue marker: the writer thread drops what it holds of run ``uid``."""
+
+    __slots__ = ("uid",)
+
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+
+
 def _json_default(value: Any) -> Any:
     """JSON fallback for numpy arrays and scalars (anything with ``tolist``)."""
     if hasattr(value, "tolist"):
@@ -288,6 +297,16 @@ class TiledPublisher:
             logger.error("TiledPublisher: could not enqueue a %r document: %r", name, error)
             self._record(name, doc, None, "enqueue", f"{type(error).__name__}: {error}")
 
+    def discard(self, run_uid: str) -> None:
+        """Drop run ``run_uid`` before it is written again from its start (the bus's
+        restarted composer): the writer thread deletes the run from the catalog if it
+        is there, removes its backup file and forgets its counts. Queued in order with
+        the documents; returns at once."""
+        with self._lock:
+            if not self._closed:
+                self._queue.put(_Discard(str(run_uid)))
+                self._enqueued += 1
+
     @property
     def pending(self) -> int:
         """Number of documents enqueued but not yet handled by the writer thread."""
@@ -393,6 +412,16 @@ class TiledPublisher:
                 if isinstance(item, _Flush):
                     item.event.set()
                     continue
+                if isinstance(item, _Discard):
+                    try:
+                        self._drop(item.uid)
+                    except Exception as error:  # noqa: BLE001 - then the rewrite fails with 409, recorded
+                        logger.exception("TiledPublisher: could not drop run %s", item.uid)
+                        self._record("start", {"uid": item.uid}, item.uid, "discard", f"{type(error).__name__}: {error}")
+                    finally:
+                        with self._lock:
+                            self._done += 1
+                    continue
                 name, doc = item
                 try:
                     self._handle(name, doc)
@@ -437,6 +466,22 @@ class TiledPublisher:
             file = self._backup_files.pop(run_uid, None)
             if file is not None:
                 file.close()
+
+    def _drop(self, run_uid: str) -> None:
+        """Writer thread: delete run ``run_uid`` from the catalog and the backup."""
+        if run_uid in self.client:
+            self.client[run_uid].delete(recursive=True, external_only=False)
+            logger.info("TiledPublisher: dropped the partial run %s (it is written again)", run_uid)
+        self._runs.forget(run_uid)
+        self._failed_runs.discard(run_uid)
+        file = self._backup_files.pop(run_uid, None)
+        if file is not None:
+            file.close()
+        if self.backup_directory is not None:
+            (self.backup_directory / f"{run_uid}.jsonl").unlink(missing_ok=True)
+        with self._stats_lock:
+            self._undelivered.pop(run_uid, None)
+            self.skipped.pop(run_uid, None)
 
     def _backup(self, run_uid: str | None, name: str, doc: dict) -> None:
         try:

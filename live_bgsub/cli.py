@@ -338,6 +338,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser(
+        "worker",
+        add_help=False,
+        help="process frame tasks from NATS JetStream (run any number, on any hosts); see `live-bgsub worker --help`",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "compose",
+        add_help=False,
+        help="compose the derived runs from the workers' results on NATS JetStream (one per deployment); see `live-bgsub compose --help`",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
         "sim-ioc",
         add_help=False,
         help="run the simulated areaDetector IOC (caproto) for a prefix; see `live-bgsub sim-ioc --help`",
@@ -731,6 +745,14 @@ def main(argv=None) -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["worker"]:  # the bus's commands parse their own options
+        from .bus.cli import worker_main
+
+        return worker_main(argv[1:])
+    if argv[:1] == ["compose"]:
+        from .bus.cli import compose_main
+
+        return compose_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "process":

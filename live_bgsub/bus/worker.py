@@ -1,0 +1,274 @@
+"""A bus worker: frame tasks in, results out, on any host, as many as needed.
+
+``live-bgsub worker --nats URL`` runs one :class:`Worker`. All workers pull from one
+durable consumer (:data:`~live_bgsub.bus.jetstream.WORKERS_CONSUMER`), so each task
+goes to one of them. For a batch of tasks of one run a worker
+
+1. waits for the run's :class:`~live_bgsub.bus.jetstream.RunPlan` (written by the
+   composer once it knows the geometry), telling the server the tasks are in progress
+   meanwhile;
+2. builds the run's :class:`~live_bgsub.engine.Engine` once (fold map, step; a model
+   is loaded once per worker and method) and keeps it for the run's later tasks;
+3. reads the frames (HDF5 on shared storage, or the event in the documents' stream)
+   and processes them on a thread, telling the server the tasks are in progress;
+4. publishes one result per frame and waits for JetStream's acknowledgement, and only
+   then acknowledges the task.
+
+A worker that dies (``kill -9``) acknowledges nothing more: the server redelivers its
+unacknowledged tasks to the other workers after the consumer's ``ack_wait``; a result
+already published for such a task is dropped by the server (same Nats-Msg-Id) or by
+the composer (same ``seq_num``). A frame that cannot be read is tried again on a later
+delivery (a file on shared storage may lag) and, at the consumer's ``max_deliver``-th
+delivery, becomes a failed result with the error; a frame that is read but cannot be
+processed (wrong shape, every pixel invalid) fails at once, as in the live callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+
+import numpy as np
+
+from .. import wire
+from ..engine import Engine, FrameResult, make_step
+from ..errors import ProcessingError
+from ..frames import FrameReader
+from .jetstream import (
+    DOCS_STREAM,
+    PLANS_BUCKET,
+    TASKS_STREAM,
+    WORKERS_CONSUMER,
+    RunPlan,
+    connect,
+    ensure_layout,
+    ensure_workers_consumer,
+    run_token,
+    subject,
+)
+from .publisher import task_ref
+
+__all__ = ["Worker", "KEEP_ENGINES"]
+
+logger = logging.getLogger("live_bgsub.bus.worker")
+
+#: Runs whose engines (fold map, step) a worker keeps.
+KEEP_ENGINES = 4
+
+
+class Worker:
+    """Process frame tasks from NATS JetStream until stopped.
+
+    Parameters
+    ----------
+    url : str
+        The NATS server.
+    batch_size : int, optional
+        Most tasks fetched and processed at once (default 8).
+    name : str, optional
+        Shown in results and logs (default ``host:pid``).
+    plan_timeout_s : float, optional
+        How long a task waits for its run's plan before it is handed back (default 300 s).
+    ack_wait_s, max_deliver : optional
+        The shared consumer's settings: redelivery after ``ack_wait_s`` without an
+        acknowledgement, at most ``max_deliver`` deliveries of a task. None (default):
+        the consumer's current ones (30 s and 5 when this worker creates it); given,
+        they replace the consumer's for every worker.
+    """
+
+    def __init__(self, url: str, *, batch_size: int = 8, name: str | None = None, plan_timeout_s: float = 300.0,
+                 ack_wait_s: float | None = None, max_deliver: int | None = None):
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.url = url
+        self.batch_size = int(batch_size)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.plan_timeout_s = float(plan_timeout_s)
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.processed = 0  # results published (failed frames included)
+        self.failed = 0
+        self.redelivered = 0  # tasks this worker got after another delivery (a worker died, a retry)
+        self._engines: collections.OrderedDict = collections.OrderedDict()
+        self._steps: dict = {}
+        self._reader = FrameReader()
+
+    def run(self, *, stop=None, max_tasks: int | None = None) -> None:
+        """Work until ``stop`` (a threading.Event) is set or ``max_tasks`` tasks are done."""
+        asyncio.run(self.serve(stop=stop, max_tasks=max_tasks))
+
+    async def serve(self, *, stop=None, max_tasks: int | None = None) -> None:
+        nc, js = await connect(self.url, name=f"live_bgsub-worker {self.name}")
+        try:
+            await ensure_layout(js)
+            info = await ensure_workers_consumer(js, ack_wait_s=self.ack_wait_s, max_deliver=self.max_deliver)
+            self.ack_wait_s = float(info.config.ack_wait)
+            self.max_deliver = int(info.config.max_deliver)
+            plans = await js.key_value(PLANS_BUCKET)
+            sub = await js.pull_subscribe("lbs.tasks.>", durable=WORKERS_CONSUMER, stream=TASKS_STREAM)
+            logger.info("live_bgsub worker %s: pulling tasks from %s", self.name, self.url)
+            done = 0
+            while not (stop is not None and stop.is_set()) and (max_tasks is None or done < max_tasks):
+                try:
+                    msgs = await sub.fetch(self.batch_size, timeout=1.0)
+                except Exception as exc:  # noqa: BLE001 - nats.errors.TimeoutError when idle; reconnects
+                    if type(exc).__name__ not in ("TimeoutError", "FetchTimeoutError"):
+                        logger.debug("live_bgsub worker: fetch: %s: %s", type(exc).__name__, exc)
+                    continue
+                by_run = collections.defaultdict(list)
+                for msg in msgs:
+                    try:
+                        _, task = wire.decode(msg.data, name="task")
+                    except wire.WireError as exc:
+                        logger.error("live_bgsub worker: a task that is not a task (%s): dropped", exc)
+                        await msg.term()
+                        continue
+                    by_run[task["run"]].append((msg, task))
+                for run_uid, items in by_run.items():
+                    await self._run_batch(js, plans, run_uid, items)
+                    done += len(items)
+        finally:
+            self._reader.close()
+            await nc.close()
+
+    # ------------------------------------------------------------------ one batch
+
+    async def _heartbeat(self, items, every: float):
+        while True:
+            await asyncio.sleep(every)
+            for msg, _ in items:
+                try:
+                    await msg.in_progress()
+                except Exception:  # noqa: BLE001 - the server is away; redelivery covers it
+                    pass
+
+    async def _run_batch(self, js, plans, run_uid: str, items) -> None:
+        beat = asyncio.create_task(self._heartbeat(items, max(0.2, self.ack_wait_s / 3)))
+        try:
+            plan = await self._plan(plans, run_uid)
+            if plan is None:
+                for msg, _ in items:
+                    await msg.nak(delay=5.0)
+                return
+            frames = []
+            for msg, task in items:
+                frames.append(await self._frame(js, msg, task))
+            engine = await asyncio.to_thread(self._engine, run_uid, plan)
+            results = await asyncio.to_thread(self._process, engine, frames)
+        finally:
+            beat.cancel()
+        for (msg, task), (array, error), result in zip(items, frames, results):
+            if msg.metadata.num_delivered > 1:
+                self.redelivered += 1
+            if result is None:  # not readable this time: again later, or failed at the last try
+                deliveries = msg.metadata.num_delivered
+                if deliveries < self.max_deliver:
+                    await msg.nak(delay=min(5.0, 0.2 * 2 ** deliveries))
+                    continue
+                result = FrameResult(int(task["seq_num"]), error=f"{error} (after {deliveries} deliveries)")
+            result.seq_num = int(task["seq_num"])
+            await self._publish_result(js, run_uid, result, engine, msg.metadata.num_delivered)
+            await msg.ack()
+
+    async def _plan(self, plans, run_uid: str) -> RunPlan | None:
+        key = run_token(run_uid)
+        deadline = time.monotonic() + self.plan_timeout_s
+        delay = 0.02
+        while time.monotonic() < deadline:
+            try:
+                entry = await plans.get(key)
+                if entry is not None and entry.value:
+                    return RunPlan.from_bytes(entry.value)
+            except Exception as exc:  # noqa: BLE001 - KeyNotFoundError until the composer writes it
+                if type(exc).__name__ not in ("KeyNotFoundError", "NotFoundError"):
+                    logger.debug("live_bgsub worker: plan of %s: %s", run_uid, exc)
+            await asyncio.sleep(delay)  # poll the bucket with a backoff until the plan is there
+            delay = min(1.0, delay * 2)
+        logger.warning("live_bgsub worker %s: no plan for run %s within %s s; tasks handed back", self.name, run_uid, self.plan_timeout_s)
+        return None
+
+    async def _frame(self, js, msg, task) -> tuple[np.ndarray | None, str | None]:
+        """``(array, None)`` or ``(None, why it cannot be read now)``."""
+        try:
+            if "doc_seq" in task:
+                raw = await js.get_msg(DOCS_STREAM, int(task["doc_seq"]))
+                _, envelope = wire.decode(raw.data, name="doc")
+                value = envelope["doc"]["data"].get(task["data_key"])
+                if value is None:
+                    return None, f"event of frame {task['seq_num']} holds no {task['data_key']!r}"
+                return np.asarray(value), None
+            if task.get("error"):
+                return None, task["error"]
+            ref = task_ref(task)
+            return await asyncio.to_thread(self._reader.read, ref), None
+        except Exception as exc:  # noqa: BLE001 - a frame that cannot be read is that frame's failure
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def _engine(self, run_uid: str, plan: RunPlan):
+        engine = self._engines.get(run_uid)
+        if engine is None:
+            key = repr(sorted(plan.processing.items()))
+            step = self._steps.get(key)
+            if step is None:
+                p = plan.processing
+                step = self._steps[key] = make_step(p["method"], p.get("params") or {}, downsample=int(p.get("downsample", 1)))
+            try:
+                engine = Engine(step, plan.geometry, plan.shape, plan.mask, metrics=plan.metrics,
+                                geometry_quality=plan.quality(), **plan.roi)
+            except ProcessingError as exc:
+                engine = exc  # every frame of the run fails with this
+            self._engines[run_uid] = engine
+            while len(self._engines) > KEEP_ENGINES:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(run_uid)
+        return engine
+
+    def _process(self, engine, frames) -> list:
+        """One result per frame; None for a frame that could not be read."""
+        readable = [i for i, (array, _) in enumerate(frames) if array is not None]
+        out: list = [None] * len(frames)
+        if not readable:
+            return out
+        if isinstance(engine, Exception):
+            for i in readable:
+                out[i] = FrameResult(-1, error=f"cannot set up processing: {engine}")
+            return out
+        results = engine.process([frames[i][0] for i in readable], list(range(len(readable))))
+        for i, r in zip(readable, results):
+            out[i] = r
+        return out
+
+    async def _publish_result(self, js, run_uid: str, result: FrameResult, engine, deliveries: int) -> None:
+        seq = int(result.seq_num)
+        body = {
+            "run": run_uid,
+            "seq_num": seq,
+            "error": result.error,
+            "metrics": result.metrics,
+            "timings_s": result.timings_s,
+            "worker": self.name,
+            "deliveries": int(deliveries),
+            "corrected": None if result.corrected is None else np.ascontiguousarray(result.corrected, dtype=np.float32),
+            "describe": engine.describe() if isinstance(engine, Engine) else None,
+        }
+        payload = wire.encode("result", body)
+        delay = 0.05
+        while True:
+            try:
+                await js.publish(subject("results", run_uid), payload, timeout=5.0, headers={"Nats-Msg-Id": f"{run_uid}:result:{seq}"})
+                break
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting: the task waits
+                if type(exc).__name__ == "MaxPayloadError":
+                    body.update(corrected=None, error=f"result of {len(payload)} bytes exceeds the server's max_payload; raise max_payload")
+                    payload = wire.encode("result", body)
+                    continue
+                logger.warning("live_bgsub worker %s: result %s of %s not acknowledged (%s); retrying", self.name, seq, run_uid, exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        self.processed += 1
+        if result.error:
+            self.failed += 1

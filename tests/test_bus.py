@@ -1,0 +1,375 @@
+"""The bus on a real NATS JetStream server: a real RunEngine publishing, ``live-bgsub
+worker`` and ``live-bgsub compose`` as subprocesses, a real Tiled server. Faults are
+injected by PID (SIGKILL a worker or the composer, stop and restart the server) and
+the derived run in Tiled is checked frame by frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky.plans import count
+from conftest import MINI, Collector
+
+from live_bgsub import wire
+from live_bgsub.bus.jetstream import (
+    DONE_BUCKET,
+    RESULTS_STREAM,
+    TASKS_STREAM,
+    WORKERS_CONSUMER,
+    RunPlan,
+    derived_uid,
+    run_token,
+    subject,
+)
+from live_bgsub.bus.publisher import BusPublisher
+from live_bgsub.catalog import frames, metrics_table
+from live_bgsub.sim import SimDetector
+from live_bgsub.tiled_server import EmbeddedTiledServer, connect
+
+pytestmark = [pytest.mark.service]
+
+REPO = Path(__file__).resolve().parents[1]
+# Frames of the MINI detector whose centre keeps the equator off the module gap.
+CENTER = (97.0, 70.0)
+DEADLINE_S = 180.0
+PROCESSING = {"method": "white-top-hat", "params": {}, "downsample": 1}
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bus")
+    for name in ("raw", "derived", "backup", "tiled", "logs"):
+        (root / name).mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiled(dirs):
+    with EmbeddedTiledServer(dirs / "tiled", readable_storage=[dirs / "raw", dirs / "derived"]) as server:
+        yield server, connect(server.uri, api_key=server.api_key)
+
+
+class Process:
+    """A ``live-bgsub`` subcommand in its own process, logging to a file."""
+
+    def __init__(self, dirs, name: str, *args: str, env=None):
+        self.log = dirs / "logs" / f"{name}-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "live_bgsub.cli", *args],
+                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def text(self) -> str:
+        return self.log.read_text()[-4000:]
+
+
+def worker(dirs, url, name, *extra):
+    return Process(dirs, name, "worker", "--nats", url, "--name", name, "--ack-wait", "2", *extra)
+
+
+def composer(dirs, url, tiled):
+    server, _ = tiled
+    return Process(
+        dirs, "composer", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(dirs / "derived"),
+        "--backup", str(dirs / "backup"), "--result-timeout", "120", env={"TILED_API_KEY": server.api_key},
+    )  # fmt: skip
+
+
+def _js(url, coro_fn):
+    """Run ``coro_fn(js)`` against the server and return its value."""
+
+    async def main():
+        import nats
+
+        nc = await nats.connect(url, max_reconnect_attempts=1)
+        try:
+            return await coro_fn(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
+    """Poll ``condition()`` until true (a stated deadline, not a timing assertion)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        for p in processes:
+            assert p.alive(), f"{p.log.name} exited with {p.process.returncode}:\n{p.text()}"
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
+            raise AssertionError(f"not within {deadline_s} s: {what}\n{logs}")
+        time.sleep(0.05)
+
+
+def done(url, raw_uid) -> bool:
+    async def get(js):
+        kv = await js.key_value(DONE_BUCKET)
+        try:
+            entry = await kv.get(run_token(raw_uid))
+        except Exception:  # noqa: BLE001 - KeyNotFoundError
+            return False
+        return entry is not None
+
+    try:
+        return _js(url, get)
+    except Exception:  # noqa: BLE001 - the bucket does not exist yet
+        return False
+
+
+def results_of(url, raw_uid) -> list[dict]:
+    """Every result message of a run still in the results stream (in stream order)."""
+
+    async def read(js):
+        info = await js.stream_info(RESULTS_STREAM)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(RESULTS_STREAM, seq)
+            except Exception:  # noqa: BLE001 - a deleted message
+                continue
+            if msg.subject == subject("results", raw_uid):
+                out.append(wire.decode(msg.data, name="result")[1])
+        return out
+
+    return _js(url, read)
+
+
+def consumer(url):
+    return _js(url, lambda js: js.consumer_info(TASKS_STREAM, WORKERS_CONSUMER))
+
+
+def acquire(url, dirs, num: int, *, seed: int = 5, extra_subscriber=None) -> str:
+    det = SimDetector(name="det", directory=dirs / "raw", preset=MINI, n_patterns=4, seed=seed, center=CENTER)
+    publisher = BusPublisher(url)
+    RE = RunEngine({})
+    RE.subscribe(publisher)
+    if extra_subscriber is not None:
+        RE.subscribe(extra_subscriber)
+    (uid,) = RE(count([det], num=num))
+    assert publisher.close(timeout=120), f"documents not acknowledged: {publisher.errors}"
+    assert not publisher.errors
+    return uid
+
+
+def derived_run(tiled, raw_uid):
+    _, catalog = tiled
+    return catalog[derived_uid(raw_uid, PROCESSING)]
+
+
+def assert_every_frame_once(run, n: int) -> dict:
+    table = metrics_table(run)
+    seqs = sorted(int(s) for s in table["raw_seq_num"])
+    assert seqs == list(range(1, n + 1)), f"raw frames in the derived run: {seqs}"
+    stop = run.metadata["stop"]
+    assert stop["exit_status"] == "success", stop["reason"]
+    assert stop["reason"].startswith(f"received {n}, processed {n}, failed 0, skipped 0, unprocessed 0")
+    return table
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def test_a_plan_survives_the_wire_mask_and_quality_included():
+    mask = np.ones(MINI.shape, bool)
+    mask[100:120, :] = False
+    mask[5, 7] = False
+    quality = {"symmetry": 0.1, "mirror": 0.2, "axis_contrast": 3.0, "beam_stop_radius_px": 8.0, "center_spread_px": None,
+               "rotation_spread_deg": None, "center_sigma_px": 0.2, "verdict": "doubtful", "reasons": ["why"]}  # fmt: skip
+    plan = RunPlan(PROCESSING, (97.5, 70.25), 1.5, MINI.shape, mask, True, quality, {"pixel_size_mm": 0.172, "wavelength_nm": None})
+    back = RunPlan.from_bytes(plan.to_bytes())
+    assert back.center == plan.center and back.rotation_deg == 1.5 and back.shape == MINI.shape
+    np.testing.assert_array_equal(back.mask, mask)
+    assert back.quality().verdict == "doubtful" and back.quality().reasons == ("why",)
+    assert back.roi == {"pixel_size_mm": 0.172, "wavelength_nm": None}
+
+
+def test_derived_uids_follow_the_raw_run_and_the_processing():
+    a = derived_uid("raw-1", PROCESSING)
+    assert a == derived_uid("raw-1", dict(PROCESSING))
+    assert a != derived_uid("raw-2", PROCESSING)
+    assert a != derived_uid("raw-1", {**PROCESSING, "downsample": 2})
+    assert run_token("a.b c") != "a.b c" and run_token(a) == a
+
+
+def test_a_worker_or_composer_without_a_server_is_one_line_and_exit_2(dirs):
+    for args in (["worker", "--nats", "nats://127.0.0.1:1"], ["compose", "--nats", "nats://127.0.0.1:1", "--tiled", "not-a-uri"]):
+        out = subprocess.run([sys.executable, "-m", "live_bgsub.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("live-bgsub "), out.stderr
+
+
+# ---------------------------------------------------------------------- the path and its faults
+
+
+def test_two_workers_one_killed_mid_run_every_frame_once(jetstream, dirs, tiled):
+    url = jetstream.url
+    n = 40
+    a = worker(dirs, url, "a", "--batch", "4")
+    b = worker(dirs, url, "b", "--batch", "4")
+    c = composer(dirs, url, tiled)
+    try:
+        raw_uid = acquire(url, dirs, n)
+
+        def a_mid_run():
+            by_a = [r for r in results_of(url, raw_uid) if r["worker"] == "a"]
+            return by_a and consumer(url).num_ack_pending > 0
+
+        _until(a_mid_run, "worker a published a result while tasks were in flight", a, b, c)
+        a.kill()
+        _until(lambda: done(url, raw_uid), "the derived run is complete", b, c)
+        info = consumer(url)
+    finally:
+        for p in (a, b, c):
+            p.stop()
+    run = derived_run(tiled, raw_uid)
+    assert_every_frame_once(run, n)
+    # The kill cost something: b got a's unacknowledged tasks again.
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    said = [line for line in b.text().splitlines() if "came redelivered" in line]
+    assert said and int(said[-1].split("; ")[-1].split()[0]) >= 1, b.text()
+
+
+def test_composer_killed_and_restarted_writes_the_run_a_fault_free_composer_writes(jetstream, dirs, tiled):
+    url = jetstream.url
+    n = 80
+    w = worker(dirs, url, "w")
+    c = composer(dirs, url, tiled)
+    try:
+        clean = acquire(url, dirs, n, seed=11)
+        _until(lambda: done(url, clean), "the fault-free run is complete", w, c)
+        c.stop()
+        # The same frames again; the composer dies once it has written part of the derived run.
+        c = composer(dirs, url, tiled)
+        faulty = acquire(url, dirs, n, seed=11)
+        _, catalog = tiled
+        partial = derived_uid(faulty, PROCESSING)
+
+        backup = dirs / "backup" / f"{partial}.jsonl"
+
+        def written_in_part():  # the publisher backs each document up just before Tiled gets it
+            return backup.exists() and backup.read_text().count('"name": "event"') >= 5
+
+        _until(written_in_part, "part of the derived run is written", w, c)
+        c.kill()
+        assert not done(url, faulty)
+        assert partial in catalog  # Tiled holds the run in part
+        c = composer(dirs, url, tiled)
+        _until(lambda: done(url, faulty), "the restarted composer completes the run", w, c)
+    finally:
+        for p in (w, c):
+            p.stop()
+    ref_run, run = derived_run(tiled, clean), derived_run(tiled, faulty)
+    ref, got = assert_every_frame_once(ref_run, n), assert_every_frame_once(run, n)
+    order_ref, order = np.argsort(ref["raw_seq_num"]), np.argsort(got["raw_seq_num"])
+    for key in ("i10", "i11", "i11_i10", "s10_px", "background_sum"):
+        np.testing.assert_array_equal(np.asarray(got[key], float)[order], np.asarray(ref[key], float)[order_ref], err_msg=key)
+    assert list(np.asarray(got["metrics_verdict"])[order]) == list(np.asarray(ref["metrics_verdict"])[order_ref])
+    np.testing.assert_array_equal(frames(run, "corrected")[order], frames(ref_run, "corrected")[order_ref])
+    # One derived run for the raw run, no second partial one.
+    assert [k for k in catalog if catalog[k].metadata["start"].get("raw_uid") == faulty] == [partial]
+
+
+def test_the_server_stopped_and_restarted_mid_run_loses_nothing(jetstream, dirs, tiled):
+    url = jetstream.url
+    n = 40
+    w = worker(dirs, url, "w")
+    c = composer(dirs, url, tiled)
+
+    class Outage:
+        """On the RunEngine's thread: stop the server at frame 10, start it at frame 25."""
+
+        def __init__(self):
+            self.seen = 0
+
+        def __call__(self, name, doc):
+            if name == "event":
+                self.seen += 1
+                if self.seen == 10:
+                    jetstream.stop()
+                elif self.seen == 25:
+                    jetstream.restart()
+
+    try:
+        raw_uid = acquire(url, dirs, n, extra_subscriber=Outage())
+        _until(lambda: done(url, raw_uid), "the derived run is complete after the outage", w, c)
+    finally:
+        for p in (w, c):
+            p.stop()
+    assert_every_frame_once(derived_run(tiled, raw_uid), n)
+
+
+def test_a_frame_that_cannot_be_read_fails_after_the_bounded_deliveries(jetstream, dirs, tiled):
+    """Frames 7 and 8 point past the end of the detector's file: tried, retried, failed."""
+    url = jetstream.url
+    det = SimDetector(name="det", directory=dirs / "raw", preset=MINI, n_patterns=4, seed=3, center=CENTER)
+    RE = RunEngine({})
+    docs = Collector()
+    RE.subscribe(docs)
+    RE(count([det], num=6))
+    publisher = BusPublisher(url)
+    raw_uid = None
+    for name, doc in docs.docs:
+        if name == "start":
+            raw_uid = doc["uid"]
+        if name == "stream_datum" and doc["indices"]["stop"] == 6:
+            # The last datum claims two frames more than the file holds.
+            doc = dict(doc, indices={"start": doc["indices"]["start"], "stop": 8}, seq_nums={"start": doc["seq_nums"]["start"], "stop": 9})
+        if name == "stop":
+            doc = dict(doc, num_events={"primary": 8})
+        publisher(name, doc)
+    assert publisher.close(timeout=60)
+    w = worker(dirs, url, "w", "--max-deliver", "3")
+    c = composer(dirs, url, tiled)
+    try:
+        _until(lambda: done(url, raw_uid), "the derived run is complete", w, c)
+        info = consumer(url)
+    finally:
+        for p in (w, c):
+            p.stop()
+    run = derived_run(tiled, raw_uid)
+    assert sorted(metrics_table(run)["raw_seq_num"]) == [1, 2, 3, 4, 5, 6]
+    failures = metrics_table(run, "failures")
+    assert sorted(failures["raw_seq_num"]) == [7, 8]
+    assert all("not written yet" in e and "after 3 deliveries" in e for e in failures["error"]), failures["error"]
+    assert run.metadata["stop"]["exit_status"] == "fail"
+    assert "received 8, processed 6, failed 2" in run.metadata["stop"]["reason"]
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    said = [line for line in w.text().splitlines() if "came redelivered" in line]
+    assert said and int(said[-1].split("; ")[-1].split()[0]) == 4, w.text()  # frames 7 and 8, twice each

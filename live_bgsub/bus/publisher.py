@@ -1,11 +1,12 @@
 """The RunEngine side of the bus: documents and frame tasks onto JetStream.
 
 :class:`BusPublisher` is a document callback (``RE.subscribe(BusPublisher(url))``).
-On the RunEngine's thread it only hands the document to its own thread (one
-``call_soon_threadsafe``) and returns: it never blocks, never raises, never encodes.
-Its thread, running an asyncio loop with one NATS connection, publishes each document
-to the run's subject of :data:`~live_bgsub.bus.jetstream.DOCS_STREAM` and, for each
-frame of the frames' stream, one task to :data:`~live_bgsub.bus.jetstream.TASKS_STREAM`:
+On the RunEngine's thread it only puts the document on a queue and returns: it never
+blocks, never raises. A thread of this process encodes the documents (msgpack) and
+pipes them to a child process, which holds the NATS connection: the publishing takes
+no time from the RunEngine's interpreter. The child publishes each document to the
+run's subject of :data:`~live_bgsub.bus.jetstream.DOCS_STREAM` and, for each frame of
+the frames' stream, one task to :data:`~live_bgsub.bus.jetstream.TASKS_STREAM`:
 
 - a frame in an HDF5 file (StreamResource/StreamDatum, area-detector Resource/Datum):
   the file, dataset and index (shared storage, as at beamlines);
@@ -18,16 +19,22 @@ frame of the frames' stream, one task to :data:`~live_bgsub.bus.jetstream.TASKS_
 Every publish waits for JetStream's acknowledgement (the message is on the server's
 disk) and is repeated until it is acknowledged: while the server is down or
 restarting the documents wait in memory, in order, and go out when it is back. A
-repeated publish carries the same ``Nats-Msg-Id``, so the server keeps it once.
-:meth:`BusPublisher.flush` waits until everything handed over is acknowledged.
+repeated publish carries the same ``Nats-Msg-Id``, so the server keeps it once; so a
+child that dies is replaced and given the documents of the runs not yet finished
+again. :meth:`BusPublisher.flush` waits until everything handed over is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
+import subprocess
+import sys
 import threading
 import time
+from queue import SimpleQueue
 
 import numpy as np
 from event_model import unpack_datum_page, unpack_event_page
@@ -59,6 +66,14 @@ class _RunState:
 class BusPublisher:
     """Publish a RunEngine's documents and one frame task per frame to NATS JetStream.
 
+    The publishing runs in a child process (``python -m live_bgsub.bus.publisher``), so
+    that it takes nothing from the RunEngine's interpreter: on the RunEngine's thread a
+    document is put on a queue; a thread of this process encodes it (msgpack) and writes
+    it to the child's pipe. The child publishes and reports what JetStream has
+    acknowledged. The documents of every run not yet finished are kept here until its
+    stop is acknowledged: if the child dies, a new one is started and they are sent
+    again (the server keeps each message once, by its Nats-Msg-Id).
+
     Parameters
     ----------
     url : str
@@ -71,59 +86,52 @@ class BusPublisher:
         ``{"method": ..., "params": ..., "downsample": ...}`` for this publisher's runs,
         overriding the composer's default (sent with each run's start document).
     connect_timeout : float, optional
-        Seconds to wait for the first connection (default 5); after that the client
-        reconnects for ever.
+        Seconds to wait for the first connection (default 5); ConnectionError (one
+        line) when the server cannot be reached. After that the child reconnects for ever.
     """
 
     def __init__(self, url: str, *, stream_name: str = "primary", data_key: str | None = None,
                  processing: dict | None = None, connect_timeout: float = 5.0):
         self.url = url
-        self.stream_name = stream_name
-        self.data_key = data_key
-        self.processing = dict(processing) if processing else None
+        self._argv = [sys.executable, "-m", "live_bgsub.bus.publisher", "--url", url, "--stream-name", stream_name,
+                      "--connect-timeout", str(float(connect_timeout))]
+        if data_key is not None:
+            self._argv += ["--data-key", data_key]
+        if processing:
+            self._argv += ["--processing", json.dumps(processing)]
         self.published = 0  # documents acknowledged by JetStream
         self.tasks = 0  # frame tasks acknowledged
         self.retries = 0  # publishes repeated after an error or a timeout
+        self.restarts = 0  # child processes started again after one died
         self.errors: list[str] = []
-        self._handed = 0
-        self._done = 0
+        self._queue: SimpleQueue = SimpleQueue()
         self._cond = threading.Condition()
-        self._runs: dict[str, _RunState] = {}
-        self._by_descriptor: dict[str, _RunState] = {}
-        self._stream_resources: dict[str, dict] = {}
-        self._resources: dict[str, dict] = {}
-        self._datums: dict[str, tuple[str, dict]] = {}
-        self._max_payload = 1024 * 1024
-        self._ready = threading.Event()
-        self._connect_error: BaseException | None = None
-        self._loop = asyncio.new_event_loop()
-        self._queue: asyncio.Queue | None = None
-        self._thread = threading.Thread(target=self._main, args=(connect_timeout,), name="live_bgsub-bus-publisher", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._connect_error is not None:
-            raise self._connect_error
+        self._handed = 0  # documents handed over (RunEngine thread)
+        self._acked = 0  # documents acknowledged (global count)
+        self._kept: collections.deque = collections.deque()  # (index, payload, start uid or None, stop's run or None)
+        self._open: dict[str, int] = {}  # run uid -> index of its start, for runs whose stop is not acknowledged
+        self._stops: dict[int, str] = {}  # index of a stop -> its run
+        self._closing = False
+        self._child = None
+        self._base = 0  # global count of documents acknowledged before the current child started
+        self._spawn()
+        self._writer = threading.Thread(target=self._write, name="live_bgsub-bus-writer", daemon=True)
+        self._writer.start()
 
     # ------------------------------------------------------------------ RunEngine side
 
     def __call__(self, name: str, doc: dict) -> None:
-        with self._cond:
-            self._handed += 1
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (name, doc))
-        except RuntimeError:  # the loop is closed: say so, never raise into the RunEngine
-            with self._cond:
-                self._done += 1
-                self.errors.append(f"{name} document after close(): not published")
-                self._cond.notify_all()
+        """Hand a document over; returns at once and never raises."""
+        self._handed += 1
+        self._queue.put((name, doc))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every document handed over so far is acknowledged (True) or the
         timeout passes (False)."""
+        target = self._handed
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            target = self._handed
-            while self._done < target:
+            while self._acked < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -131,11 +139,22 @@ class BusPublisher:
         return True
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Publish what is queued (up to ``timeout``), then disconnect."""
+        """Publish what is queued (up to ``timeout``), then stop the child."""
         flushed = self.flush(timeout)
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _CLOSE)
-            self._thread.join(timeout)
+        self._closing = True
+        self._queue.put(_CLOSE)
+        self._writer.join(timeout)
+        child = self._child
+        if child is not None:
+            try:
+                child.stdin.close()
+            except OSError:
+                pass
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
         return flushed
 
     def __enter__(self):
@@ -144,43 +163,159 @@ class BusPublisher:
     def __exit__(self, *exc):
         self.close()
 
-    # ------------------------------------------------------------------ own thread
+    # ------------------------------------------------------------------ this process's threads
 
-    def _main(self, connect_timeout: float) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._serve(connect_timeout))
-        finally:
-            self._loop.close()
+    def _spawn(self) -> None:
+        """Start a child and wait for its first line (ready, or why not)."""
+        child = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        first = child.stdout.readline().decode(errors="replace").strip()
+        if not first.startswith("ready"):
+            child.kill()
+            child.wait()
+            why = first[len("error "):] if first.startswith("error ") else f"the publisher process exited ({child.returncode}) without a word"
+            raise ConnectionError(why)
+        with self._cond:
+            self._base = self._acked
+        self._child = child
+        threading.Thread(target=self._read, args=(child,), name="live_bgsub-bus-reader", daemon=True).start()
 
-    async def _serve(self, connect_timeout: float) -> None:
-        self._queue = asyncio.Queue()
+    def _read(self, child) -> None:
+        for raw in child.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            kind, _, rest = line.partition(" ")
+            if kind == "ack":
+                k, published, tasks, retries = (int(v) for v in rest.split())
+                with self._cond:
+                    if child is not self._child:
+                        return
+                    self._acked = max(self._acked, self._base + k)
+                    self.published, self.tasks, self.retries = published, tasks, retries
+                    self._release()
+                    self._cond.notify_all()
+            elif kind == "warn":
+                self.errors.append(rest)
+
+    def _release(self) -> None:
+        """Drop the kept documents no run needs any more (under the lock)."""
+        for index in [i for i in self._stops if i <= self._acked]:
+            self._open.pop(self._stops.pop(index), None)
+        keep_from = min(self._open.values(), default=self._acked + 1)
+        keep_from = min(keep_from, self._acked + 1)
+        while self._kept and self._kept[0][0] < keep_from:
+            self._kept.popleft()
+
+    def _write(self) -> None:
+        index = 0
+        while True:
+            item = self._queue.get()
+            if item is _CLOSE:
+                return
+            name, doc = item
+            index += 1
+            try:
+                payload = wire.encode(name, doc)
+            except Exception as exc:  # noqa: BLE001 - a document msgpack cannot carry
+                self.errors.append(f"{name} document {doc.get('uid', '')!r} not published: {type(exc).__name__}: {exc}")
+                payload = wire.encode("bad_document", {"name": name})
+            with self._cond:
+                if name == "start":
+                    self._open[doc["uid"]] = index
+                elif name == "stop":
+                    self._stops[index] = doc.get("run_start")
+                self._kept.append((index, payload))
+            self._send(payload)
+
+    def _send(self, payload: bytes) -> None:
+        """Write one document to the child; a dead child is replaced and given every
+        kept document again, in order."""
+        while True:
+            try:
+                self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+                return
+            except (BrokenPipeError, OSError, ValueError):
+                if self._closing:
+                    return
+            logger.warning("live_bgsub bus: the publisher process died (%s); starting another and sending again what it had not published",
+                           self._child.poll())
+            while True:
+                try:
+                    with self._cond:
+                        self._acked = max(self._acked, self._base)
+                    self._respawn()
+                    break
+                except ConnectionError as exc:
+                    logger.warning("live_bgsub bus: %s; trying again", exc)
+                    time.sleep(1.0)  # a server that is down: try again shortly (writer thread only)
+
+    def _respawn(self) -> None:
+        self.restarts += 1
+        with self._cond:
+            kept = [payload for _, payload in self._kept]
+            first = self._kept[0][0] if self._kept else self._acked + 1
+        self._spawn()
+        with self._cond:
+            self._base = first - 1  # the new child's ack K is document first - 1 + K
+        for payload in kept[:-1]:  # the last one is resent by _send's loop
+            self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+
+
+class _Sender:
+    """The child process's side: documents from stdin, publishes to JetStream, acks to
+    stdout (``ack K``: the first K documents are published with their tasks)."""
+
+    def __init__(self, url: str, *, stream_name: str, data_key: str | None, processing: dict | None, connect_timeout: float):
+        self.url = url
+        self.stream_name = stream_name
+        self.data_key = data_key
+        self.processing = processing
+        self.connect_timeout = connect_timeout
+        self.published = 0
+        self.tasks = 0
+        self.retries = 0
+        self._runs: dict[str, _RunState] = {}
+        self._by_descriptor: dict[str, _RunState] = {}
+        self._stream_resources: dict[str, dict] = {}
+        self._resources: dict[str, dict] = {}
+        self._datums: dict[str, tuple[str, dict]] = {}
+        self._max_payload = 1024 * 1024
+
+    @staticmethod
+    def _say(line: str) -> None:
+        sys.stdout.write(line.replace("\n", " ") + "\n")
+        sys.stdout.flush()
+
+    async def serve(self) -> int:
         try:
-            nc, js = await connect(self.url, name="live_bgsub-publisher", connect_timeout=connect_timeout)
+            nc, js = await connect(self.url, name="live_bgsub-publisher", connect_timeout=self.connect_timeout)
             await ensure_layout(js)
-        except Exception as exc:  # noqa: BLE001 - reported to the constructor's caller
-            self._connect_error = exc if isinstance(exc, ConnectionError) else ConnectionError(f"NATS at {self.url}: {type(exc).__name__}: {exc}")
-            self._ready.set()
-            return
+        except Exception as exc:  # noqa: BLE001 - one line for the parent's constructor
+            text = str(exc) if isinstance(exc, ConnectionError) else f"NATS at {self.url}: {type(exc).__name__}: {exc}"
+            self._say(f"error {text}")
+            return 2
         self._max_payload = int(nc.max_payload or self._max_payload)
-        self._ready.set()
+        self._say(f"ready {self._max_payload}")
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**31 - 1)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+        handled = 0
         try:
             while True:
-                item = await self._queue.get()
-                if item is _CLOSE:
-                    break
-                name, doc = item
                 try:
+                    head = await reader.readexactly(4)
+                    payload = await reader.readexactly(int.from_bytes(head, "big"))
+                except asyncio.IncompleteReadError:
+                    break  # the parent closed the pipe (or died): done
+                try:
+                    name, doc = wire.decode(payload)
                     await self._handle(js, name, doc)
                 except Exception as exc:  # noqa: BLE001 - one bad document must not stop the others
-                    logger.exception("live_bgsub bus: publishing a %s document failed", name)
-                    self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                finally:
-                    with self._cond:
-                        self._done += 1
-                        self._cond.notify_all()
+                    logger.exception("live_bgsub bus: publishing a document failed")
+                    self._say(f"warn {type(exc).__name__}: {exc}")
+                handled += 1
+                self._say(f"ack {handled} {self.published} {self.tasks} {self.retries}")
         finally:
             await nc.close()
+        return 0
 
     async def _publish(self, js, subj: str, payload: bytes, msg_id: str):
         """Publish until JetStream acknowledges (the server may be restarting)."""
@@ -332,3 +467,24 @@ def task_ref(task: dict, array: np.ndarray | None = None) -> FrameRef:
         int(task["seq_num"]), time.monotonic(), array=array, path=task.get("path"),
         dataset=task.get("dataset"), index=task.get("index"), error=task.get("error"),
     )
+
+
+def main(argv=None) -> int:
+    """The publisher's child process (started by :class:`BusPublisher`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m live_bgsub.bus.publisher")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--stream-name", default="primary")
+    parser.add_argument("--data-key")
+    parser.add_argument("--processing")
+    parser.add_argument("--connect-timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    sender = _Sender(args.url, stream_name=args.stream_name, data_key=args.data_key,
+                     processing=json.loads(args.processing) if args.processing else None, connect_timeout=args.connect_timeout)
+    return asyncio.run(sender.serve())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

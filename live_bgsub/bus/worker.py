@@ -175,19 +175,20 @@ class Worker:
             await msg.ack()
 
     async def _plan(self, plans, run_uid: str) -> RunPlan | None:
+        """The run's plan: read, or watched for until the composer writes it."""
         key = run_token(run_uid)
-        deadline = time.monotonic() + self.plan_timeout_s
-        delay = 0.02
-        while time.monotonic() < deadline:
-            try:
-                entry = await plans.get(key)
+        watcher = await plans.watch(key)  # the current value (if any), then every update
+        try:
+            deadline = time.monotonic() + self.plan_timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=min(remaining, 5.0))
+                except Exception:  # noqa: BLE001 - nats.errors.TimeoutError: nothing yet
+                    continue
                 if entry is not None and entry.value:
                     return RunPlan.from_bytes(entry.value)
-            except Exception as exc:  # noqa: BLE001 - KeyNotFoundError until the composer writes it
-                if type(exc).__name__ not in ("KeyNotFoundError", "NotFoundError"):
-                    logger.debug("live_bgsub worker: plan of %s: %s", run_uid, exc)
-            await asyncio.sleep(delay)  # poll the bucket with a backoff until the plan is there
-            delay = min(1.0, delay * 2)
+        finally:
+            await watcher.stop()
         logger.warning("live_bgsub worker %s: no plan for run %s within %s s; tasks handed back", self.name, run_uid, self.plan_timeout_s)
         return None
 

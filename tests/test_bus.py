@@ -174,9 +174,9 @@ def consumer(url):
     return _js(url, lambda js: js.consumer_info(TASKS_STREAM, WORKERS_CONSUMER))
 
 
-def acquire(url, dirs, num: int, *, seed: int = 5, extra_subscriber=None) -> str:
+def acquire(url, dirs, num: int, *, seed: int = 5, extra_subscriber=None, publisher=None) -> str:
     det = SimDetector(name="det", directory=dirs / "raw", preset=MINI, n_patterns=4, seed=seed, center=CENTER)
-    publisher = BusPublisher(url)
+    publisher = publisher or BusPublisher(url)
     RE = RunEngine({})
     RE.subscribe(publisher)
     if extra_subscriber is not None:
@@ -373,3 +373,53 @@ def test_a_frame_that_cannot_be_read_fails_after_the_bounded_deliveries(jetstrea
     assert info.num_ack_pending == 0 and info.num_pending == 0
     said = [line for line in w.text().splitlines() if "came redelivered" in line]
     assert said and int(said[-1].split("; ")[-1].split()[0]) == 4, w.text()  # frames 7 and 8, twice each
+
+
+def test_the_publishing_process_killed_mid_run_is_replaced_and_loses_nothing(jetstream, dirs, tiled):
+    url = jetstream.url
+    n = 40
+    publisher = BusPublisher(url)
+    first = publisher.child_pid
+    w = worker(dirs, url, "w")
+    c = composer(dirs, url, tiled)
+
+    def kill_at_frame_10(name, doc, seen=[]):  # noqa: B006 - a counter for this one run
+        if name == "event":
+            seen.append(1)
+            if len(seen) == 10:
+                os.kill(publisher.child_pid, signal.SIGKILL)
+
+    try:
+        raw_uid = acquire(url, dirs, n, extra_subscriber=kill_at_frame_10, publisher=publisher)
+        _until(lambda: done(url, raw_uid), "the derived run is complete", w, c)
+    finally:
+        for p in (w, c):
+            p.stop()
+    assert publisher.restarts == 1 and first is not None
+    assert_every_frame_once(derived_run(tiled, raw_uid), n)
+
+
+def test_a_publishing_process_killed_after_the_last_document_is_replaced_and_each_message_is_kept_once(jetstream, dirs):
+    url = jetstream.url
+    docs = Collector()
+    RE = RunEngine({})
+    RE.subscribe(docs)
+    det = SimDetector(name="det", directory=dirs / "raw", preset=MINI, n_patterns=4, seed=7, center=CENTER)
+    (raw_uid,) = RE(count([det], num=12))
+    publisher = BusPublisher(url)
+    for name, doc in docs.docs:
+        publisher(name, doc)
+    os.kill(publisher.child_pid, signal.SIGKILL)  # whatever it had published: the rest comes from its successor
+    assert publisher.close(timeout=120)
+    assert publisher.restarts == 1
+
+    async def counts(js):
+        from live_bgsub.bus.jetstream import DOCS_STREAM
+
+        out = {}
+        for stream, kind in ((DOCS_STREAM, "docs"), (TASKS_STREAM, "tasks")):
+            info = await js.stream_info(stream, subjects_filter=subject(kind, raw_uid))
+            out[kind] = (info.state.subjects or {}).get(subject(kind, raw_uid), 0)
+        return out
+
+    assert _js(url, counts) == {"docs": len(docs.docs), "tasks": 12}

@@ -49,6 +49,7 @@ __all__ = ["BusPublisher"]
 logger = logging.getLogger("live_bgsub.bus.publisher")
 
 _CLOSE = object()
+_RECOVER = object()  # the reader saw the child's output end: replace the child if it died
 
 
 class _RunState:
@@ -117,6 +118,12 @@ class BusPublisher:
         self._spawn()
         self._writer = threading.Thread(target=self._write, name="live_bgsub-bus-writer", daemon=True)
         self._writer.start()
+
+    @property
+    def child_pid(self) -> int | None:
+        """PID of the process publishing now (None once closed)."""
+        child = self._child
+        return None if child is None or child.poll() is not None else child.pid
 
     # ------------------------------------------------------------------ RunEngine side
 
@@ -194,6 +201,8 @@ class BusPublisher:
                     self._cond.notify_all()
             elif kind == "warn":
                 self.errors.append(rest)
+        if not self._closing and child is self._child:  # it died with documents not acknowledged, maybe
+            self._queue.put(_RECOVER)
 
     def _release(self) -> None:
         """Drop the kept documents no run needs any more (under the lock)."""
@@ -210,6 +219,9 @@ class BusPublisher:
             item = self._queue.get()
             if item is _CLOSE:
                 return
+            if item is _RECOVER:
+                self._recover()
+                continue
             name, doc = item
             index += 1
             try:
@@ -226,37 +238,45 @@ class BusPublisher:
             self._send(payload)
 
     def _send(self, payload: bytes) -> None:
-        """Write one document to the child; a dead child is replaced and given every
-        kept document again, in order."""
-        while True:
+        """Write one (kept) document to the child; a dead child is replaced."""
+        try:
+            self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+        except (BrokenPipeError, OSError, ValueError):
+            self._recover()
+
+    def _recover(self) -> None:
+        """Writer thread: start a new child and send it every kept document, in order
+        (the server drops those it already holds, by message id)."""
+        if self._closing or self._child_alive():
+            return
+        logger.warning("live_bgsub bus: the publisher process died (exit %s); starting another and sending again "
+                       "the documents of the runs not finished", self._child.poll())
+        while not self._closing:
+            self.restarts += 1
+            with self._cond:
+                kept = [payload for _, payload in self._kept]
+                first = self._kept[0][0] if self._kept else self._acked + 1
             try:
-                self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+                self._spawn()
+            except ConnectionError as exc:
+                logger.warning("live_bgsub bus: %s; trying again", exc)
+                time.sleep(1.0)  # the server is down: try again shortly (writer thread only)
+                continue
+            with self._cond:
+                self._base = first - 1  # the new child's "ack K" is document first - 1 + K
+            try:
+                for payload in kept:
+                    self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
                 return
             except (BrokenPipeError, OSError, ValueError):
-                if self._closing:
-                    return
-            logger.warning("live_bgsub bus: the publisher process died (%s); starting another and sending again what it had not published",
-                           self._child.poll())
-            while True:
-                try:
-                    with self._cond:
-                        self._acked = max(self._acked, self._base)
-                    self._respawn()
-                    break
-                except ConnectionError as exc:
-                    logger.warning("live_bgsub bus: %s; trying again", exc)
-                    time.sleep(1.0)  # a server that is down: try again shortly (writer thread only)
+                continue  # died again: once more
 
-    def _respawn(self) -> None:
-        self.restarts += 1
-        with self._cond:
-            kept = [payload for _, payload in self._kept]
-            first = self._kept[0][0] if self._kept else self._acked + 1
-        self._spawn()
-        with self._cond:
-            self._base = first - 1  # the new child's ack K is document first - 1 + K
-        for payload in kept[:-1]:  # the last one is resent by _send's loop
-            self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+    def _child_alive(self) -> bool:
+        try:
+            self._child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
 
 
 class _Sender:

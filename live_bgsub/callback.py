@@ -63,7 +63,7 @@ from event_model import DocumentRouter, compose_run
 from . import __version__
 from .engine import METRIC_KEYS, Engine, FrameResult, make_step
 from .errors import ProcessingError
-from .frames import FrameReader, FrameRef, datum_ref, frame_shape, hdf5_location, pick_data_key, unpack_datum_kwargs
+from .frames import FrameReader, FrameRef, RunFrames, unpack_datum_kwargs
 from .geometry import Geometry, find_run_geometry
 from .io import mask_invalid
 from .sinks.hdf5 import DATASET, FoldWriter
@@ -143,16 +143,11 @@ class _Run:
     """Per raw run state. Fields set on the document thread are read by the worker
     only after the matching queue item, so no lock is needed beyond the queue's."""
 
-    def __init__(self, start: dict):
+    def __init__(self, start: dict, frames: RunFrames):
         self.start = start
         self.uid = start["uid"]
+        self.frames = frames  # which frames the documents announce, and where
         self.summary = RunSummary(self.uid)
-        self.descriptor_uid: str | None = None
-        self.data_key: str | None = None
-        self.external: str | None = None
-        self.config: dict = {}
-        self.event_times: dict[int, float] = {}
-        self.waiting_datum: dict[str, list[tuple[int, float]]] = {}
         self.stop_doc: dict | None = None
         self.stop_at: float | None = None
         self.done = threading.Event()
@@ -383,53 +378,29 @@ class LiveBackgroundSubtraction(DocumentRouter):
             return name, doc
 
     def start(self, doc):
-        run = _Run(doc)
+        run = _Run(doc, RunFrames(doc, data_key=self.data_key, stream_name=self.stream_name))
         self.runs[run.uid] = run
         return doc
 
     def descriptor(self, doc):
         run = self.runs.get(doc["run_start"])
-        if run is None or doc.get("name") != self.stream_name:
+        if run is None:
             return doc
-        if run.descriptor_uid is not None:
-            # A second descriptor of the same stream (configuration changed): same key.
-            self._by_descriptor[doc["uid"]] = run
-            return doc
-        run.descriptor_uid = doc["uid"]
-        self._by_descriptor[doc["uid"]] = run
-        keys = doc["data_keys"]
         try:
-            run.data_key = pick_data_key(keys, self.data_key, self.stream_name)
+            if run.frames.descriptor(doc):
+                self._by_descriptor[doc["uid"]] = run
+                run.frame_shape = run.frame_shape or run.frames.frame_shape
         except ProcessingError as exc:
             run.summary.disabled = str(exc)
             logger.warning("live_bgsub: run %s: %s", run.uid, exc)
-            return doc
-        run.external = keys[run.data_key].get("external")
-        run.frame_shape = frame_shape(keys[run.data_key])
-        for device in (doc.get("configuration") or {}).values():
-            run.config.update(device.get("data") or {})
         return doc
 
     def event(self, doc):
         run = self._by_descriptor.get(doc["descriptor"])
-        if run is None or run.data_key is None:
+        if run is None or not run.frames.ready(doc["descriptor"]):
             return doc
-        seq = int(doc["seq_num"])
-        run.event_times[seq] = doc["time"]
-        if run.external and run.external.startswith("STREAM:"):
-            return doc  # the frame reference comes with the StreamDatum
-        if self.select is not None and seq not in self.select:
-            return doc
-        now = time.monotonic()
-        value = doc["data"].get(run.data_key)
-        if run.external:  # legacy Resource/Datum: the event holds a datum id
-            datum = self._datums.get(value)
-            if datum is None:
-                run.waiting_datum.setdefault(value, []).append((seq, now))
-                return doc
-            self._enqueue(run, self._datum_ref(seq, now, *datum))
-        else:
-            self._enqueue(run, FrameRef(seq, now, array=np.asarray(value)))
+        for ref in run.frames.event(doc, time.monotonic(), self._datums, self._resources):
+            self._take(run, ref)
         return doc
 
     def stream_resource(self, doc):
@@ -438,28 +409,15 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def stream_datum(self, doc):
         run = self._by_descriptor.get(doc.get("descriptor", ""))
-        sres = self._stream_resources.get(doc["stream_resource"])
-        if run is None or run.data_key is None:
+        if run is None or not run.frames.ready(doc.get("descriptor")):
             return doc
-        if sres is None:
-            run.summary.note_bad_document(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
-            raise ProcessingError(run.summary.last_bad_document)
-        if sres["data_key"] != run.data_key:
-            return doc
-        path, dataset, error = hdf5_location(sres)
-        now = time.monotonic()
-        indices = range(doc["indices"]["start"], doc["indices"]["stop"])
-        seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
-        if seqs.start < 1 or seqs.stop < seqs.start:
-            run.summary.note_bad_document(f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} is not a range of sequence numbers from 1")
-            raise ProcessingError(run.summary.last_bad_document)
-        if len(seqs) != len(indices):
-            run.summary.note_bad_document(f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}")
-            raise ProcessingError(run.summary.last_bad_document)
-        for seq, index in zip(seqs, indices):
-            if self.select is not None and seq not in self.select:
-                continue
-            self._enqueue(run, FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error))
+        try:
+            refs = run.frames.stream_datum(doc, self._stream_resources.get(doc["stream_resource"]), time.monotonic())
+        except ProcessingError as exc:
+            run.summary.note_bad_document(str(exc))
+            raise
+        for ref in refs:
+            self._take(run, ref)
         return doc
 
     def resource(self, doc):
@@ -469,9 +427,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
     def datum(self, doc):
         self._datums[doc["datum_id"]] = (doc["resource"], doc.get("datum_kwargs") or {})
         for run in self.runs.values():
-            waiting = run.waiting_datum.pop(doc["datum_id"], None)
-            for seq, received in waiting or ():
-                self._enqueue(run, self._datum_ref(seq, received, doc["resource"], doc.get("datum_kwargs") or {}))
+            refs = run.frames.datum(doc["datum_id"], doc["resource"], self._resources.get(doc["resource"]), doc.get("datum_kwargs") or {})
+            for ref in refs:
+                self._take(run, ref)
         return doc
 
     def datum_page(self, doc):
@@ -486,17 +444,17 @@ class LiveBackgroundSubtraction(DocumentRouter):
             return doc
         run.stop_doc = doc
         run.stop_at = time.monotonic()
-        for seqs in run.waiting_datum.values():
-            for seq, _ in seqs:
-                run.summary.unprocessed[seq] = "its datum document never arrived"
-        run.waiting_datum.clear()
+        for seq in run.frames.never_arrived():
+            run.summary.unprocessed[seq] = "its datum document never arrived"
         with self._cond:
             self._items.append(("stop", run, None))
             self._cond.notify_all()
         return doc
 
-    def _datum_ref(self, seq, received, resource_uid, kwargs) -> FrameRef:
-        return datum_ref(self._resources.get(resource_uid), seq, received, kwargs, resource_uid)
+    def _take(self, run: _Run, ref: FrameRef) -> None:
+        """A frame the documents announced: queued, unless replaying other frames."""
+        if self.select is None or ref.seq_num in self.select:
+            self._enqueue(run, ref)
 
     def _enqueue(self, run: _Run, ref: FrameRef) -> None:
         run.summary.received += 1
@@ -620,7 +578,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if len(shape) != 2:
                 why = f"frame has shape {shape}, expected a 2-D frame" + (f" of shape {expected}" if expected else "")
             elif expected is not None and shape != expected:
-                why = f"frame has shape {shape}, expected {expected} (the descriptor's shape of {run.data_key!r})"
+                why = f"frame has shape {shape}, expected {expected} (the descriptor's shape of {run.frames.data_key!r})"
             else:
                 why = _unusable_for_geometry(array) if estimating else None
             if why is None:
@@ -640,7 +598,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         else:
             found = _geometry_from(run.start, "start")
             if found is None:
-                found = _geometry_from_config(run.config)
+                found = _geometry_from_config(run.frames.config)
             if found is not None:
                 run.geometry, run.geometry_source = found
         return run.geometry
@@ -649,7 +607,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         try:
             shape = run.frame_shape or np.shape(frames[0][1])
             if len(shape) != 2:
-                raise ProcessingError(f"frames must be 2-D, got shape {shape} for data key {run.data_key!r}")
+                raise ProcessingError(f"frames must be 2-D, got shape {shape} for data key {run.frames.data_key!r}")
             if self._geometry_known(run) is None:
                 usable = [mask_invalid(np.asarray(a)) for _, a in frames if np.shape(a) == shape][: self.geometry_frames]
                 estimate = find_run_geometry([d for d, _ in usable], [m for _, m in usable])
@@ -729,7 +687,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         run.summary.processed += len(good)
 
     def _event_data(self, run: _Run, r: FrameResult, latency_s: float, now: float) -> dict:
-        raw_time = run.event_times.get(r.seq_num)
+        raw_time = run.frames.event_times.get(r.seq_num)
         data = {k: _number(r.metrics.get(k)) for k in METRIC_KEYS}
         data["equator_found"] = bool(r.metrics.get("equator_found", False))
         quality = r.metrics.get("quality") or {"verdict": "no equator", "reasons": [], "evidence": {}}
@@ -808,7 +766,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             "raw_uid": raw["uid"],
             "live_bgsub_version": __version__,
             "processing": run.engine.describe() if run.engine is not None else self.step.describe(),
-            "data_key": run.data_key,
+            "data_key": run.frames.data_key,
         }
         if raw.get("scan_id") is not None:
             metadata["raw_scan_id"] = raw["scan_id"]
@@ -943,7 +901,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         its summary (the last ``KEEP_RUNS`` runs)."""
         run.engine = None
         run.buffer = []
-        run.event_times = {}
+        run.frames.event_times = {}
         run.descriptors = {}
         run.writer = None
         run.sres_bundle = None
@@ -1060,7 +1018,7 @@ def _geometry_from_config(config: dict):
 def _lookup(run: _Run, key: str):
     value = run.start.get(key)
     if value is None:
-        found = [v for k, v in run.config.items() if k.endswith(key)]
+        found = [v for k, v in run.frames.config.items() if k.endswith(key)]
         value = found[0] if len(found) == 1 else None
     try:
         return None if value is None else float(value)

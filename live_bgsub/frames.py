@@ -11,8 +11,10 @@ A detector frame reaches live_bgsub in one of three ways, all turned into a
 
 :class:`FrameReader` reads a reference: through this process's own writer when it
 writes the file (the simulated detector), else with h5py in SWMR mode, keeping files
-open across frames. The live callback, the bus's RunEngine side and the bus's workers
-(:mod:`live_bgsub.bus`) share these pieces, so a frame means the same thing on every path.
+open across frames. :class:`RunFrames` follows one run's documents and says which frames they announce
+and where each one is. The live callback, the bus's RunEngine side and the bus's
+workers (:mod:`live_bgsub.bus`) share these pieces, so a frame means the same thing on
+every path.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "AD_HDF5_SPECS",
     "FrameReader",
     "FrameRef",
+    "RunFrames",
     "datum_ref",
     "frame_shape",
     "hdf5_location",
@@ -131,6 +134,105 @@ def datum_ref(resource: dict | None, seq_num: int, received: float, datum_kwargs
 def unpack_datum_kwargs(columns: dict, n: int) -> list[dict]:
     """A datum_page's column-wise ``datum_kwargs`` as one dict per datum."""
     return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+class RunFrames:
+    """One raw run's frames, as its documents announce them.
+
+    Feed it the run's documents (the caller routes them to the run and keeps the
+    cross-run maps of resources and datums); each method returns the
+    :class:`FrameRef` s the document completes. The frames are those of data key
+    ``data_key`` (default: :func:`pick_data_key`) in stream ``stream_name``.
+
+    Attributes
+    ----------
+    data_key, external : str or None
+        The frames' key and its ``external`` (``"STREAM:"``, a legacy ``"FILESTORE:"``,
+        or None for inline arrays), once the stream's descriptor is seen.
+    frame_shape : (int, int) or None
+        From the descriptor (:func:`frame_shape`).
+    config : dict
+        The descriptor's configuration values, merged across devices.
+    event_times : dict
+        Raw seq_num -> the event's time.
+    """
+
+    def __init__(self, start: dict, *, data_key: str | None = None, stream_name: str = "primary"):
+        self.start = start
+        self.uid = start["uid"]
+        self.stream_name = stream_name
+        self.wanted_key = data_key
+        self.descriptor_uids: set[str] = set()
+        self.data_key: str | None = None
+        self.external: str | None = None
+        self.frame_shape: tuple[int, int] | None = None
+        self.config: dict = {}
+        self.event_times: dict[int, float] = {}
+        self._waiting: dict[str, list[tuple[int, float]]] = {}  # datum id -> events waiting for it
+
+    def descriptor(self, doc: dict) -> bool:
+        """Take a descriptor; True when it is of the frames' stream. ProcessingError
+        when the stream holds no key that can be taken for the frames."""
+        if doc.get("name") != self.stream_name:
+            return False
+        self.descriptor_uids.add(doc["uid"])
+        if self.data_key is not None:  # a second descriptor (configuration changed): same key
+            return True
+        keys = doc["data_keys"]
+        self.data_key = pick_data_key(keys, self.wanted_key, self.stream_name)
+        self.external = keys[self.data_key].get("external")
+        self.frame_shape = frame_shape(keys[self.data_key])
+        for device in (doc.get("configuration") or {}).values():
+            self.config.update(device.get("data") or {})
+        return True
+
+    def ready(self, descriptor_uid: str | None) -> bool:
+        """Whether documents of this descriptor can bring frames."""
+        return self.data_key is not None and descriptor_uid in self.descriptor_uids
+
+    def event(self, doc: dict, now: float, datums: dict, resources: dict) -> list[FrameRef]:
+        """The frame of an event: inline, through its datum (``datums``: datum id ->
+        (resource uid, kwargs); ``resources``: uid -> Resource), or none yet (the datum
+        has not come, or a StreamDatum brings it)."""
+        seq = int(doc["seq_num"])
+        self.event_times[seq] = doc["time"]
+        if self.external and self.external.startswith("STREAM:"):
+            return []
+        value = doc["data"].get(self.data_key)
+        if self.external:  # legacy Resource/Datum: the event holds a datum id
+            datum = datums.get(value)
+            if datum is None:
+                self._waiting.setdefault(value, []).append((seq, now))
+                return []
+            return [datum_ref(resources.get(datum[0]), seq, now, datum[1], datum[0])]
+        return [FrameRef(seq, now, array=None if value is None else np.asarray(value),
+                         error=None if value is not None else f"event {seq} holds no {self.data_key!r}")]
+
+    def stream_datum(self, doc: dict, sres: dict | None, now: float) -> list[FrameRef]:
+        """The frames of a StreamDatum (``sres``: its StreamResource, None if unknown);
+        ProcessingError for a document that cannot be understood."""
+        if sres is None:
+            raise ProcessingError(f"stream_datum {doc['uid']!r} refers to unknown stream_resource {doc['stream_resource']!r}")
+        if sres.get("data_key") != self.data_key:
+            return []
+        seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
+        indices = range(doc["indices"]["start"], doc["indices"]["stop"])
+        if seqs.start < 1 or seqs.stop < seqs.start:
+            raise ProcessingError(f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} is not a range of sequence numbers from 1")
+        if len(seqs) != len(indices):
+            raise ProcessingError(f"stream_datum {doc['uid']!r} has {len(indices)} indices but seq_nums {doc['seq_nums']}")
+        path, dataset, error = hdf5_location(sres)
+        return [FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error) for seq, index in zip(seqs, indices)]
+
+    def datum(self, datum_id: str, resource_uid: str, resource: dict | None, kwargs: dict) -> list[FrameRef]:
+        """The frames of events that were waiting for this datum."""
+        return [datum_ref(resource, seq, received, kwargs, resource_uid) for seq, received in self._waiting.pop(datum_id, ())]
+
+    def never_arrived(self) -> list[int]:
+        """At the stop: the frames whose datum never came (forgotten here)."""
+        seqs = sorted(seq for waiting in self._waiting.values() for seq, _ in waiting)
+        self._waiting.clear()
+        return seqs
 
 
 class FrameReader:

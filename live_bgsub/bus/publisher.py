@@ -41,7 +41,7 @@ from event_model import unpack_datum_page, unpack_event_page
 
 from .. import wire
 from ..errors import ProcessingError
-from ..frames import FrameRef, datum_ref, frame_shape, hdf5_location, pick_data_key
+from ..frames import FrameRef, RunFrames
 from .jetstream import connect, ensure_layout, subject
 
 __all__ = ["BusPublisher"]
@@ -53,14 +53,10 @@ _RECOVER = object()  # the reader saw the child's output end: replace the child 
 
 
 class _RunState:
-    def __init__(self, start: dict, processing: dict | None):
+    def __init__(self, start: dict, processing: dict | None, frames: RunFrames):
         self.uid = start["uid"]
         self.processing = processing
-        self.descriptors: set[str] = set()
-        self.data_key: str | None = None
-        self.external: str | None = None
-        self.shape = None
-        self.waiting_datum: dict[str, list[int]] = {}
+        self.frames = frames
         self.docs = 0  # documents published (message ids)
 
 
@@ -371,7 +367,7 @@ class _Sender:
         inline_too_big = None
         if len(payload) > self._max_payload - 4096:
             inline_too_big = len(payload)
-            key = run.data_key if name == "event" else None
+            key = run.frames.data_key if name == "event" else None
             if key is None or key not in doc.get("data", {}):
                 raise ProcessingError(f"{name} document of {len(payload)} bytes is larger than the server's max_payload {self._max_payload}")
             light = dict(doc, data={k: v for k, v in doc["data"].items() if k != key})
@@ -389,7 +385,8 @@ class _Sender:
 
     def _run_of(self, name: str, doc: dict) -> _RunState | None:
         if name == "start":
-            run = self._runs[doc["uid"]] = _RunState(doc, self.processing)
+            frames = RunFrames(doc, data_key=self.data_key, stream_name=self.stream_name)
+            run = self._runs[doc["uid"]] = _RunState(doc, self.processing, frames)
             return run
         if name == "descriptor":
             run = self._runs.get(doc.get("run_start"))
@@ -406,61 +403,41 @@ class _Sender:
         return None
 
     def _frame_refs(self, run: _RunState, name: str, doc: dict, doc_seq: int, inline_too_big):
-        """``(seq_num, where)`` of the frames this document brings (the callback's rules)."""
-        out = []
-        if name == "descriptor" and doc.get("name") == self.stream_name and run.data_key is None:
+        """``(seq_num, where)`` of the frames this document brings (:class:`RunFrames`,
+        as in the live callback)."""
+        refs = []
+        frames = run.frames
+        if name == "descriptor":
             try:
-                run.data_key = pick_data_key(doc["data_keys"], self.data_key, self.stream_name)
+                frames.descriptor(doc)
             except ProcessingError as exc:
                 logger.warning("live_bgsub bus: run %s: %s", run.uid, exc)
-                return out
-            run.external = doc["data_keys"][run.data_key].get("external")
-            run.shape = frame_shape(doc["data_keys"][run.data_key])
-            run.descriptors.add(doc["uid"])
-        elif name == "descriptor" and doc.get("name") == self.stream_name:
-            run.descriptors.add(doc["uid"])
-        elif name == "event" and doc.get("descriptor") in run.descriptors and run.data_key:
-            seq = int(doc["seq_num"])
-            if run.external and run.external.startswith("STREAM:"):
-                return out
-            value = doc["data"].get(run.data_key)
-            if run.external:
-                datum = self._datums.get(value)
-                if datum is None:
-                    run.waiting_datum.setdefault(value, []).append(seq)
-                else:
-                    out.append((seq, _where(datum_ref(self._resources.get(datum[0]), seq, 0.0, datum[1], datum[0]))))
-            elif inline_too_big:
-                out.append((seq, {"error": f"inline frame of {inline_too_big} bytes is larger than the broker's max_payload "
-                                           f"({self._max_payload}); write frames to a file (StreamResource) or raise max_payload"}))
-            else:
-                out.append((seq, {"doc_seq": int(doc_seq), "data_key": run.data_key}))
+        elif name == "event" and frames.ready(doc.get("descriptor")):
+            refs = frames.event(doc, 0.0, self._datums, self._resources)
         elif name == "stream_resource":
             self._stream_resources[doc["uid"]] = doc
-        elif name == "stream_datum" and doc.get("descriptor") in run.descriptors and run.data_key:
-            sres = self._stream_resources.get(doc["stream_resource"])
-            if sres is None or sres.get("data_key") != run.data_key:
-                return out
-            path, dataset, error = hdf5_location(sres)
-            seqs = range(doc["seq_nums"]["start"], doc["seq_nums"]["stop"])
-            indices = range(doc["indices"]["start"], doc["indices"]["stop"])
-            if seqs.start < 1 or len(seqs) != len(indices):
-                error = f"stream_datum {doc['uid']!r}: seq_nums {doc['seq_nums']} do not match indices {doc['indices']}"
-                indices = [None] * len(seqs)
-            for seq, index in zip(seqs, indices):
-                where = {"error": error} if error else {"path": path, "dataset": dataset, "index": int(index)}
-                out.append((seq, where))
+        elif name == "stream_datum" and frames.ready(doc.get("descriptor")):
+            refs = frames.stream_datum(doc, self._stream_resources.get(doc["stream_resource"]), 0.0)  # ProcessingError: said
         elif name == "resource":
             self._resources[doc["uid"]] = doc
         elif name == "datum":
             self._datums[doc["datum_id"]] = (doc["resource"], doc.get("datum_kwargs") or {})
-            for seq in run.waiting_datum.pop(doc["datum_id"], ()):
-                out.append((seq, _where(datum_ref(self._resources.get(doc["resource"]), seq, 0.0, doc.get("datum_kwargs") or {}, doc["resource"]))))
+            refs = frames.datum(doc["datum_id"], doc["resource"], self._resources.get(doc["resource"]), doc.get("datum_kwargs") or {})
         elif name == "stop":
-            for seqs in run.waiting_datum.values():
-                for seq in seqs:
-                    out.append((seq, {"error": "its datum document never arrived"}))
+            refs = [FrameRef(seq, 0.0, error="its datum document never arrived") for seq in frames.never_arrived()]
             self._forget(run)
+        out = []
+        for ref in refs:
+            if ref.error:
+                where = {"error": ref.error}
+            elif ref.array is not None and inline_too_big:
+                where = {"error": f"inline frame of {inline_too_big} bytes is larger than the broker's max_payload "
+                                  f"({self._max_payload}); write frames to a file (StreamResource) or raise max_payload"}
+            elif ref.array is not None:
+                where = {"doc_seq": int(doc_seq), "data_key": frames.data_key}
+            else:
+                where = {"path": ref.path, "dataset": ref.dataset, "index": int(ref.index)}
+            out.append((ref.seq_num, where))
         return out
 
     def _forget(self, run: _RunState) -> None:
@@ -472,12 +449,6 @@ class _Sender:
                 del mapping[key]
         for key in [k for k, (res, _) in self._datums.items() if res not in self._resources]:
             del self._datums[key]
-
-
-def _where(ref: FrameRef) -> dict:
-    if ref.error:
-        return {"error": ref.error}
-    return {"path": ref.path, "dataset": ref.dataset, "index": int(ref.index)}
 
 
 def task_ref(task: dict, array: np.ndarray | None = None) -> FrameRef:

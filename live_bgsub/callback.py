@@ -213,7 +213,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         skipped (``"skip"``, opt-in for live acquisition that must never wait).
     stop_timeout_s : float, optional
         After the raw stop, frames still pending this long are given up, listed as
-        unprocessed, and the derived stop says so (default 60 s).
+        unprocessed, and the derived stop says so (default 60 s; ``math.inf``: never).
     pixel_size_mm, wavelength_nm, distance_mm : float, optional
         For d10; default from the start document or the detector configuration.
     metrics : bool, optional
@@ -882,7 +882,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             if not (hasattr(publish, "undelivered") and hasattr(publish, "flush")):
                 continue
             try:
-                flushed = publish.flush(self.stop_timeout_s)
+                flushed = publish.flush(None if math.isinf(self.stop_timeout_s) else self.stop_timeout_s)
                 counts = {"raw": publish.undelivered(run.uid), "derived": publish.undelivered(run.summary.derived_uid)}
             except Exception as exc:  # noqa: BLE001 - a sink's own failure is still news
                 said.append(f"{type(publish).__name__} could not say what it delivered ({type(exc).__name__}: {exc})")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -193,6 +194,9 @@ class Composer:
         self.result_timeout_s = float(result_timeout_s)
         self.board = ResultBoard()
         self._publishers = list(publish) if isinstance(publish, (list, tuple)) else ([publish] if publish else [])
+        # The raw stop comes long before the workers' last results: frames are given up
+        # by result_timeout_s per batch, not by a time after the stop.
+        callback_kwargs.setdefault("stop_timeout_s", math.inf)
         self._callback_kwargs = callback_kwargs
         self._callbacks: dict[str, LiveBackgroundSubtraction] = {}
         self._processing: dict[str, dict] = {}

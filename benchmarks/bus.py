@@ -178,8 +178,9 @@ def re_rate(url, work: Path, children: _Children, tiled, *, frames: int, repeats
 
 def _publish_run(url, det, RE, method: str, frames: int) -> tuple[str, float]:
     """Acquire ``frames`` frames, publish them, then write the run's plan (no composer);
-    returns the run's uid and the time the plan was written (workers start then)."""
-    from live_bgsub.bus.jetstream import PLANS_BUCKET, RunPlan, run_token
+    returns the job (:func:`~live_bgsub.bus.jetstream.job_key`) and the time the plan
+    was written (workers start then)."""
+    from live_bgsub.bus.jetstream import PLANS_BUCKET, RunPlan, job_key
     from live_bgsub.bus.publisher import BusPublisher
 
     processing = {"method": method, "params": {}, "downsample": 1}
@@ -191,24 +192,24 @@ def _publish_run(url, det, RE, method: str, frames: int) -> tuple[str, float]:
     async def put(js):
         kv = await js.key_value(PLANS_BUCKET)
         t = time.time()
-        await kv.put(run_token(uid), plan.to_bytes())
+        await kv.put(job_key(uid, processing), plan.to_bytes())
         return t
 
-    return uid, _js(url, put)
+    return job_key(uid, processing), _js(url, put)
 
 
-def _last_result(url, uid: str):
+def _last_result(url, job: str):
     from live_bgsub.bus.jetstream import RESULTS_STREAM, subject
 
-    return _js(url, lambda js: js.get_last_msg(RESULTS_STREAM, subject("results", uid)))
+    return _js(url, lambda js: js.get_last_msg(RESULTS_STREAM, subject("results", job)))
 
 
-def _results(url, uid: str) -> int:
+def _results(url, job: str) -> int:
     from live_bgsub.bus.jetstream import RESULTS_STREAM, subject
 
     async def count(js):
-        info = await js.stream_info(RESULTS_STREAM, subjects_filter=subject("results", uid))
-        return (info.state.subjects or {}).get(subject("results", uid), 0)
+        info = await js.stream_info(RESULTS_STREAM, subjects_filter=subject("results", job))
+        return (info.state.subjects or {}).get(subject("results", job), 0)
 
     return _js(url, count)
 
@@ -250,7 +251,7 @@ def throughput(url, work: Path, children: _Children, *, methods, frames: int, ba
 def latency(url, work: Path, children: _Children, tiled, *, rates_hz, frames: int, workers: int, method: str) -> dict:
     from bluesky import RunEngine
 
-    from live_bgsub.bus.jetstream import DONE_BUCKET, derived_uid, run_token
+    from live_bgsub.bus.jetstream import DONE_BUCKET, derived_uid, job_key
     from live_bgsub.bus.publisher import BusPublisher
     from live_bgsub.catalog import metrics_table
     from live_bgsub.sim import SimDetector
@@ -266,7 +267,7 @@ def latency(url, work: Path, children: _Children, tiled, *, rates_hz, frames: in
     async def is_done(js, uid):
         kv = await js.key_value(DONE_BUCKET)
         try:
-            return (await kv.get(run_token(uid))) is not None
+            return (await kv.get(job_key(uid, processing))) is not None
         except Exception:  # noqa: BLE001 - KeyNotFoundError
             return False
 
@@ -279,7 +280,7 @@ def latency(url, work: Path, children: _Children, tiled, *, rates_hz, frames: in
                 det = SimDetector(name="pil", directory=work / "raw-lat", preset="pilatus-1m", n_patterns=4, seed=3, period_s=1.0 / hz)
                 uid, docs = _acquire(RE, det, frames, publisher)
                 _until(lambda: _js(url, lambda js: is_done(js, uid)), f"run at {hz:.1f} Hz composed")
-                table = metrics_table(catalog[derived_uid(uid, processing)])
+                table = metrics_table(catalog[derived_uid(job_key(uid, processing), processing)])
                 lag = np.asarray(table["lag_s"], float)
                 out[f"{hz:.1f}"] = {
                     "rate_hz": hz, "frames": frames, "processed": int(len(lag)), "re_frames_per_s": _rate(docs),

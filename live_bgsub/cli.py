@@ -7,8 +7,9 @@
 on one line and the batch goes on; the exit status is 1 when any image failed, 2 for a
 usage error (unknown method or parameter).
 
-``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`), ``replay``
-sends archived runs from Tiled through the live callback (:mod:`live_bgsub.replay`),
+``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`; ``--workers N``
+through the bus, :mod:`live_bgsub.bus`), ``replay`` sends archived runs from Tiled
+through the live callback (:mod:`live_bgsub.replay`; ``--nats URL``: to the bus's workers),
 ``recover`` writes runs from a TiledPublisher backup into Tiled, only what Tiled lacks
 (:mod:`live_bgsub.recover`), ``tiled-server`` serves a demo directory's catalog again,
 and ``sim-ioc`` runs the simulated areaDetector IOC (:mod:`live_bgsub.sim.ioc`), and ``serve`` the live
@@ -285,12 +286,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-serving", action="store_true", help="keep the Tiled server up after the run (Ctrl-C stops it)")
     p.add_argument("--epics", action="store_true", help="acquire through a simulated areaDetector IOC over Channel Access (ophyd EpicsPilatus)")
     p.add_argument("--remote", action="store_true", help="process in a `live-bgsub serve` subprocess fed through bluesky's 0MQ proxy")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="scale-out on embedded defaults: a local NATS JetStream server, N `live-bgsub worker` and one "
+        "`live-bgsub compose` subprocesses; the RunEngine only publishes to JetStream (not with --epics or --remote)",
+    )
 
     p = sub.add_parser(
         "replay",
         help="replay archived runs from Tiled through the live callback, producing derived runs",
         description="Send archived raw runs' documents through the live callback; the derived runs go "
-        "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N.",
+        "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N. With --nats "
+        "the documents go to NATS JetStream instead, for running `live-bgsub worker`s and `live-bgsub compose`.",
     )
     p.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or unique prefixes)")
     p.add_argument("--tiled", metavar="URI", help="Tiled server URI (default: $TILED_URI)")
@@ -308,6 +317,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backup", action="store_true", help="keep no backup of the derived runs")
     p.add_argument("--timeout", type=float, default=REPLAY_TIMEOUT_S, metavar="S", help=f"seconds to wait for a derived run after its raw run's last document (default {REPLAY_TIMEOUT_S:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nats",
+        metavar="URL",
+        help="publish the runs to NATS JetStream (nats://host:4222) instead of processing them here: running "
+        "`live-bgsub worker`s process the frames and `live-bgsub compose` writes the derived runs (its --directory "
+        "and --backup apply, not these); waits --timeout for the composer to record each run as done. Frames in "
+        "HDF5 files travel as references: the workers must read the raw files at the paths the runs recorded. "
+        "Not with --fill or --data-key",
+    )
 
     p = sub.add_parser(
         "recover",
@@ -558,10 +576,14 @@ def _cmd_demo(args) -> int:
             keep_serving=args.keep_serving,
             epics=args.epics,
             remote=args.remote,
+            workers=args.workers,
         )
     except ValueError as exc:
         _fail(str(exc))
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM with --workers): what the demo started is stopped
+        _fail("interrupted")
+        return 130
     return 0 if figures["exit_status"] == "success" else 1
 
 
@@ -595,6 +617,12 @@ def _cmd_replay(args) -> int:
     if not uri:
         _fail("no Tiled server: pass --tiled URI or set TILED_URI")
         return 2
+    if args.nats and args.fill:
+        _fail("--fill replays single frames in this process; --nats publishes whole runs: give one of them")
+        return 2
+    if args.nats and args.data_key:
+        _fail("--data-key is not taken with --nats: the composer picks the frames' data key (the stream's one 2-D key)")
+        return 2
     if not (args.uids or args.query or args.last or args.fill):
         _fail("no runs selected: pass UIDs, --query KEY=VALUE, --last N or --fill DERIVED_UID")
         return 2
@@ -604,6 +632,8 @@ def _cmd_replay(args) -> int:
     if not args.timeout > 0:
         _fail(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
         return 2
+    if args.nats:
+        return _replay_bus(args, uri)
     try:
         from .background import parse_params
         from .callback import LiveBackgroundSubtraction
@@ -669,6 +699,106 @@ def _cmd_replay(args) -> int:
         _fail(f"{publisher.error_count} document(s) could not be written to Tiled{where}; first: {publisher.errors[0]}")
         return 1
     return 0 if all(s.exit_status == "success" for s in summaries) else 1
+
+
+class _BusFeed:
+    """What :func:`~live_bgsub.replay.replay_run` feeds and waits on, for ``replay --nats``:
+    the documents go to a BusPublisher, and a run's wait ends once JetStream has
+    acknowledged all of them (the derived run is the composer's: see
+    :func:`~live_bgsub.replay.bus_done`)."""
+
+    def __init__(self, publisher):
+        self.publisher = publisher
+
+    def __call__(self, name, doc):
+        self.publisher(name, doc)
+
+    def wait(self, raw_uid, timeout=None) -> bool:
+        return self.publisher.flush(timeout)
+
+    def summary(self, raw_uid):
+        return raw_uid
+
+
+def _replay_bus(args, uri) -> int:
+    """``replay --nats``: publish the selected runs' documents for the bus's workers and
+    composer, then wait until the composer has recorded each run as done."""
+    try:
+        from .background import parse_params
+        from .engine import make_step
+        from .inference import MODEL_PREFIX
+        from .replay import select_runs
+        from .tiled_server import connect
+
+        query = _split_query(args.query)
+        params = {}
+        if not args.method.startswith(MODEL_PREFIX):  # a model is found on the workers' hosts
+            params = parse_params(args.method, args.param)
+            make_step(args.method, params, downsample=args.downsample)
+        catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
+        runs = select_runs(catalog, args.uids, query=query, last=args.last)
+    except (ValueError, KeyError, OSError) as exc:  # OSError: ConnectionError (no server, a refused key)
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+        return 2
+    by_uid = {}
+    for run in runs:
+        by_uid.setdefault(run.metadata["start"]["uid"], run)
+    if not by_uid:
+        _fail("no run matched the selection")
+        return 1
+    from .bus.jetstream import derived_uid, job_key
+    from .bus.publisher import BusPublisher
+    from .replay import bus_done, replay_run
+
+    processing = {"method": args.method, "params": params, "downsample": args.downsample}
+    expected = {uid: derived_uid(job_key(uid, processing), processing) for uid in by_uid}
+    try:
+        before = bus_done(args.nats, list(by_uid), processing=processing)
+        publisher = BusPublisher(args.nats, processing=processing)
+    except ConnectionError as exc:
+        _fail(str(exc))
+        return 2
+    lines, good = {}, set()  # a line per run; the runs done with a successful derived run
+    try:
+        feed = _BusFeed(publisher)
+        for uid, run in by_uid.items():
+            if before[uid] is not None:
+                continue
+            try:
+                replay_run(run, feed, progress=not args.no_progress, timeout=args.timeout)
+            except TimeoutError:
+                lines[uid] = f"{uid} -> {expected[uid]}: not published: NATS did not acknowledge its documents within {args.timeout:g} s"
+            except ValueError as exc:  # no start document
+                lines[uid] = f"{uid} -> {expected[uid]}: not published: {exc}"
+    finally:
+        publisher.close(timeout=args.timeout)
+    for error in publisher.errors:
+        _fail(f"publishing: {error}")
+    waiting = [uid for uid in by_uid if uid not in lines]
+    if waiting and not args.no_progress:
+        print(f"waiting up to {args.timeout:g} s for the composer to record {len(waiting)} run(s) as done", file=sys.stderr, flush=True)
+    done = bus_done(args.nats, waiting, processing=processing, timeout=args.timeout) if waiting else {}
+    for uid in waiting:
+        derived = done[uid]
+        if derived is None:
+            lines[uid] = (f"{uid} -> {expected[uid]}: not done within {args.timeout:g} s (are `live-bgsub compose` and "
+                          f"`live-bgsub worker`s running on {args.nats}?)")
+            continue
+        line = f"{uid} -> {derived or 'no derived run'}: done" + (" (composed before)" if before[uid] is not None else "")
+        stop = None
+        if derived:
+            try:
+                stop = catalog[derived].metadata.get("stop") or {}
+            except KeyError:
+                line += f" (not in the catalog {args.catalog!r} at {uri}: the composer writes elsewhere)"
+        if stop is not None:
+            line += f", {stop.get('reason', 'no stop document')} ({stop.get('exit_status')})"
+        if stop is None or stop.get("exit_status") == "success":
+            good.add(uid)
+        lines[uid] = line
+    for uid in by_uid:
+        print(lines[uid])
+    return 0 if len(good) == len(by_uid) else 1
 
 
 def _cmd_recover(args) -> int:

@@ -7,6 +7,11 @@ demo reads both back, prints the run uids, the acquisition and processing rates,
 per-frame lag, and how to read the results with the Tiled client, and writes a PNG
 summary (a raw frame, its corrected fold, I11/I10 over the run). Everything stays under
 the chosen directory.
+
+``--workers N`` runs the scale-out path on embedded defaults instead: a NATS JetStream
+server (:class:`~live_bgsub.bus.server.EmbeddedJetStream`), N ``live-bgsub worker`` and
+one ``live-bgsub compose`` subprocesses, and the RunEngine with a
+:class:`~live_bgsub.bus.publisher.BusPublisher` subscribed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def run_demo(
     keep_serving: bool = False,
     epics: bool = False,
     remote: bool = False,
+    workers: int | None = None,
     print=print,
 ) -> dict:
     """Run the demo; return its figures (also printed).
@@ -57,6 +63,13 @@ def run_demo(
         and writes the derived run to Tiled. The embedded SQLite catalog takes one
         writer at a time, so this demo writes the raw run to it after the derived run
         has finished (a PostgreSQL-backed server takes both at once).
+    workers : int, optional
+        Process on the bus: start a NATS JetStream server (its store in a temporary
+        directory under ``directory``), this many ``live-bgsub worker`` and one
+        ``live-bgsub compose`` subprocesses; the RunEngine only publishes to JetStream
+        (a :class:`~live_bgsub.bus.publisher.BusPublisher`). As with ``remote``, the raw
+        run is written to the SQLite catalog once the derived run is done. Everything
+        started is stopped at the end, also on an error or Ctrl-C.
     """
     from .beamline import BeamlineConfig
 
@@ -67,6 +80,12 @@ def run_demo(
     directory = Path(directory).resolve()
     if epics and remote:
         raise ValueError("choose one of --epics and --remote")
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if epics or remote:
+            raise ValueError(f"choose one of --epics, --remote and --workers, got --workers with {'--epics' if epics else '--remote'}")
+        return _run_bus(directory, frames=frames, rate_hz=rate_hz, method=method, preset=preset, seed=seed, workers=workers, print=print)
     if remote:
         return _run_remote(directory, frames=frames, rate_hz=rate_hz, method=method, preset=preset, seed=seed, print=print)
     if epics:
@@ -205,6 +224,144 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def _run_bus(directory, *, frames, rate_hz, method, preset, seed, workers, print):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from bluesky.utils import RunEngineInterrupted
+
+    from .beamline import _persistent_key
+    from .bus.publisher import BusPublisher
+    from .bus.server import EmbeddedJetStream
+    from .replay import bus_done
+    from .sim.detector import SimDetector
+    from .sinks.tiled import TiledPublisher
+    from .tiled_server import EmbeddedTiledServer, connect
+
+    raw_dir, derived_dir = directory / "raw", directory / "derived"
+    for d in (raw_dir, derived_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    print(f"live-bgsub demo --workers {workers}: {frames} frames at {rate_hz:g} Hz from a simulated {preset}; "
+          f"RunEngine -> NATS JetStream -> {workers} live-bgsub worker(s) -> live-bgsub compose, method {method}")
+    processes = {}  # log name -> Popen
+    key = _persistent_key(directory / "tiled")
+    publisher = None
+    previous = signal.getsignal(signal.SIGTERM)
+    store = Path(tempfile.mkdtemp(prefix="jetstream-", dir=directory))
+    try:
+        if _main_thread():  # SIGTERM too ends in the finally clauses below: nothing is left running
+            signal.signal(signal.SIGTERM, _interrupt)
+        with EmbeddedTiledServer(directory / "tiled", readable_storage=[raw_dir, derived_dir], api_key=key) as server, \
+                EmbeddedJetStream(store) as bus:
+            try:
+
+                def start(name, *args, env=None):
+                    with open(directory / f"{name}.log", "w") as log:
+                        processes[name] = subprocess.Popen([sys.executable, "-m", "live_bgsub.cli", *args],
+                                                           env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+
+                def alive():
+                    for name, process in processes.items():
+                        if process.poll() is not None:
+                            raise RuntimeError(f"{name} exited with status {process.returncode}; see {directory / (name + '.log')}")
+
+                for i in range(1, workers + 1):
+                    start(f"worker-{i}", "worker", "--nats", bus.url, "--name", f"worker-{i}", "--batch", "2")
+                start("compose", "compose", "--nats", bus.url, "--tiled", server.uri, "--directory", str(derived_dir),
+                      "--backup", str(directory / "backup"), "--method", method, env={"TILED_API_KEY": key})
+                publisher = BusPublisher(bus.url)
+                raw_docs = []
+                RE = RunEngine({})
+                RE.subscribe(publisher)
+                RE.subscribe(lambda name, doc: raw_docs.append((name, doc)))
+                det = SimDetector(name="det", directory=raw_dir, preset=preset, period_s=1.0 / rate_hz, seed=seed)
+                _ = det.geometry
+                t0 = time.perf_counter()
+                try:
+                    (raw_uid,) = RE(count([det], num=frames), sample="synthetic muscle fiber (demo)")
+                except RunEngineInterrupted:  # Ctrl-C pauses the RunEngine: end the run, then stop everything
+                    RE.abort("demo interrupted")
+                    raise KeyboardInterrupt from None
+                acquisition_s = time.perf_counter() - t0
+                if not publisher.close(timeout=120):
+                    print("warning: NATS JetStream did not acknowledge every document in 120 s")
+                derived_uid = bus_done(bus.url, [raw_uid], timeout=300, check=alive)[raw_uid]
+                if derived_uid is None:
+                    print(f"warning: the composer did not finish the derived run in 300 s; see {directory / 'compose.log'}")
+                said = _stop(processes, directory)  # idle now; the SQLite catalog then takes the raw run alone
+                catalog = connect(server.uri, api_key=key)
+                raw_publisher = TiledPublisher(catalog, backup_directory=str(directory / "backup"))
+                for name, doc in raw_docs:
+                    raw_publisher(name, doc)
+                raw_publisher.flush(timeout=300)
+                raw_publisher.close()
+                if not derived_uid or derived_uid not in catalog:
+                    raise RuntimeError(f"no derived run of {raw_uid} in Tiled; see {directory / 'compose.log'}")
+                summary = _RemoteSummary(raw_uid, catalog[derived_uid])
+                figures = _figures(catalog, raw_uid, summary, frames, acquisition_s)
+                figures["png"] = str(plot_summary(catalog, raw_uid, summary.derived_uid, directory / "summary.png"))
+                figures["workers"] = {name: line for name, line in said.items() if name.startswith("worker-")}
+                print(f"raw run:     {raw_uid}  ({figures['raw_events_in_tiled']} events in Tiled)")
+                print(f"derived run: {summary.derived_uid}  ({summary.reason}; exit_status {summary.exit_status})")
+                print(f"acquisition: {figures['acquisition_fps']:.1f} frames/s (the RunEngine only publishes to NATS JetStream)")
+                print(f"derived:     {figures['derived_fps']:.1f} frames/s from {workers} worker(s); lag per frame "
+                      f"p50 {figures['lag_p50_ms']:.0f} ms, p99 {figures['lag_p99_ms']:.0f} ms")
+                for line in figures["workers"].values():
+                    print(f"  {line}")
+                print(f"summary PNG: {figures['png']}; logs: {directory}/compose.log, worker-*.log")
+                return figures
+            finally:  # before the servers go: workers and composer stop cleanly
+                if publisher is not None:
+                    publisher.close(timeout=5)
+                _stop(processes, directory)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+        if _main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop(processes: dict, directory: Path, timeout: float = 20.0) -> dict:
+    """SIGTERM each process still running (a worker or the composer stops cleanly), SIGKILL
+    those still running ``timeout`` seconds later (the bus redelivers what a killed
+    worker held); return each one's
+    last line of output (``directory/<name>.log``)."""
+    import subprocess
+
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    said = {}
+    for name, process in processes.items():
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        try:
+            lines = (directory / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        said[name] = lines[-1] if lines else ""
+    return said
 
 
 def _status(read_status, path) -> dict:

@@ -14,6 +14,11 @@ comes. :func:`replay_run` waits at most ``timeout`` seconds for the derived run.
 :func:`fill_plan` tells which raw frames a derived run lacks, also when the derived
 run itself never got its stop.
 
+``live-bgsub replay --nats URL`` sends the same documents to a
+:class:`~live_bgsub.bus.publisher.BusPublisher` instead, so that the bus's workers and
+composer make the derived runs; :func:`bus_done` tells (and waits until) the composer
+has recorded them as done.
+
 Examples
 --------
 >>> from live_bgsub.replay import replay_runs
@@ -27,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-__all__ = ["NO_STOP_REASON", "FillPlan", "fill_plan", "frames_to_fill", "has_stop", "replay_run", "replay_runs", "select_runs"]
+__all__ = ["NO_STOP_REASON", "FillPlan", "bus_done", "fill_plan", "frames_to_fill", "has_stop", "replay_run", "replay_runs", "select_runs"]
 
 logger = logging.getLogger("live_bgsub.replay")
 
@@ -357,3 +362,56 @@ def _short(run) -> str:
         return run.metadata["start"]["uid"][:8]
     except Exception:  # noqa: BLE001
         return repr(run)
+
+
+def bus_done(url: str, raw_uids, *, processing: dict | None = None, timeout: float = 0.0, check=None) -> dict:
+    """The raw runs the bus's composer has recorded as done, waiting up to ``timeout``.
+
+    Polls the :data:`~live_bgsub.bus.jetstream.DONE_BUCKET` of the NATS server at
+    ``url`` until every run of ``raw_uids``, processed as ``processing`` asked (None:
+    the composer's default; :func:`~live_bgsub.bus.jetstream.job_key`), is in it or
+    ``timeout`` seconds have passed.
+    ``check()``, when given, is called between polls (it may raise to stop waiting, for
+    example when a process the caller started has died).
+
+    Returns
+    -------
+    dict
+        ``{raw_uid: derived uid}`` in the order of ``raw_uids``: the derived run the
+        composer wrote (``""`` when the run made none), or None for a run not done yet.
+
+    Raises
+    ------
+    ConnectionError
+        When no NATS server answers at ``url`` (one line).
+    """
+    import asyncio
+
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+    from .bus.jetstream import DONE_BUCKET, connect, ensure_layout, job_key
+
+    found = {str(uid): None for uid in raw_uids}
+
+    async def poll():
+        nc, js = await connect(url, name="live_bgsub-replay")
+        try:
+            await ensure_layout(js)
+            kv = await js.key_value(DONE_BUCKET)
+            deadline = time.monotonic() + timeout
+            while True:
+                for uid in [u for u, d in found.items() if d is None]:
+                    try:
+                        entry = await kv.get(job_key(uid, processing))
+                    except (KeyNotFoundError, KeyDeletedError):
+                        continue
+                    found[uid] = (entry.value or b"").decode()
+                if all(d is not None for d in found.values()) or time.monotonic() >= deadline:
+                    return found
+                if check is not None:
+                    check()
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    return asyncio.run(poll())

@@ -28,6 +28,7 @@ from live_bgsub.bus.jetstream import (
     WORKERS_CONSUMER,
     RunPlan,
     derived_uid,
+    job_key,
     run_token,
     subject,
 )
@@ -141,7 +142,7 @@ def done(url, raw_uid) -> bool:
     async def get(js):
         kv = await js.key_value(DONE_BUCKET)
         try:
-            entry = await kv.get(run_token(raw_uid))
+            entry = await kv.get(job_key(raw_uid))
         except Exception:  # noqa: BLE001 - KeyNotFoundError
             return False
         return entry is not None
@@ -163,7 +164,7 @@ def results_of(url, raw_uid) -> list[dict]:
                 msg = await js.get_msg(RESULTS_STREAM, seq)
             except Exception:  # noqa: BLE001 - a deleted message
                 continue
-            if msg.subject == subject("results", raw_uid):
+            if msg.subject == subject("results", job_key(raw_uid)):
                 out.append(wire.decode(msg.data, name="result")[1])
         return out
 
@@ -189,7 +190,7 @@ def acquire(url, dirs, num: int, *, seed: int = 5, extra_subscriber=None, publis
 
 def derived_run(tiled, raw_uid):
     _, catalog = tiled
-    return catalog[derived_uid(raw_uid, PROCESSING)]
+    return catalog[derived_uid(job_key(raw_uid), PROCESSING)]
 
 
 def assert_every_frame_once(run, n: int) -> dict:
@@ -220,11 +221,15 @@ def test_a_plan_survives_the_wire_mask_and_quality_included():
 
 
 def test_derived_uids_follow_the_raw_run_and_the_processing():
-    a = derived_uid("raw-1", PROCESSING)
-    assert a == derived_uid("raw-1", dict(PROCESSING))
-    assert a != derived_uid("raw-2", PROCESSING)
-    assert a != derived_uid("raw-1", {**PROCESSING, "downsample": 2})
+    job = job_key("raw-1")
+    a = derived_uid(job, PROCESSING)
+    assert a == derived_uid(job_key("raw-1", None), dict(PROCESSING))
+    assert a != derived_uid(job_key("raw-2"), PROCESSING)
+    assert a != derived_uid(job, {**PROCESSING, "downsample": 2})
+    # The composer's default asked for by name is another job than the default left to it.
+    assert job_key("raw-1", PROCESSING) != job and derived_uid(job_key("raw-1", PROCESSING), PROCESSING) != a
     assert run_token("a.b c") != "a.b c" and run_token(a) == a
+    assert "." not in job_key("a.b c") and job_key("a.b c") != job_key("a.b d")
 
 
 def test_a_worker_or_composer_without_a_server_is_one_line_and_exit_2(dirs):
@@ -279,7 +284,7 @@ def test_composer_killed_and_restarted_writes_the_run_a_fault_free_composer_writ
         c = composer(dirs, url, tiled)
         faulty = acquire(url, dirs, n, seed=11)
         _, catalog = tiled
-        partial = derived_uid(faulty, PROCESSING)
+        partial = derived_uid(job_key(faulty), PROCESSING)
 
         backup = dirs / "backup" / f"{partial}.jsonl"
 
@@ -418,8 +423,8 @@ def test_a_publishing_process_killed_after_the_last_document_is_replaced_and_eac
 
         out = {}
         for stream, kind in ((DOCS_STREAM, "docs"), (TASKS_STREAM, "tasks")):
-            info = await js.stream_info(stream, subjects_filter=subject(kind, raw_uid))
-            out[kind] = (info.state.subjects or {}).get(subject(kind, raw_uid), 0)
+            info = await js.stream_info(stream, subjects_filter=subject(kind, job_key(raw_uid)))
+            out[kind] = (info.state.subjects or {}).get(subject(kind, job_key(raw_uid)), 0)
         return out
 
     assert _js(url, counts) == {"docs": len(docs.docs), "tasks": 12}

@@ -22,7 +22,7 @@ purged from the documents' and results' streams.
 Restart: the composer keeps no state of its own. Started again after a crash, it
 reads every run still in the streams from the beginning: a run recorded as done is
 skipped; any other run is composed again from its documents and results, under the
-same derived uid (:func:`~live_bgsub.bus.jetstream.derived_uid`), after asking each
+same derived uid (:func:`~live_bgsub.bus.jetstream.derived_uid` of the job), after asking each
 publisher that can (``discard(uid)``, as :class:`~live_bgsub.sinks.tiled.
 TiledPublisher`) to drop what it holds of that derived run, and removing its partial
 HDF5 file. The derived run is then the one a fault-free composer would have written.
@@ -50,7 +50,6 @@ from .jetstream import (
     derived_uid,
     ensure_layout,
     quality_dict,
-    run_token,
     subject,
 )
 
@@ -127,14 +126,14 @@ class RemoteEngine:
 
     reads_frames = False
 
-    def __init__(self, composer: Composer, run_uid: str, plan: RunPlan):
+    def __init__(self, composer: Composer, job: str, plan: RunPlan):
         self.composer = composer
-        self.run_uid = run_uid
+        self.job = job
         self.plan = plan
         self.shape = tuple(plan.shape)
         self.fold_shape = None  # from the first result
         self._described: dict | None = None
-        composer._write_plan(run_uid, plan)
+        composer._write_plan(job, plan)
 
     def describe(self) -> dict:
         if self._described is not None:
@@ -144,7 +143,7 @@ class RemoteEngine:
 
     def process(self, frames, seq_nums) -> list[FrameResult]:
         seqs = [int(s) for s in seq_nums]
-        got = self.composer.board.take(self.run_uid, seqs, self.composer.result_timeout_s)
+        got = self.composer.board.take(self.job, seqs, self.composer.result_timeout_s)
         out = []
         for s in seqs:
             r = got.get(s)
@@ -199,7 +198,7 @@ class Composer:
         callback_kwargs.setdefault("stop_timeout_s", math.inf)
         self._callback_kwargs = callback_kwargs
         self._callbacks: dict[str, LiveBackgroundSubtraction] = {}
-        self._processing: dict[str, dict] = {}
+        self._jobs: dict[tuple, str] = {}  # (processing key, raw uid) -> job
         self._loop: asyncio.AbstractEventLoop | None = None
         self._js = None
         self._done_kv = None
@@ -245,62 +244,62 @@ class Composer:
         except wire.WireError as exc:
             logger.error("live_bgsub composer: a result that is not a result (%s): dropped", exc)
             return
-        self.board.put(r["run"], int(r["seq_num"]), r)
+        self.board.put(r["job"], int(r["seq_num"]), r)
 
     # ------------------------------------------------------------------ per run
 
-    def callback_for(self, raw_uid: str, processing: dict) -> LiveBackgroundSubtraction:
-        """The callback composing ``raw_uid`` (one per processing; made on first use)."""
+    def callback_for(self, raw_uid: str, processing: dict, job: str) -> LiveBackgroundSubtraction:
+        """The callback composing job ``job`` of ``raw_uid`` (one per processing; made on first use)."""
         key = repr(sorted(processing.items()))
+        self._jobs[key, raw_uid] = job
         cb = self._callbacks.get(key)
         if cb is None:
             def factory(step, geometry, shape, mask, *, run_start, metrics, geometry_quality, **roi):
                 plan = RunPlan(processing=processing, center=geometry.center, rotation_deg=geometry.rotation_deg,
                                shape=tuple(shape), mask=mask, metrics=metrics,
                                geometry_quality=quality_dict(geometry_quality), roi=roi)
-                return RemoteEngine(self, run_start["uid"], plan)
+                return RemoteEngine(self, self._jobs[key, run_start["uid"]], plan)
 
             cb = LiveBackgroundSubtraction(
                 self._publishers, method=_PlannedStep(processing), directory=self.directory, on_full="block",
-                engine_factory=factory, derived_uid=lambda start: derived_uid(start["uid"], processing),
+                engine_factory=factory, derived_uid=lambda start: derived_uid(self._jobs[key, start["uid"]], processing),
                 accelerate=False, **self._callback_kwargs,
             )
             self._callbacks[key] = cb
         return cb
 
-    def _write_plan(self, run_uid: str, plan: RunPlan) -> None:
-        """Write the plan unless the run has one (a restarted composer reuses it)."""
-        fut = asyncio.run_coroutine_threadsafe(self._create_plan(run_uid, plan), self._loop)
+    def _write_plan(self, job: str, plan: RunPlan) -> None:
+        """Write the plan unless the job has one (a restarted composer reuses it)."""
+        fut = asyncio.run_coroutine_threadsafe(self._create_plan(job, plan), self._loop)
         stored = fut.result()
         if stored is not None:
             plan.__dict__.update(stored.__dict__)
 
-    async def _create_plan(self, run_uid: str, plan: RunPlan) -> RunPlan | None:
-        key = run_token(run_uid)
+    async def _create_plan(self, job: str, plan: RunPlan) -> RunPlan | None:
         try:
-            await self._plans_kv.create(key, plan.to_bytes())
+            await self._plans_kv.create(job, plan.to_bytes())
             return None
         except Exception as exc:  # noqa: BLE001 - KeyWrongLastSequenceError: it exists
-            entry = await self._plans_kv.get(key)
-            logger.info("live_bgsub composer: run %s already has a plan (%s); using it", run_uid, type(exc).__name__)
+            entry = await self._plans_kv.get(job)
+            logger.info("live_bgsub composer: job %s already has a plan (%s); using it", job, type(exc).__name__)
             return RunPlan.from_bytes(entry.value)
 
-    async def is_done(self, raw_uid: str) -> bool:
+    async def is_done(self, job: str) -> bool:
         try:
-            entry = await self._done_kv.get(run_token(raw_uid))
+            entry = await self._done_kv.get(job)
             return entry is not None and entry.value is not None
         except Exception:  # noqa: BLE001 - KeyNotFoundError
             return False
 
-    async def finished(self, raw_uid: str, derived: str | None) -> None:
-        """The derived run is stopped and flushed: record it, purge the run's messages."""
-        await self._done_kv.put(run_token(raw_uid), (derived or "").encode())
+    async def finished(self, job: str, raw_uid: str, derived: str | None) -> None:
+        """The derived run is stopped and flushed: record the job, purge its messages."""
+        await self._done_kv.put(job, (derived or "").encode())
         for stream, kind in ((DOCS_STREAM, "docs"), (RESULTS_STREAM, "results")):
             try:
-                await self._js.purge_stream(stream, subject=subject(kind, raw_uid))
+                await self._js.purge_stream(stream, subject=subject(kind, job))
             except Exception as exc:  # noqa: BLE001 - kept messages cost disk, not correctness
-                logger.warning("live_bgsub composer: purging %s of run %s failed: %s", kind, raw_uid, exc)
-        self.board.forget(raw_uid)
+                logger.warning("live_bgsub composer: purging %s of job %s failed: %s", kind, job, exc)
+        self.board.forget(job)
         with self._finished:
             self.composed.append(raw_uid)
             self._finished.notify_all()
@@ -340,8 +339,8 @@ class _Feeder:
         self.composer = composer
         self._queue: list = []
         self._cond = threading.Condition()
-        self._tokens: dict[str, str] = {}  # subject token -> raw uid (loop thread only)
-        self._runs: dict[str, tuple] = {}  # raw uid -> (callback or None, processing or None) (feeder thread only)
+        self._tokens: dict[str, str] = {}  # job -> raw uid (loop thread only)
+        self._runs: dict[str, tuple] = {}  # job -> (callback or None, processing or None) (feeder thread only)
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="live_bgsub-composer-feed", daemon=True)
         self._thread.start()
@@ -353,14 +352,14 @@ class _Feeder:
             logger.error("live_bgsub composer: a document that is not one (%s): dropped", exc)
             return
         name, doc = envelope["name"], envelope["doc"]
-        token = msg.subject.split(".", 2)[-1]
+        job = msg.subject.split(".", 2)[-1]
         processing = None
         if name == "start":
-            self._tokens[token] = doc["uid"]
-            if not await self.composer.is_done(doc["uid"]):
+            self._tokens[job] = doc["uid"]
+            if not await self.composer.is_done(job):
                 processing = envelope.get("processing") or self.composer.default_processing
-        run_uid = self._tokens.get(token)
-        await asyncio.to_thread(self._put, (name, doc, run_uid, processing))
+        run_uid = self._tokens.get(job)
+        await asyncio.to_thread(self._put, (name, doc, run_uid, job, processing))
 
     def _put(self, item) -> None:
         with self._cond:
@@ -383,31 +382,31 @@ class _Feeder:
             except Exception:  # noqa: BLE001 - the feeder must survive anything
                 logger.exception("live_bgsub composer: feeding a %s document failed", item[0])
 
-    def _feed(self, name: str, doc: dict, run_uid: str | None, processing: dict | None) -> None:
+    def _feed(self, name: str, doc: dict, run_uid: str | None, job: str, processing: dict | None) -> None:
         if name == "start":
-            self._runs[run_uid] = (None, processing)
-        if run_uid is None or run_uid not in self._runs:
+            self._runs[job] = (None, processing)
+        if run_uid is None or job not in self._runs:
             return
-        cb, processing = self._runs[run_uid]
+        cb, processing = self._runs[job]
         if processing is None:  # composed before a restart
             self.composer.skipped_done += 1
             return
         if cb is None:
-            self.composer.discard(derived_uid(run_uid, processing))
-            cb = self.composer.callback_for(run_uid, processing)
-            self._runs[run_uid] = (cb, processing)
+            self.composer.discard(derived_uid(job, processing))
+            cb = self.composer.callback_for(run_uid, processing, job)
+            self._runs[job] = (cb, processing)
         cb(name, doc)
         if name == "stop":
-            self._runs.pop(run_uid, None)
-            threading.Thread(target=self._when_done, args=(cb, run_uid), name="live_bgsub-composer-done", daemon=True).start()
+            self._runs.pop(job, None)
+            threading.Thread(target=self._when_done, args=(cb, run_uid, job), name="live_bgsub-composer-done", daemon=True).start()
 
-    def _when_done(self, cb: LiveBackgroundSubtraction, run_uid: str) -> None:
+    def _when_done(self, cb: LiveBackgroundSubtraction, run_uid: str, job: str) -> None:
         cb.wait(run_uid)
         summary = cb.summary(run_uid)
         for publish in self.composer._publishers:
             if hasattr(publish, "flush"):
                 publish.flush(60)
-        asyncio.run_coroutine_threadsafe(self.composer.finished(run_uid, summary.derived_uid), self.composer._loop).result()
+        asyncio.run_coroutine_threadsafe(self.composer.finished(job, run_uid, summary.derived_uid), self.composer._loop).result()
 
     def close(self) -> None:
         with self._cond:

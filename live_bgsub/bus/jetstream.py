@@ -1,26 +1,28 @@
 """The bus's layout on NATS JetStream: streams, subjects, buckets, and the run plan.
 
-Three streams, file storage, one subject per raw run (``<token>`` is the run's uid, or
-a hash of it when the uid holds characters a subject cannot):
+Three streams, file storage, one subject per *job*, one processing of one raw run
+(``<job>`` is :func:`job_key`: the run's uid and a digest of the processing its
+publisher asked for, so reprocessing a run another way never mixes with the first):
 
-- :data:`DOCS_STREAM` (``lbs.docs.<token>``): the raw run's documents, in order, as the
-  RunEngine side published them (limits retention: the composer purges a run's
+- :data:`DOCS_STREAM` (``lbs.docs.<job>``): the raw run's documents, in order, as the
+  RunEngine side published them (limits retention: the composer purges a job's
   subject once its derived run is stopped and delivered);
-- :data:`TASKS_STREAM` (``lbs.tasks.<token>``): one frame task per frame, a work queue
+- :data:`TASKS_STREAM` (``lbs.tasks.<job>``): one frame task per frame, a work queue
   read by one durable pull consumer (:data:`WORKERS_CONSUMER`) shared by every worker;
   a task names where the frame is (HDF5 file, dataset, index) or, for a frame that came
   inline in its event, the stream sequence of that event in :data:`DOCS_STREAM`, so a
   frame is never copied through the broker twice;
-- :data:`RESULTS_STREAM` (``lbs.results.<token>``): one result per frame (corrected
+- :data:`RESULTS_STREAM` (``lbs.results.<job>``): one result per frame (corrected
   fold, metrics, or the error), read by the composer.
 
-Two key-value buckets: :data:`PLANS_BUCKET` holds each run's :class:`RunPlan` (the
+Two key-value buckets, keyed by job: :data:`PLANS_BUCKET` holds each job's :class:`RunPlan` (the
 processing step, the geometry and what the engine needs), written once by the composer
 with ``create`` (the first plan wins, so a restarted composer reuses it) and read by
-the workers; :data:`DONE_BUCKET` holds the runs whose derived run is complete.
+the workers; :data:`DONE_BUCKET` holds the jobs whose derived run is complete (the
+derived run's uid).
 
 Messages use :mod:`live_bgsub.wire`'s msgpack codec (never pickle). Every publish
-carries a ``Nats-Msg-Id`` (per document, per ``run/seq_num``), so a publish repeated
+carries a ``Nats-Msg-Id`` (per document, per ``job/seq_num``), so a publish repeated
 after a lost acknowledgement is dropped by the server within :data:`DUPLICATE_WINDOW_S`.
 """
 
@@ -56,6 +58,7 @@ __all__ = [
     "ensure_layout",
     "ensure_workers_consumer",
     "quality_dict",
+    "job_key",
     "run_token",
     "subject",
 ]
@@ -80,20 +83,31 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def run_token(uid: str) -> str:
-    """The subject token of a run: its uid when that is a valid token, else a hash."""
+    """A run uid as a subject token: the uid when it is a valid token, else a hash."""
     uid = str(uid)
     return uid if _TOKEN.fullmatch(uid) else "h" + hashlib.sha256(uid.encode()).hexdigest()[:40]
 
 
-def subject(kind: str, uid: str) -> str:
-    """``lbs.<kind>.<token>`` for kind ``docs``, ``tasks`` or ``results``."""
-    return f"lbs.{kind}.{run_token(uid)}"
+def job_key(raw_uid: str, processing: dict | None = None) -> str:
+    """The key of one processing of one raw run (a *job*): its subjects' token, its plan
+    and its entry in :data:`DONE_BUCKET`. ``processing`` is what the run's publisher
+    asked for (None: the composer's default), so the same raw run processed two ways is
+    two jobs that never mix."""
+    digest = hashlib.sha256(json.dumps(processing, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{run_token(raw_uid)}_{digest}"
 
 
-def derived_uid(raw_uid: str, processing: dict) -> str:
-    """The derived run's uid: the same raw run and processing give the same uid, so a
-    restarted composer replaces the derived run it wrote in part rather than adding one."""
-    text = json.dumps({"raw_uid": raw_uid, "processing": processing}, sort_keys=True, default=str)
+def subject(kind: str, job: str) -> str:
+    """``lbs.<kind>.<job>`` for kind ``docs``, ``tasks`` or ``results`` (``job``: :func:`job_key`)."""
+    return f"lbs.{kind}.{job}"
+
+
+def derived_uid(job: str, processing: dict) -> str:
+    """The derived run's uid of a job (:func:`job_key`) done with ``processing`` (the
+    composer's default filled in): the same job gives the same uid, so a restarted
+    composer replaces the derived run it wrote in part rather than adding one, and two
+    jobs of one raw run never share one."""
+    text = json.dumps({"job": job, "processing": processing}, sort_keys=True, default=str)
     return str(uuid.uuid5(_DERIVED_NAMESPACE, text))
 
 

@@ -42,7 +42,7 @@ from event_model import unpack_datum_page, unpack_event_page
 from .. import wire
 from ..errors import ProcessingError
 from ..frames import FrameRef, RunFrames
-from .jetstream import connect, ensure_layout, subject
+from .jetstream import connect, ensure_layout, job_key, subject
 
 __all__ = ["BusPublisher"]
 
@@ -56,6 +56,7 @@ class _RunState:
     def __init__(self, start: dict, processing: dict | None, frames: RunFrames):
         self.uid = start["uid"]
         self.processing = processing
+        self.job = job_key(self.uid, processing)
         self.frames = frames
         self.docs = 0  # documents published (message ids)
 
@@ -171,7 +172,12 @@ class BusPublisher:
     def _spawn(self) -> None:
         """Start a child and wait for its first line (ready, or why not)."""
         child = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        first = child.stdout.readline().decode(errors="replace").strip()
+        try:
+            first = child.stdout.readline().decode(errors="replace").strip()
+        except BaseException:  # Ctrl-C while waiting: no orphan
+            child.kill()
+            child.wait()
+            raise
         if not first.startswith("ready"):
             child.kill()
             child.wait()
@@ -372,15 +378,15 @@ class _Sender:
                 raise ProcessingError(f"{name} document of {len(payload)} bytes is larger than the server's max_payload {self._max_payload}")
             light = dict(doc, data={k: v for k, v in doc["data"].items() if k != key})
             payload = wire.encode("doc", {"name": name, "doc": light})
-        ack = await self._publish(js, subject("docs", run.uid), payload, f"{run.uid}:doc:{run.docs}")
+        ack = await self._publish(js, subject("docs", run.job), payload, f"{run.job}:doc:{run.docs}")
         self.published += 1
         for ref in self._frame_refs(run, name, doc, ack.seq, inline_too_big):
             await self._task(js, run, ref)
 
     async def _task(self, js, run: _RunState, ref) -> None:
         seq, where = ref
-        task = {"run": run.uid, "seq_num": int(seq), **where}
-        await self._publish(js, subject("tasks", run.uid), wire.encode("task", task), f"{run.uid}:task:{seq}")
+        task = {"run": run.uid, "job": run.job, "seq_num": int(seq), **where}
+        await self._publish(js, subject("tasks", run.job), wire.encode("task", task), f"{run.job}:task:{seq}")
         self.tasks += 1
 
     def _run_of(self, name: str, doc: dict) -> _RunState | None:

@@ -47,7 +47,6 @@ from .jetstream import (
     connect,
     ensure_layout,
     ensure_workers_consumer,
-    run_token,
     subject,
 )
 from .publisher import task_ref
@@ -96,12 +95,14 @@ class Worker:
         self._engines: collections.OrderedDict = collections.OrderedDict()
         self._steps: dict = {}
         self._reader = FrameReader()
+        self._stop = None
 
     def run(self, *, stop=None, max_tasks: int | None = None) -> None:
         """Work until ``stop`` (a threading.Event) is set or ``max_tasks`` tasks are done."""
         asyncio.run(self.serve(stop=stop, max_tasks=max_tasks))
 
     async def serve(self, *, stop=None, max_tasks: int | None = None) -> None:
+        self._stop = stop
         nc, js = await connect(self.url, name=f"live_bgsub-worker {self.name}")
         try:
             await ensure_layout(js)
@@ -127,9 +128,9 @@ class Worker:
                         logger.error("live_bgsub worker: a task that is not a task (%s): dropped", exc)
                         await msg.term()
                         continue
-                    by_run[task["run"]].append((msg, task))
-                for run_uid, items in by_run.items():
-                    await self._run_batch(js, plans, run_uid, items)
+                    by_run[task["job"]].append((msg, task))
+                for job, items in by_run.items():
+                    await self._run_batch(js, plans, job, items)
                     done += len(items)
         finally:
             self._reader.close()
@@ -146,18 +147,18 @@ class Worker:
                 except Exception:  # noqa: BLE001 - the server is away; redelivery covers it
                     pass
 
-    async def _run_batch(self, js, plans, run_uid: str, items) -> None:
+    async def _run_batch(self, js, plans, job: str, items) -> None:
         beat = asyncio.create_task(self._heartbeat(items, max(0.2, self.ack_wait_s / 3)))
         try:
-            plan = await self._plan(plans, run_uid)
+            plan = await self._plan(plans, job)
             if plan is None:
                 for msg, _ in items:
-                    await msg.nak(delay=5.0)
+                    await msg.nak(delay=0.0 if self._stop is not None and self._stop.is_set() else 5.0)
                 return
             frames = []
             for msg, task in items:
                 frames.append(await self._frame(js, msg, task))
-            engine = await asyncio.to_thread(self._engine, run_uid, plan)
+            engine = await asyncio.to_thread(self._engine, job, plan)
             results = await asyncio.to_thread(self._process, engine, frames)
         finally:
             beat.cancel()
@@ -171,25 +172,26 @@ class Worker:
                     continue
                 result = FrameResult(int(task["seq_num"]), error=f"{error} (after {deliveries} deliveries)")
             result.seq_num = int(task["seq_num"])
-            await self._publish_result(js, run_uid, result, engine, msg.metadata.num_delivered)
+            await self._publish_result(js, job, task["run"], result, engine, msg.metadata.num_delivered)
             await msg.ack()
 
-    async def _plan(self, plans, run_uid: str) -> RunPlan | None:
-        """The run's plan: read, or watched for until the composer writes it."""
-        key = run_token(run_uid)
-        watcher = await plans.watch(key)  # the current value (if any), then every update
+    async def _plan(self, plans, job: str) -> RunPlan | None:
+        """The job's plan: read, or watched for until the composer writes it."""
+        watcher = await plans.watch(job)  # the current value (if any), then every update
         try:
             deadline = time.monotonic() + self.plan_timeout_s
             while (remaining := deadline - time.monotonic()) > 0:
+                if self._stop is not None and self._stop.is_set():
+                    return None  # stopping: the tasks go back to the others
                 try:
-                    entry = await watcher.updates(timeout=min(remaining, 5.0))
+                    entry = await watcher.updates(timeout=min(remaining, 1.0))
                 except Exception:  # noqa: BLE001 - nats.errors.TimeoutError: nothing yet
                     continue
                 if entry is not None and entry.value:
                     return RunPlan.from_bytes(entry.value)
         finally:
             await watcher.stop()
-        logger.warning("live_bgsub worker %s: no plan for run %s within %s s; tasks handed back", self.name, run_uid, self.plan_timeout_s)
+        logger.warning("live_bgsub worker %s: no plan for job %s within %s s; tasks handed back", self.name, job, self.plan_timeout_s)
         return None
 
     async def _frame(self, js, msg, task) -> tuple[np.ndarray | None, str | None]:
@@ -209,8 +211,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a frame that cannot be read is that frame's failure
             return None, f"{type(exc).__name__}: {exc}"
 
-    def _engine(self, run_uid: str, plan: RunPlan):
-        engine = self._engines.get(run_uid)
+    def _engine(self, job: str, plan: RunPlan):
+        engine = self._engines.get(job)
         if engine is None:
             key = repr(sorted(plan.processing.items()))
             step = self._steps.get(key)
@@ -222,10 +224,10 @@ class Worker:
                                 geometry_quality=plan.quality(), **plan.roi)
             except ProcessingError as exc:
                 engine = exc  # every frame of the run fails with this
-            self._engines[run_uid] = engine
+            self._engines[job] = engine
             while len(self._engines) > KEEP_ENGINES:
                 self._engines.popitem(last=False)
-        self._engines.move_to_end(run_uid)
+        self._engines.move_to_end(job)
         return engine
 
     def _process(self, engine, frames) -> list:
@@ -243,10 +245,11 @@ class Worker:
             out[i] = r
         return out
 
-    async def _publish_result(self, js, run_uid: str, result: FrameResult, engine, deliveries: int) -> None:
+    async def _publish_result(self, js, job: str, run_uid: str, result: FrameResult, engine, deliveries: int) -> None:
         seq = int(result.seq_num)
         body = {
             "run": run_uid,
+            "job": job,
             "seq_num": seq,
             "error": result.error,
             "metrics": result.metrics,
@@ -260,14 +263,14 @@ class Worker:
         delay = 0.05
         while True:
             try:
-                await js.publish(subject("results", run_uid), payload, timeout=5.0, headers={"Nats-Msg-Id": f"{run_uid}:result:{seq}"})
+                await js.publish(subject("results", job), payload, timeout=5.0, headers={"Nats-Msg-Id": f"{job}:result:{seq}"})
                 break
             except Exception as exc:  # noqa: BLE001 - the server may be restarting: the task waits
                 if type(exc).__name__ == "MaxPayloadError":
                     body.update(corrected=None, error=f"result of {len(payload)} bytes exceeds the server's max_payload; raise max_payload")
                     payload = wire.encode("result", body)
                     continue
-                logger.warning("live_bgsub worker %s: result %s of %s not acknowledged (%s); retrying", self.name, seq, run_uid, exc)
+                logger.warning("live_bgsub worker %s: result %s of %s not acknowledged (%s); retrying", self.name, seq, job, exc)
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
         self.processed += 1

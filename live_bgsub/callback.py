@@ -232,8 +232,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
         geometry_quality=..., pixel_size_mm=..., wavelength_nm=..., distance_mm=...)``
         and returning an object with ``process(frames, seq_nums)``, ``describe()``,
         ``shape`` and ``fold_shape``, like :class:`~live_bgsub.engine.Engine` (the
-        default). An engine whose ``reads_frames`` is False is handed ``None`` for each
-        frame once it exists (the bus's composer: workers elsewhere read the frames).
+        default). A factory whose ``reads_frames`` attribute is False makes engines
+        that read no frames (the bus's composer: workers elsewhere read them): they are
+        handed ``None`` for each frame, and a frame the callback cannot read while it
+        estimates the geometry is left to them rather than failed.
     derived_uid : callable, optional
         ``derived_uid(raw_start) -> str``: the derived run's uid (default: a new uuid4).
         A deterministic uid lets a restarted composer replace a derived run it wrote
@@ -293,6 +295,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self.accelerate = self.step.batched if accelerate is None else bool(accelerate)
         self._device_cache: dict = {}  # compiled device functions, reused across runs
         self._engine_factory = engine_factory
+        self._remote = engine_factory is not None and getattr(engine_factory, "reads_frames", True) is False
         self._derived_uid = derived_uid
         if self.accelerate and not self.step.batched:
             raise ValueError(f"accelerate=True needs a model step, got the classical method {self.step.method!r}")
@@ -550,6 +553,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
             try:
                 frames.append((ref, self._reader.read(ref)))
             except Exception as exc:  # noqa: BLE001 - a missing or bad file fails its frames only
+                if self._remote:  # read only for the geometry here: the engine's readers decide
+                    frames.append((ref, None))
+                    continue
                 self._fail(run, [FrameResult(ref.seq_num, error=f"{type(exc).__name__}: {exc}")])
         if run.engine is None:
             frames = self._usable(run, frames)
@@ -557,7 +563,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
             return
         if run.engine is None:
             run.buffer.extend(frames)
-            if run.geometry is None and self._geometry_known(run) is None and len(run.buffer) < self.geometry_frames:
+            read = sum(a is not None for _, a in run.buffer)
+            if run.geometry is None and self._geometry_known(run) is None and read < self.geometry_frames:
                 return  # keep collecting frames for the geometry estimate
             frames, run.buffer = run.buffer, []
             self._build_engine(run, frames)
@@ -573,6 +580,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
         estimating = run.geometry is None and self._geometry_known(run) is None
         kept, bad = [], []
         for ref, array in frames:
+            if array is None:  # not read here (see engine_factory): left to the engine
+                kept.append((ref, array))
+                continue
             shape = np.shape(array)
             expected = run.frame_shape
             if len(shape) != 2:
@@ -605,11 +615,11 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def _build_engine(self, run: _Run, frames) -> None:
         try:
-            shape = run.frame_shape or np.shape(frames[0][1])
+            shape = run.frame_shape or next((np.shape(a) for _, a in frames if a is not None), ())
             if len(shape) != 2:
                 raise ProcessingError(f"frames must be 2-D, got shape {shape} for data key {run.frames.data_key!r}")
             if self._geometry_known(run) is None:
-                usable = [mask_invalid(np.asarray(a)) for _, a in frames if np.shape(a) == shape][: self.geometry_frames]
+                usable = [mask_invalid(np.asarray(a)) for _, a in frames if a is not None and np.shape(a) == shape][: self.geometry_frames]
                 estimate = find_run_geometry([d for d, _ in usable], [m for _, m in usable])
                 run.geometry, run.geometry_source = estimate.geometry, f"estimated from {len(usable)} frame(s)"
                 run.geometry_estimate = estimate

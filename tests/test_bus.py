@@ -428,3 +428,30 @@ def test_a_publishing_process_killed_after_the_last_document_is_replaced_and_eac
         return out
 
     assert _js(url, counts) == {"docs": len(docs.docs), "tasks": 12}
+
+
+def test_tasks_of_a_job_without_a_plan_wait_aside_and_other_runs_go_on(jetstream, dirs, tiled):
+    """A task whose job never gets a plan (its composer is elsewhere, or gone) must not
+    hold up a worker: it waits aside, kept in progress, while other runs are processed."""
+    url = jetstream.url
+    orphan = "orphan-run_000000000000"
+
+    async def publish_orphan(js):
+        from live_bgsub.bus.jetstream import ensure_layout
+
+        await ensure_layout(js)
+        task = {"run": "orphan-run", "job": orphan, "seq_num": 1, "path": "/nowhere.h5", "dataset": "/d", "index": 0}
+        await js.publish(subject("tasks", orphan), wire.encode("task", task))
+
+    _js(url, publish_orphan)
+    w = worker(dirs, url, "w", "--batch", "1")
+    c = composer(dirs, url, tiled)
+    try:
+        raw_uid = acquire(url, dirs, 12)
+        _until(lambda: done(url, raw_uid), "the run is complete while the orphan task waits", w, c)
+        info = consumer(url)
+    finally:
+        for p in (w, c):
+            p.stop()
+    assert_every_frame_once(derived_run(tiled, raw_uid), 12)
+    assert info.num_ack_pending == 1  # the orphan, still held in progress by the worker

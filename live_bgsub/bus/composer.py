@@ -260,6 +260,8 @@ class Composer:
                                geometry_quality=quality_dict(geometry_quality), roi=roi)
                 return RemoteEngine(self, self._jobs[key, run_start["uid"]], plan)
 
+            factory.reads_frames = False  # workers read the frames; the callback only for the geometry
+
             cb = LiveBackgroundSubtraction(
                 self._publishers, method=_PlannedStep(processing), directory=self.directory, on_full="block",
                 engine_factory=factory, derived_uid=lambda start: derived_uid(self._jobs[key, start["uid"]], processing),
@@ -406,7 +408,10 @@ class _Feeder:
         for publish in self.composer._publishers:
             if hasattr(publish, "flush"):
                 publish.flush(60)
-        asyncio.run_coroutine_threadsafe(self.composer.finished(job, run_uid, summary.derived_uid), self.composer._loop).result()
+        try:
+            asyncio.run_coroutine_threadsafe(self.composer.finished(job, run_uid, summary.derived_uid), self.composer._loop).result()
+        except RuntimeError:  # the composer stopped meanwhile: the job is composed again at its next start
+            logger.warning("live_bgsub composer: stopped before recording job %s as done; it is composed again when the composer starts", job)
 
     def close(self) -> None:
         with self._cond:

@@ -4,9 +4,9 @@
 durable consumer (:data:`~live_bgsub.bus.jetstream.WORKERS_CONSUMER`), so each task
 goes to one of them. For a batch of tasks of one run a worker
 
-1. waits for the run's :class:`~live_bgsub.bus.jetstream.RunPlan` (written by the
-   composer once it knows the geometry), telling the server the tasks are in progress
-   meanwhile;
+1. needs the job's :class:`~live_bgsub.bus.jetstream.RunPlan` (written by the
+   composer once it knows the geometry); until it is written the tasks wait aside,
+   kept in progress on the server, while the worker goes on with other jobs' tasks;
 2. builds the run's :class:`~live_bgsub.engine.Engine` once (fold map, step; a model
    is loaded once per worker and method) and keeps it for the run's later tasks;
 3. reads the frames (HDF5 on shared storage, or the event in the documents' stream)
@@ -51,12 +51,14 @@ from .jetstream import (
 )
 from .publisher import task_ref
 
-__all__ = ["Worker", "KEEP_ENGINES"]
+__all__ = ["KEEP_ENGINES", "MAX_PARKED", "Worker"]
 
 logger = logging.getLogger("live_bgsub.bus.worker")
 
 #: Runs whose engines (fold map, step) a worker keeps.
 KEEP_ENGINES = 4
+#: Tasks a worker holds aside while their job's plan is not written yet.
+MAX_PARKED = 10000
 
 
 class Worker:
@@ -96,6 +98,10 @@ class Worker:
         self._steps: dict = {}
         self._reader = FrameReader()
         self._stop = None
+        self._plans: collections.OrderedDict = collections.OrderedDict()  # job -> RunPlan (the last KEEP_ENGINES)
+        self._parked: dict = collections.defaultdict(list)  # job -> [(msg, task)] waiting for the job's plan
+        self._cpu = asyncio.Lock()
+        self._done_tasks = 0
 
     def run(self, *, stop=None, max_tasks: int | None = None) -> None:
         """Work until ``stop`` (a threading.Event) is set or ``max_tasks`` tasks are done."""
@@ -104,6 +110,7 @@ class Worker:
     async def serve(self, *, stop=None, max_tasks: int | None = None) -> None:
         self._stop = stop
         nc, js = await connect(self.url, name=f"live_bgsub-worker {self.name}")
+        waiters: dict[str, asyncio.Task] = {}
         try:
             await ensure_layout(js)
             info = await ensure_workers_consumer(js, ack_wait_s=self.ack_wait_s, max_deliver=self.max_deliver)
@@ -112,15 +119,17 @@ class Worker:
             plans = await js.key_value(PLANS_BUCKET)
             sub = await js.pull_subscribe("lbs.tasks.>", durable=WORKERS_CONSUMER, stream=TASKS_STREAM)
             logger.info("live_bgsub worker %s: pulling tasks from %s", self.name, self.url)
-            done = 0
-            while not (stop is not None and stop.is_set()) and (max_tasks is None or done < max_tasks):
+            while not self._stopping() and (max_tasks is None or self._done_tasks < max_tasks):
+                if sum(len(v) for v in self._parked.values()) >= MAX_PARKED:
+                    await asyncio.sleep(0.1)  # every slot holds a task waiting for its plan: let them move
+                    continue
                 try:
                     msgs = await sub.fetch(self.batch_size, timeout=1.0)
                 except Exception as exc:  # noqa: BLE001 - nats.errors.TimeoutError when idle; reconnects
                     if type(exc).__name__ not in ("TimeoutError", "FetchTimeoutError"):
                         logger.debug("live_bgsub worker: fetch: %s: %s", type(exc).__name__, exc)
                     continue
-                by_run = collections.defaultdict(list)
+                by_job = collections.defaultdict(list)
                 for msg in msgs:
                     try:
                         _, task = wire.decode(msg.data, name="task")
@@ -128,52 +137,87 @@ class Worker:
                         logger.error("live_bgsub worker: a task that is not a task (%s): dropped", exc)
                         await msg.term()
                         continue
-                    by_run[task["job"]].append((msg, task))
-                for job, items in by_run.items():
-                    await self._run_batch(js, plans, job, items)
-                    done += len(items)
+                    by_job[task["job"]].append((msg, task))
+                for job, items in by_job.items():
+                    if job in self._plans:
+                        await self._run_batch(js, job, self._plans[job], items)
+                        continue
+                    # No plan yet (the composer has not found the geometry, or is down):
+                    # the tasks wait aside, kept in progress, while other jobs go on.
+                    self._parked[job].extend(items)
+                    if job not in waiters or waiters[job].done():
+                        waiters[job] = asyncio.create_task(self._await_plan(js, plans, job))
         finally:
+            for task in waiters.values():
+                task.cancel()
+            for job, items in self._parked.items():  # stopping: the others take them at once
+                for msg, _ in items:
+                    try:
+                        await msg.nak()
+                    except Exception:  # noqa: BLE001 - redelivered after ack_wait anyway
+                        pass
+            self._parked.clear()
             self._reader.close()
             await nc.close()
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     # ------------------------------------------------------------------ one batch
 
     async def _heartbeat(self, items, every: float):
+        """Tell the server, every ``every`` s, that ``items`` (a list that may grow) are in progress."""
         while True:
             await asyncio.sleep(every)
-            for msg, _ in items:
+            for msg, _ in list(items):
                 try:
                     await msg.in_progress()
                 except Exception:  # noqa: BLE001 - the server is away; redelivery covers it
                     pass
 
-    async def _run_batch(self, js, plans, job: str, items) -> None:
-        beat = asyncio.create_task(self._heartbeat(items, max(0.2, self.ack_wait_s / 3)))
+    async def _await_plan(self, js, plans, job: str) -> None:
+        """Wait for a job's plan while its tasks are parked; then process them."""
+        parked = self._parked[job]
+        beat = asyncio.create_task(self._heartbeat(parked, max(0.2, self.ack_wait_s / 3)))
         try:
             plan = await self._plan(plans, job)
-            if plan is None:
-                for msg, _ in items:
-                    await msg.nak(delay=0.0 if self._stop is not None and self._stop.is_set() else 5.0)
-                return
-            frames = []
-            for msg, task in items:
-                frames.append(await self._frame(js, msg, task))
-            engine = await asyncio.to_thread(self._engine, job, plan)
-            results = await asyncio.to_thread(self._process, engine, frames)
         finally:
             beat.cancel()
-        for (msg, task), (array, error), result in zip(items, frames, results):
-            if msg.metadata.num_delivered > 1:
-                self.redelivered += 1
-            if result is None:  # not readable this time: again later, or failed at the last try
-                deliveries = msg.metadata.num_delivered
-                if deliveries < self.max_deliver:
-                    await msg.nak(delay=min(5.0, 0.2 * 2 ** deliveries))
-                    continue
-                result = FrameResult(int(task["seq_num"]), error=f"{error} (after {deliveries} deliveries)")
-            result.seq_num = int(task["seq_num"])
-            await self._publish_result(js, job, task["run"], result, engine, msg.metadata.num_delivered)
-            await msg.ack()
+        items = self._parked.pop(job, [])
+        if plan is None:
+            for msg, _ in items:
+                await msg.nak(delay=0.0 if self._stopping() else 5.0)
+            return
+        self._plans[job] = plan
+        while len(self._plans) > KEEP_ENGINES:
+            self._plans.popitem(last=False)
+        for i in range(0, len(items), self.batch_size):
+            await self._run_batch(js, job, plan, items[i : i + self.batch_size])
+
+    async def _run_batch(self, js, job: str, plan: RunPlan, items) -> None:
+        async with self._cpu:  # one batch at a time: the cores are the engine's
+            beat = asyncio.create_task(self._heartbeat(items, max(0.2, self.ack_wait_s / 3)))
+            try:
+                frames = []
+                for msg, task in items:
+                    frames.append(await self._frame(js, msg, task))
+                engine = await asyncio.to_thread(self._engine, job, plan)
+                results = await asyncio.to_thread(self._process, engine, frames)
+            finally:
+                beat.cancel()
+            for (msg, task), (array, error), result in zip(items, frames, results):
+                if msg.metadata.num_delivered > 1:
+                    self.redelivered += 1
+                if result is None:  # not readable this time: again later, or failed at the last try
+                    deliveries = msg.metadata.num_delivered
+                    if deliveries < self.max_deliver:
+                        await msg.nak(delay=min(5.0, 0.2 * 2 ** deliveries))
+                        continue
+                    result = FrameResult(int(task["seq_num"]), error=f"{error} (after {deliveries} deliveries)")
+                result.seq_num = int(task["seq_num"])
+                await self._publish_result(js, job, task["run"], result, engine, msg.metadata.num_delivered)
+                await msg.ack()
+            self._done_tasks += len(items)
 
     async def _plan(self, plans, job: str) -> RunPlan | None:
         """The job's plan: read, or watched for until the composer writes it."""

@@ -129,6 +129,7 @@ def _acquire(RE, det, num: int, *subscribers):
 def re_rate(url, work: Path, children: _Children, tiled, *, frames: int, repeats: int) -> dict:
     from bluesky import RunEngine
 
+    from live_bgsub.bus.jetstream import DOCS_STREAM, RESULTS_STREAM, TASKS_STREAM
     from live_bgsub.bus.publisher import BusPublisher
     from live_bgsub.sim import SimDetector
 
@@ -145,7 +146,13 @@ def re_rate(url, work: Path, children: _Children, tiled, *, frames: int, repeats
                 t0 = time.monotonic()
                 publisher.flush(600)
                 catch_up[variant].append(time.monotonic() - t0)
-    # The whole path beside the RunEngine: a worker and the composer on the same cores.
+    # The whole path beside the RunEngine: a worker and the composer on the same cores,
+    # starting from empty streams (the runs above had nobody to process them).
+    async def purge(js):
+        for stream in (DOCS_STREAM, TASKS_STREAM, RESULTS_STREAM):
+            await js.purge_stream(stream)
+
+    _js(url, purge)
     server, _ = tiled
     worker = children.start("re-worker", "worker", "--nats", url)
     composer = children.start("re-composer", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(work / "derived"),
@@ -345,19 +352,23 @@ def main(argv=None) -> int:
         children = _Children(work / "logs")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
-            with EmbeddedJetStream(work / "js") as js, EmbeddedTiledServer(work / "tiled", readable_storage=[work]) as server:
+            # One JetStream server per measurement: nothing one leaves queued weighs on the next.
+            with EmbeddedTiledServer(work / "tiled", readable_storage=[work]) as server:
                 tiled = (server, connect(server.uri, api_key=server.api_key))
                 if "re" not in args.skip:
-                    report["re_rate"] = re_rate(js.url, work, children, tiled, frames=args.re_frames, repeats=args.repeats)
+                    with EmbeddedJetStream(work / "js-re") as js:
+                        report["re_rate"] = re_rate(js.url, work, children, tiled, frames=args.re_frames, repeats=args.repeats)
                     print(json.dumps(report["re_rate"]["frames_per_s"]), flush=True)
                 if "throughput" not in args.skip:
-                    report["throughput"] = throughput(js.url, work, children, methods=args.methods, frames=args.frames, batch=args.batch)
+                    with EmbeddedJetStream(work / "js-tp") as js:
+                        report["throughput"] = throughput(js.url, work, children, methods=args.methods, frames=args.frames, batch=args.batch)
                     print(json.dumps({m: t["efficiency_1_to_2"] for m, t in report["throughput"].items()}), flush=True)
                 if "latency" not in args.skip:
                     top = report.get("throughput", {}).get(args.methods[0], {}).get("workers", {}).get(args.latency_workers, {}).get("frames_per_s")
                     rates = [20.0] + ([0.9 * top] if top and top * 0.9 > 1 else [])
-                    report["latency"] = latency(js.url, work, children, tiled, rates_hz=rates, frames=args.latency_frames,
-                                                workers=args.latency_workers, method=args.methods[0])  # fmt: skip
+                    with EmbeddedJetStream(work / "js-lat") as js:
+                        report["latency"] = latency(js.url, work, children, tiled, rates_hz=rates, frames=args.latency_frames,
+                                                    workers=args.latency_workers, method=args.methods[0])  # fmt: skip
         finally:
             children.close()
     if args.json:

@@ -31,6 +31,7 @@ HDF5 file. The derived run is then the one a fault-free composer would have writ
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -42,6 +43,7 @@ from ..callback import LiveBackgroundSubtraction
 from ..engine import FrameResult, ProcessingStep, make_step
 from .jetstream import (
     DOCS_STREAM,
+    PROCESSING_HEADER,
     DONE_BUCKET,
     PLANS_BUCKET,
     RESULTS_STREAM,
@@ -349,17 +351,17 @@ class _Feeder:
 
     async def on_message(self, msg) -> None:
         try:
-            _, envelope = wire.decode(msg.data, name="doc")
+            name, doc = wire.decode(msg.data)
         except wire.WireError as exc:
             logger.error("live_bgsub composer: a document that is not one (%s): dropped", exc)
             return
-        name, doc = envelope["name"], envelope["doc"]
         job = msg.subject.split(".", 2)[-1]
         processing = None
         if name == "start":
             self._tokens[job] = doc["uid"]
             if not await self.composer.is_done(job):
-                processing = envelope.get("processing") or self.composer.default_processing
+                asked = (msg.headers or {}).get(PROCESSING_HEADER)
+                processing = json.loads(asked) if asked else self.composer.default_processing
         run_uid = self._tokens.get(job)
         await asyncio.to_thread(self._put, (name, doc, run_uid, job, processing))
 

@@ -21,7 +21,9 @@ with ``create`` (the first plan wins, so a restarted composer reuses it) and rea
 the workers; :data:`DONE_BUCKET` holds the jobs whose derived run is complete (the
 derived run's uid).
 
-Messages use :mod:`live_bgsub.wire`'s msgpack codec (never pickle). Every publish
+Messages use :mod:`live_bgsub.wire`'s msgpack codec (never pickle); a document's
+message is the document as :func:`live_bgsub.wire.encode` writes it (name and
+document), with the processing a start asks for in header :data:`PROCESSING_HEADER`. Every publish
 carries a ``Nats-Msg-Id`` (per document, per ``job/seq_num``), so a publish repeated
 after a lost acknowledgement is dropped by the server within :data:`DUPLICATE_WINDOW_S`.
 """
@@ -49,6 +51,7 @@ __all__ = [
     "DONE_BUCKET",
     "DUPLICATE_WINDOW_S",
     "PLANS_BUCKET",
+    "PROCESSING_HEADER",
     "RESULTS_STREAM",
     "TASKS_STREAM",
     "WORKERS_CONSUMER",
@@ -77,6 +80,8 @@ ACK_WAIT_S = 30.0
 MAX_DELIVER = 5
 #: Seconds within which a message published twice with the same Nats-Msg-Id is kept once.
 DUPLICATE_WINDOW_S = 600.0
+#: Header of a start document's message carrying the processing its publisher asked for (JSON).
+PROCESSING_HEADER = "Lbs-Processing"
 #: Namespace of the derived runs' uids (:func:`derived_uid`).
 _DERIVED_NAMESPACE = uuid.UUID("5b1f3c1e-9a57-4b1e-8f0e-6c0a3d7e2b41")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")

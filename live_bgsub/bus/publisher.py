@@ -42,7 +42,7 @@ from event_model import unpack_datum_page, unpack_event_page
 from .. import wire
 from ..errors import ProcessingError
 from ..frames import FrameRef, RunFrames
-from .jetstream import connect, ensure_layout, job_key, subject
+from .jetstream import PROCESSING_HEADER, connect, ensure_layout, job_key, subject
 
 __all__ = ["BusPublisher"]
 
@@ -329,7 +329,7 @@ class _Sender:
                     break  # the parent closed the pipe (or died): done
                 try:
                     name, doc = wire.decode(payload)
-                    await self._handle(js, name, doc)
+                    await self._handle(js, name, doc, payload)
                 except Exception as exc:  # noqa: BLE001 - one bad document must not stop the others
                     logger.exception("live_bgsub bus: publishing a document failed")
                     self._say(f"warn {type(exc).__name__}: {exc}")
@@ -339,12 +339,12 @@ class _Sender:
             await nc.close()
         return 0
 
-    async def _publish(self, js, subj: str, payload: bytes, msg_id: str):
+    async def _publish(self, js, subj: str, payload: bytes, headers: dict):
         """Publish until JetStream acknowledges (the server may be restarting)."""
         delay = 0.05
         while True:
             try:
-                return await js.publish(subj, payload, timeout=5.0, headers={"Nats-Msg-Id": msg_id})
+                return await js.publish(subj, payload, timeout=5.0, headers=headers)
             except Exception as exc:  # noqa: BLE001 - timeouts, no responders, reconnects
                 self.retries += 1
                 if self.retries == 1 or self.retries % 100 == 0:
@@ -352,7 +352,8 @@ class _Sender:
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    async def _handle(self, js, name: str, doc: dict) -> None:
+    async def _handle(self, js, name: str, doc: dict, payload: bytes | None = None) -> None:
+        """Publish one document (``payload``: its encoding, when it is already encoded)."""
         if name == "event_page":
             for event in unpack_event_page(doc):
                 await self._handle(js, "event", event)
@@ -366,10 +367,10 @@ class _Sender:
             logger.debug("live_bgsub bus: %s document of no known run, not published", name)
             return
         run.docs += 1
-        envelope = {"name": name, "doc": doc}
+        headers = {"Nats-Msg-Id": f"{run.job}:doc:{run.docs}"}
         if name == "start" and run.processing:
-            envelope["processing"] = run.processing
-        payload = wire.encode("doc", envelope)
+            headers[PROCESSING_HEADER] = json.dumps(run.processing)
+        payload = payload if payload is not None else wire.encode(name, doc)
         inline_too_big = None
         if len(payload) > self._max_payload - 4096:
             inline_too_big = len(payload)
@@ -377,8 +378,8 @@ class _Sender:
             if key is None or key not in doc.get("data", {}):
                 raise ProcessingError(f"{name} document of {len(payload)} bytes is larger than the server's max_payload {self._max_payload}")
             light = dict(doc, data={k: v for k, v in doc["data"].items() if k != key})
-            payload = wire.encode("doc", {"name": name, "doc": light})
-        ack = await self._publish(js, subject("docs", run.job), payload, f"{run.job}:doc:{run.docs}")
+            payload = wire.encode(name, light)
+        ack = await self._publish(js, subject("docs", run.job), payload, headers)
         self.published += 1
         for ref in self._frame_refs(run, name, doc, ack.seq, inline_too_big):
             await self._task(js, run, ref)
@@ -386,7 +387,7 @@ class _Sender:
     async def _task(self, js, run: _RunState, ref) -> None:
         seq, where = ref
         task = {"run": run.uid, "job": run.job, "seq_num": int(seq), **where}
-        await self._publish(js, subject("tasks", run.job), wire.encode("task", task), f"{run.job}:task:{seq}")
+        await self._publish(js, subject("tasks", run.job), wire.encode("task", task), {"Nats-Msg-Id": f"{run.job}:task:{seq}"})
         self.tasks += 1
 
     def _run_of(self, name: str, doc: dict) -> _RunState | None:

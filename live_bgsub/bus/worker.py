@@ -243,8 +243,8 @@ class Worker:
         try:
             if "doc_seq" in task:
                 raw = await js.get_msg(DOCS_STREAM, int(task["doc_seq"]))
-                _, envelope = wire.decode(raw.data, name="doc")
-                value = envelope["doc"]["data"].get(task["data_key"])
+                _, event = wire.decode(raw.data, name="event")
+                value = event["data"].get(task["data_key"])
                 if value is None:
                     return None, f"event of frame {task['seq_num']} holds no {task['data_key']!r}"
                 return np.asarray(value), None

@@ -305,12 +305,14 @@ def latency(url, work: Path, children: _Children, tiled, *, rates_hz, frames: in
 
 def _tables(report) -> str:
     r = report["re_rate"]
+    n = r["repeats"]
     lines = [
         f"RunEngine, small frames at the top rate, {r['frames']} frames x {r['repeats']} (medians):",
         "| variant | frames/s | ratio | publisher catch-up after the stop (s) |",
         "|---|---|---|---|",
-        f"| baseline (nothing subscribed) | {r['frames_per_s']['baseline']:.0f} | | |",
+        f"| baseline (nothing subscribed), first phase | {statistics.median(r['all_frames_per_s']['baseline'][:n]):.0f} | | |",
         f"| BusPublisher alone | {r['frames_per_s']['publisher alone']:.0f} | {r['ratio_publisher_alone']:.3f} | {r['publisher_catch_up_s']['publisher alone']:.2f} |",
+        f"| baseline, second phase (the worker and composer still busy with the previous run) | {statistics.median(r['all_frames_per_s']['baseline'][n:]):.0f} | | |",
         f"| BusPublisher, a worker and the composer running | {r['frames_per_s']['whole path']:.0f} | {r['ratio_whole_path']:.3f} | {r['publisher_catch_up_s']['whole path']:.2f} |",
         "",
         "Workers, Pilatus 1M frames (frames/s, first result -> last result on the server's clock):",

@@ -1,6 +1,10 @@
 """Shared fixtures: where the real frames live, and the service switch."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,53 @@ def jetstream(tmp_path):
         pytest.skip(str(error))
     with server:
         yield server
+
+
+class CliProcess:
+    """A ``live-bgsub`` subcommand in its own process, its output in a log file under ``logs``."""
+
+    def __init__(self, logs: Path, name: str, *args: str, env=None):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log = logs / f"{name}-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "live_bgsub.cli", *args], cwd=Path(__file__).resolve().parents[1],
+                env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def until(condition, what: str, *processes, deadline_s: float = 180.0):
+    """Poll ``condition()`` until true, failing with the processes' logs if one of them
+    exits or ``deadline_s`` passes (a stated deadline, not a timing assertion)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        for p in processes:
+            assert p.alive(), f"{p.log.name} exited with {p.process.returncode}:\n{p.text()}"
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
+            raise AssertionError(f"not within {deadline_s} s: {what}\n{logs}")
+        time.sleep(0.05)

@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
-from conftest import MINI, Collector
+from conftest import MINI, CliProcess, Collector, until
 
 from live_bgsub import wire
 from live_bgsub.bus.jetstream import (
@@ -63,50 +62,14 @@ def tiled(dirs):
         yield server, connect(server.uri, api_key=server.api_key)
 
 
-class Process:
-    """A ``live-bgsub`` subcommand in its own process, logging to a file."""
-
-    def __init__(self, dirs, name: str, *args: str, env=None):
-        self.log = dirs / "logs" / f"{name}-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "live_bgsub.cli", *args],
-                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> int:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def text(self) -> str:
-        return self.log.read_text()[-4000:]
-
-
 def worker(dirs, url, name, *extra):
-    return Process(dirs, name, "worker", "--nats", url, "--name", name, "--ack-wait", "2", *extra)
+    return CliProcess(dirs / "logs", name, "worker", "--nats", url, "--name", name, "--ack-wait", "2", *extra)
 
 
 def composer(dirs, url, tiled):
     server, _ = tiled
-    return Process(
-        dirs, "composer", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(dirs / "derived"),
+    return CliProcess(
+        dirs / "logs", "composer", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(dirs / "derived"),
         "--backup", str(dirs / "backup"), "--result-timeout", "120", env={"TILED_API_KEY": server.api_key},
     )  # fmt: skip
 
@@ -126,16 +89,8 @@ def _js(url, coro_fn):
     return asyncio.run(main())
 
 
-def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
-    """Poll ``condition()`` until true (a stated deadline, not a timing assertion)."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        for p in processes:
-            assert p.alive(), f"{p.log.name} exited with {p.process.returncode}:\n{p.text()}"
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
-            raise AssertionError(f"not within {deadline_s} s: {what}\n{logs}")
-        time.sleep(0.05)
+def _until(condition, what: str, *processes):
+    until(condition, what, *processes, deadline_s=DEADLINE_S)
 
 
 def done(url, raw_uid) -> bool:

@@ -8,15 +8,14 @@ a composer started here. Conditions are polled with a stated deadline, never sle
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import CliProcess, until
 
 from live_bgsub.bus.jetstream import derived_uid, job_key
 from live_bgsub.catalog import derived_runs, metrics_table
@@ -39,45 +38,8 @@ def _needs_nats_server(tmp_path) -> None:
         pytest.skip(str(error))
 
 
-def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
-    """Poll ``condition()`` until true (a stated deadline, not a timing assertion)."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        for p in processes:
-            assert p.alive(), f"{p.log.name} exited with {p.process.returncode}:\n{p.text()}"
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
-            raise AssertionError(f"not within {deadline_s} s: {what}\n{logs}")
-        time.sleep(0.05)
-
-
-class Process:
-    """A ``live-bgsub`` subcommand in its own process, its output in a log file."""
-
-    def __init__(self, logs: Path, name: str, *args: str, env=None):
-        logs.mkdir(parents=True, exist_ok=True)
-        self.log = logs / f"{name}-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [*CLI, *args], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> int:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+def _until(condition, what: str, *processes):
+    until(condition, what, *processes, deadline_s=DEADLINE_S)
 
 
 def _one_line_exit_2(args) -> str:
@@ -143,8 +105,8 @@ def test_replay_on_the_bus_gives_a_derived_run_with_every_frame_once(served, jet
     assert "cannot connect to NATS at nats://127.0.0.1:1" in line
 
     logs = directory / "bus-test-logs"
-    worker = Process(logs, "worker", "worker", "--nats", url, "--name", "w")
-    composer = Process(logs, "compose", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(directory / "derived"),
+    worker = CliProcess(logs, "worker", "worker", "--nats", url, "--name", "w")
+    composer = CliProcess(logs, "compose", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(directory / "derived"),
                        "--backup", str(directory / "backup"), env={"TILED_API_KEY": key})  # fmt: skip
     try:
         # Another processing than the demo's (the composer's default): it travels with the run.

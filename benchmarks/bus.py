@@ -138,14 +138,19 @@ def re_rate(url, work: Path, children: _Children, tiled, *, frames: int, repeats
     publisher = BusPublisher(url)
     rates = {"baseline": [], "publisher alone": [], "whole path": []}
     catch_up = {"publisher alone": [], "whole path": []}
-    for _ in range(repeats):
-        for variant in ("baseline", "publisher alone"):
-            _, docs = _acquire(RE, det, frames, *([publisher] if variant != "baseline" else []))
-            rates[variant].append(_rate(docs))
-            if variant != "baseline":
-                t0 = time.monotonic()
-                publisher.flush(600)
-                catch_up[variant].append(time.monotonic() - t0)
+
+    def interleaved(variant: str) -> None:
+        """``repeats`` x (a run with nothing subscribed, a run with the publisher)."""
+        for _ in range(repeats):
+            for name in ("baseline", variant):
+                _, docs = _acquire(RE, det, frames, *([publisher] if name != "baseline" else []))
+                rates[name].append(_rate(docs))
+                if name != "baseline":
+                    t0 = time.monotonic()
+                    publisher.flush(600)
+                    catch_up[name].append(time.monotonic() - t0)
+
+    interleaved("publisher alone")
     # The whole path beside the RunEngine: a worker and the composer on the same cores,
     # starting from empty streams (the runs above had nobody to process them).
     async def purge(js):
@@ -157,14 +162,7 @@ def re_rate(url, work: Path, children: _Children, tiled, *, frames: int, repeats
     worker = children.start("re-worker", "worker", "--nats", url)
     composer = children.start("re-composer", "compose", "--nats", url, "--tiled", server.uri, "--directory", str(work / "derived"),
                               env={"TILED_API_KEY": server.api_key})  # fmt: skip
-    for _ in range(repeats):
-        for variant in ("baseline", "whole path"):
-            _, docs = _acquire(RE, det, frames, *([publisher] if variant != "baseline" else []))
-            rates[variant].append(_rate(docs))
-            if variant != "baseline":
-                t0 = time.monotonic()
-                publisher.flush(600)
-                catch_up[variant].append(time.monotonic() - t0)
+    interleaved("whole path")
     children.stop(worker)
     children.stop(composer)
     publisher.close(600)

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Beamline", "BeamlineConfig", "load_config"]
+__all__ = ["Beamline", "BeamlineConfig", "load_config", "persistent_key"]
 
 logger = logging.getLogger("live_bgsub.beamline")
 
@@ -164,7 +164,7 @@ class Beamline:
                 self.server = EmbeddedTiledServer(
                     self.directory / "tiled",
                     readable_storage=[raw_dir, derived_dir],
-                    api_key=_persistent_key(self.directory / "tiled"),
+                    api_key=persistent_key(self.directory / "tiled"),
                 ).start()
                 uri, api_key = self.server.uri, self.server.api_key
             self.catalog = connect(uri, api_key=api_key, catalog=cfg.catalog)
@@ -223,7 +223,7 @@ class Beamline:
         self.close()
 
 
-def _persistent_key(directory: Path) -> str:
+def persistent_key(directory: Path) -> str:
     """The embedded server's API key, kept in ``directory/api_key`` across restarts."""
     import secrets
 

@@ -145,7 +145,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
     from bluesky import RunEngine
     from bluesky.plans import count
 
-    from .beamline import _persistent_key
+    from .beamline import persistent_key
     from .catalog import derived_runs
     from .serve import read_status, wait_for_subscriber
     from .sim.detector import SimDetector
@@ -161,7 +161,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
     print(f"live-bgsub demo --remote: {frames} frames at {rate_hz:g} Hz from a simulated {preset}; "
           f"RunEngine -> bluesky-0MQ-proxy (127.0.0.1:{in_port} -> {out_port}) -> live-bgsub serve, method {method}")
     processes = []
-    key = _persistent_key(directory / "tiled")
+    key = persistent_key(directory / "tiled")
     zmq_key = secrets.token_hex(32)  # signs every 0MQ message (docs/remote.md); never pickle
     with EmbeddedTiledServer(directory / "tiled", readable_storage=[raw_dir, derived_dir], api_key=key) as server:
         try:
@@ -238,7 +238,7 @@ def _run_bus(directory, *, frames, rate_hz, method, preset, seed, workers, print
     from bluesky.plans import count
     from bluesky.utils import RunEngineInterrupted
 
-    from .beamline import _persistent_key
+    from .beamline import persistent_key
     from .bus.publisher import BusPublisher
     from .bus.server import EmbeddedJetStream
     from .replay import bus_done
@@ -252,7 +252,7 @@ def _run_bus(directory, *, frames, rate_hz, method, preset, seed, workers, print
     print(f"live-bgsub demo --workers {workers}: {frames} frames at {rate_hz:g} Hz from a simulated {preset}; "
           f"RunEngine -> NATS JetStream -> {workers} live-bgsub worker(s) -> live-bgsub compose, method {method}")
     processes = {}  # log name -> Popen
-    key = _persistent_key(directory / "tiled")
+    key = persistent_key(directory / "tiled")
     publisher = None
     previous = signal.getsignal(signal.SIGTERM)
     store = Path(tempfile.mkdtemp(prefix="jetstream-", dir=directory))

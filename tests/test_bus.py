@@ -187,12 +187,20 @@ def test_derived_uids_follow_the_raw_run_and_the_processing():
     assert "." not in job_key("a.b c") and job_key("a.b c") != job_key("a.b d")
 
 
-def test_a_worker_or_composer_without_a_server_is_one_line_and_exit_2(dirs):
-    for args in (["worker", "--nats", "nats://127.0.0.1:1"], ["compose", "--nats", "nats://127.0.0.1:1", "--tiled", "not-a-uri"]):
-        out = subprocess.run([sys.executable, "-m", "live_bgsub.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_a_worker_or_composer_without_a_server_is_one_line_and_exit_2(dirs, tiled):
+    server, _ = tiled
+    env = dict(os.environ, TILED_API_KEY=server.api_key)
+    nowhere = "nats://127.0.0.1:1"
+    cases = (
+        (["worker", "--nats", nowhere], f"cannot connect to NATS at {nowhere}"),
+        (["compose", "--nats", nowhere, "--tiled", server.uri, "--directory", str(dirs / "derived")], f"cannot connect to NATS at {nowhere}"),
+        (["compose", "--nats", nowhere, "--tiled", "not-a-uri"], "not-a-uri"),
+    )
+    for args, said in cases:
+        out = subprocess.run([sys.executable, "-m", "live_bgsub.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("live-bgsub "), out.stderr
+        assert len(lines) == 1 and lines[0].startswith("live-bgsub ") and said in lines[0], out.stderr
 
 
 # ---------------------------------------------------------------------- the path and its faults

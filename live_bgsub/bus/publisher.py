@@ -36,7 +36,6 @@ import threading
 import time
 from queue import SimpleQueue
 
-import numpy as np
 from event_model import unpack_datum_page, unpack_event_page
 
 from .. import wire
@@ -456,15 +455,6 @@ class _Sender:
                 del mapping[key]
         for key in [k for k, (res, _) in self._datums.items() if res not in self._resources]:
             del self._datums[key]
-
-
-def task_ref(task: dict, array: np.ndarray | None = None) -> FrameRef:
-    """The :class:`~live_bgsub.frames.FrameRef` of a task (``array``: an inline frame
-    already fetched from the documents' stream)."""
-    return FrameRef(
-        int(task["seq_num"]), time.monotonic(), array=array, path=task.get("path"),
-        dataset=task.get("dataset"), index=task.get("index"), error=task.get("error"),
-    )
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 from .. import wire
 from ..engine import Engine, FrameResult, make_step
 from ..errors import ProcessingError
-from ..frames import FrameReader
+from ..frames import FrameReader, FrameRef
 from .jetstream import (
     DOCS_STREAM,
     PLANS_BUCKET,
@@ -49,7 +49,6 @@ from .jetstream import (
     ensure_workers_consumer,
     subject,
 )
-from .publisher import task_ref
 
 __all__ = ["KEEP_ENGINES", "MAX_PARKED", "Worker"]
 
@@ -250,7 +249,8 @@ class Worker:
                 return np.asarray(value), None
             if task.get("error"):
                 return None, task["error"]
-            ref = task_ref(task)
+            ref = FrameRef(int(task["seq_num"]), time.monotonic(), path=task.get("path"), dataset=task.get("dataset"),
+                           index=task.get("index"), error=task.get("error"))
             return await asyncio.to_thread(self._reader.read, ref), None
         except Exception as exc:  # noqa: BLE001 - a frame that cannot be read is that frame's failure
             return None, f"{type(exc).__name__}: {exc}"

@@ -89,8 +89,8 @@ def _js(url, coro_fn):
     return asyncio.run(main())
 
 
-def _until(condition, what: str, *processes):
-    until(condition, what, *processes, deadline_s=DEADLINE_S)
+def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
+    until(condition, what, *processes, deadline_s=deadline_s)
 
 
 def done(url, raw_uid) -> bool:

@@ -38,8 +38,8 @@ def _needs_nats_server(tmp_path) -> None:
         pytest.skip(str(error))
 
 
-def _until(condition, what: str, *processes):
-    until(condition, what, *processes, deadline_s=DEADLINE_S)
+def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
+    until(condition, what, *processes, deadline_s=deadline_s)
 
 
 def _one_line_exit_2(args) -> str:

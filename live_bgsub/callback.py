@@ -40,7 +40,10 @@ another shape fails alone, and a geometry estimated from the frames uses the fir
 :data:`MIN_VALID_FRACTION` valid pixels, not constant); the others fail alone.
 
 Threads: the document handlers run on the caller's thread (the RunEngine's) and only
-record the document and put a frame reference on a bounded queue. One worker thread
+record the document and put a frame reference on a bounded queue. Documents reach
+their run through a :class:`~live_bgsub.routing.RunIndex` (not event-model's RunRouter,
+which raises for a StreamDatum of an unknown StreamResource instead of letting its run
+list it, and for an event that comes before its datum). One worker thread
 reads frames (inline arrays, or HDF5 with SWMR for StreamResource/StreamDatum and
 area-detector Resource/Datum), micro-batches them, runs the :class:`~live_bgsub.engine.
 Engine` and emits the derived documents in frame order. No handler ever raises into the
@@ -66,6 +69,7 @@ from .errors import ProcessingError
 from .frames import FrameReader, FrameRef, RunFrames, unpack_datum_kwargs
 from .geometry import Geometry, find_run_geometry
 from .io import mask_invalid
+from .routing import RunIndex
 from .sinks.hdf5 import DATASET, FoldWriter
 
 __all__ = ["LiveBackgroundSubtraction", "RunSummary"]
@@ -301,10 +305,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raise ValueError(f"accelerate=True needs a model step, got the classical method {self.step.method!r}")
 
         self.runs: dict[str, _Run] = {}
-        self._by_descriptor: dict[str, _Run] = {}
-        self._stream_resources: dict[str, dict] = {}
-        self._resources: dict[str, dict] = {}
-        self._datums: dict[str, tuple[str, dict]] = {}
+        self._index = RunIndex()  # which run each document belongs to; a run is forgotten when finished
         self._errors: collections.deque = collections.deque(maxlen=KEEP_ERRORS)
         self.error_count = 0
         self._items: collections.deque = collections.deque()
@@ -381,17 +382,18 @@ class LiveBackgroundSubtraction(DocumentRouter):
             return name, doc
 
     def start(self, doc):
+        self._index.add("start", doc)
         run = _Run(doc, RunFrames(doc, data_key=self.data_key, stream_name=self.stream_name))
         self.runs[run.uid] = run
         return doc
 
     def descriptor(self, doc):
-        run = self.runs.get(doc["run_start"])
+        doc["run_start"]  # a descriptor without its run is an error (recorded)
+        run = self.runs.get(self._index.add("descriptor", doc))
         if run is None:
             return doc
         try:
             if run.frames.descriptor(doc):
-                self._by_descriptor[doc["uid"]] = run
                 run.frame_shape = run.frame_shape or run.frames.frame_shape
         except ProcessingError as exc:
             run.summary.disabled = str(exc)
@@ -399,23 +401,24 @@ class LiveBackgroundSubtraction(DocumentRouter):
         return doc
 
     def event(self, doc):
-        run = self._by_descriptor.get(doc["descriptor"])
-        if run is None or not run.frames.ready(doc["descriptor"]):
+        descriptor = doc["descriptor"]
+        run = self.runs.get(self._index.add("event", doc))
+        if run is None or not run.frames.ready(descriptor):
             return doc
-        for ref in run.frames.event(doc, time.monotonic(), self._datums, self._resources):
+        for ref in run.frames.event(doc, time.monotonic(), self._index.resource):
             self._take(run, ref)
         return doc
 
     def stream_resource(self, doc):
-        self._stream_resources[doc["uid"]] = doc
+        self._index.add("stream_resource", doc)
         return doc
 
     def stream_datum(self, doc):
-        run = self._by_descriptor.get(doc.get("descriptor", ""))
+        run = self.runs.get(self._index.add("stream_datum", doc))
         if run is None or not run.frames.ready(doc.get("descriptor")):
             return doc
         try:
-            refs = run.frames.stream_datum(doc, self._stream_resources.get(doc["stream_resource"]), time.monotonic())
+            refs = run.frames.stream_datum(doc, self._index.resource(doc["stream_resource"]), time.monotonic())
         except ProcessingError as exc:
             run.summary.note_bad_document(str(exc))
             raise
@@ -424,25 +427,33 @@ class LiveBackgroundSubtraction(DocumentRouter):
         return doc
 
     def resource(self, doc):
-        self._resources[doc["uid"]] = doc
+        self._index.add("resource", doc)
         return doc
 
     def datum(self, doc):
-        self._datums[doc["datum_id"]] = (doc["resource"], doc.get("datum_kwargs") or {})
-        for run in self.runs.values():
-            refs = run.frames.datum(doc["datum_id"], doc["resource"], self._resources.get(doc["resource"]), doc.get("datum_kwargs") or {})
-            for ref in refs:
-                self._take(run, ref)
+        self._take_datums(self._index.add("datum", doc), [doc["datum_id"]], doc["resource"], [doc.get("datum_kwargs") or {}])
         return doc
 
     def datum_page(self, doc):
         ids = doc["datum_id"]
-        for datum_id, kwargs in zip(ids, unpack_datum_kwargs(doc.get("datum_kwargs") or {}, len(ids))):
-            self.datum({"datum_id": datum_id, "resource": doc["resource"], "datum_kwargs": kwargs})
+        kwargs = unpack_datum_kwargs(doc.get("datum_kwargs") or {}, len(ids))
+        self._take_datums(self._index.add("datum_page", doc), ids, doc["resource"], kwargs)
         return doc
 
+    def _take_datums(self, run_uid: str | None, ids, resource_uid: str, kwargs: list[dict]) -> None:
+        """Datums of a resource: to its run, or, when its resource names no run (or is
+        unknown), to every run not yet finished (the events naming them say which)."""
+        run = self.runs.get(run_uid)
+        runs = [run] if run is not None else [r for uid, r in list(self.runs.items()) if uid in self._index]
+        resource = self._index.resource(resource_uid)
+        for run in runs:
+            for datum_id, datum_kwargs in zip(ids, kwargs):
+                for ref in run.frames.datum(datum_id, resource_uid, resource, datum_kwargs):
+                    self._take(run, ref)
+
     def stop(self, doc):
-        run = self.runs.get(doc["run_start"])
+        doc["run_start"]  # a stop without its run is an error (recorded)
+        run = self.runs.get(self._index.add("stop", doc))
         if run is None:
             return doc
         run.stop_doc = doc
@@ -907,23 +918,15 @@ class LiveBackgroundSubtraction(DocumentRouter):
         return "; ".join(said)
 
     def _forget(self, run: _Run) -> None:
-        """Drop a finished run's heavy state (fold map, buffers, document maps); keep
-        its summary (the last ``KEEP_RUNS`` runs)."""
+        """Drop a finished run's heavy state (fold map, buffers, event times, datums, its
+        documents' routes); keep its summary (the last ``KEEP_RUNS`` runs)."""
         run.engine = None
         run.buffer = []
-        run.frames.event_times = {}
+        run.frames.release()
         run.descriptors = {}
         run.writer = None
         run.sres_bundle = None
-        for mapping in (self._by_descriptor,):
-            for key in [k for k, v in list(mapping.items()) if v is run]:
-                mapping.pop(key, None)
-        for mapping in (self._stream_resources, self._resources):
-            for key in [k for k, v in list(mapping.items()) if v.get("run_start") == run.uid]:
-                mapping.pop(key, None)
-        gone = {k for k, (resource, _) in list(self._datums.items()) if resource not in self._resources}
-        for key in gone:
-            self._datums.pop(key, None)
+        self._index.forget(run.uid)
         finished = [uid for uid, r in list(self.runs.items()) if r.done.is_set()]
         for uid in finished[: max(0, len(finished) - KEEP_RUNS)]:
             self.runs.pop(uid, None)

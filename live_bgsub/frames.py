@@ -139,10 +139,11 @@ def unpack_datum_kwargs(columns: dict, n: int) -> list[dict]:
 class RunFrames:
     """One raw run's frames, as its documents announce them.
 
-    Feed it the run's documents (the caller routes them to the run and keeps the
-    cross-run maps of resources and datums); each method returns the
-    :class:`FrameRef` s the document completes. The frames are those of data key
-    ``data_key`` (default: :func:`pick_data_key`) in stream ``stream_name``.
+    Feed it the run's documents (the caller routes them to the run, e.g. with
+    :class:`live_bgsub.routing.RunIndex`, which also keeps the resource documents);
+    each method returns the :class:`FrameRef` s the document completes. The frames are
+    those of data key ``data_key`` (default: :func:`pick_data_key`) in stream
+    ``stream_name``. The run's datums are kept here until :meth:`release`.
 
     Attributes
     ----------
@@ -168,6 +169,7 @@ class RunFrames:
         self.frame_shape: tuple[int, int] | None = None
         self.config: dict = {}
         self.event_times: dict[int, float] = {}
+        self._datums: dict[str, tuple[str, dict]] = {}  # datum id -> (resource uid, datum_kwargs)
         self._waiting: dict[str, list[tuple[int, float]]] = {}  # datum id -> events waiting for it
 
     def descriptor(self, doc: dict) -> bool:
@@ -190,21 +192,22 @@ class RunFrames:
         """Whether documents of this descriptor can bring frames."""
         return self.data_key is not None and descriptor_uid in self.descriptor_uids
 
-    def event(self, doc: dict, now: float, datums: dict, resources: dict) -> list[FrameRef]:
-        """The frame of an event: inline, through its datum (``datums``: datum id ->
-        (resource uid, kwargs); ``resources``: uid -> Resource), or none yet (the datum
-        has not come, or a StreamDatum brings it)."""
+    def event(self, doc: dict, now: float, resource_of) -> list[FrameRef]:
+        """The frame of an event: inline, through its datum (one given to :meth:`datum`;
+        ``resource_of(uid)``: the Resource document or None, e.g.
+        :meth:`live_bgsub.routing.RunIndex.resource`), or none yet (the datum has not
+        come, or a StreamDatum brings it)."""
         seq = int(doc["seq_num"])
         self.event_times[seq] = doc["time"]
         if self.external and self.external.startswith("STREAM:"):
             return []
         value = doc["data"].get(self.data_key)
         if self.external:  # legacy Resource/Datum: the event holds a datum id
-            datum = datums.get(value)
+            datum = self._datums.get(value)
             if datum is None:
                 self._waiting.setdefault(value, []).append((seq, now))
                 return []
-            return [datum_ref(resources.get(datum[0]), seq, now, datum[1], datum[0])]
+            return [datum_ref(resource_of(datum[0]), seq, now, datum[1], datum[0])]
         return [FrameRef(seq, now, array=None if value is None else np.asarray(value),
                          error=None if value is not None else f"event {seq} holds no {self.data_key!r}")]
 
@@ -225,7 +228,9 @@ class RunFrames:
         return [FrameRef(seq, now, path=path, dataset=dataset, index=index, error=error) for seq, index in zip(seqs, indices)]
 
     def datum(self, datum_id: str, resource_uid: str, resource: dict | None, kwargs: dict) -> list[FrameRef]:
-        """The frames of events that were waiting for this datum."""
+        """Keep a datum for the events that will name it; return the frames of the
+        events that were waiting for it."""
+        self._datums[datum_id] = (resource_uid, kwargs)
         return [datum_ref(resource, seq, received, kwargs, resource_uid) for seq, received in self._waiting.pop(datum_id, ())]
 
     def never_arrived(self) -> list[int]:
@@ -233,6 +238,12 @@ class RunFrames:
         seqs = sorted(seq for waiting in self._waiting.values() for seq, _ in waiting)
         self._waiting.clear()
         return seqs
+
+    def release(self) -> None:
+        """Drop what a finished run's frames no longer need (event times, datums)."""
+        self.event_times = {}
+        self._datums = {}
+        self._waiting = {}
 
 
 class FrameReader:

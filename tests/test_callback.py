@@ -230,6 +230,46 @@ def test_area_detector_resource_datum(tmp_path, frames, raw_file, datum_first):
     np.testing.assert_array_equal(out.corrected(), inline_out.corrected())
 
 
+@pytest.mark.parametrize("kind", ["resource", "stream_resource"])
+def test_resources_without_run_start_still_give_their_frames(tmp_path, frames, raw_file, kind):
+    """``run_start`` is optional in (stream) resources: their frames come through the
+    descriptor (StreamDatum) or the events naming the datums (a datum page here), while
+    another run is open."""
+    cb, out = _callback(tmp_path)
+    other = compose_run()
+    cb("start", other.start_doc)
+    bundle = compose_run()
+    desc = _descriptor(bundle, frames[0].shape, external="STREAM:" if kind == "stream_resource" else "FILESTORE:")
+    now = time.time()
+    cb("start", bundle.start_doc)
+    cb("descriptor", desc.descriptor_doc)
+    if kind == "stream_resource":
+        sres = bundle.compose_stream_resource(
+            mimetype="application/x-hdf5", uri="file://localhost" + str(raw_file), data_key=KEY,
+            parameters={"dataset": "/entry/data/data", "chunk_shape": [1, *frames[0].shape]},
+        ).stream_resource_doc
+        cb("stream_resource", {k: v for k, v in sres.items() if k != "run_start"})
+        cb("stream_datum", {"uid": "sd-1", "stream_resource": sres["uid"], "descriptor": desc.descriptor_doc["uid"],
+                            "indices": {"start": 0, "stop": 3}, "seq_nums": {"start": 1, "stop": 4}})
+        for i in range(3):
+            cb("event", desc.compose_event(data={"det_frame_number": i}, timestamps={"det_frame_number": now}))
+    else:
+        resource = bundle.compose_resource(spec="AD_HDF5", root="/", resource_path=str(raw_file).lstrip("/"), resource_kwargs={})
+        cb("resource", {k: v for k, v in resource.resource_doc.items() if k != "run_start"})
+        datums = [resource.compose_datum(datum_kwargs={"point_number": i}) for i in range(3)]
+        for i, d in enumerate(datums):
+            cb("event", desc.compose_event(data={KEY: d["datum_id"], "det_frame_number": i}, timestamps={KEY: now, "det_frame_number": now}))
+        cb("datum_page", {"resource": resource.resource_doc["uid"], "datum_id": [d["datum_id"] for d in datums],
+                          "datum_kwargs": {"point_number": [0, 1, 2]}})
+    cb("stop", bundle.compose_stop())
+    assert cb.wait(bundle.start_doc["uid"], timeout=120)
+    summary = cb.summary(bundle.start_doc["uid"])
+    assert summary.processed == 3 and summary.exit_status == "success", summary.reason
+    assert cb.errors == []
+    cb("stop", other.compose_stop())
+    assert cb.wait(timeout=60) and cb.summary(other.start_doc["uid"]).received == 0
+
+
 def test_geometry_sources(tmp_path, frames):
     # From the start document.
     cb, out = _callback(tmp_path / "md", geometry=None)

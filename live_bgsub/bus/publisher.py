@@ -41,6 +41,7 @@ from event_model import unpack_datum_page, unpack_event_page
 from .. import wire
 from ..errors import ProcessingError
 from ..frames import FrameRef, RunFrames
+from ..routing import RunIndex
 from .jetstream import PROCESSING_HEADER, connect, ensure_layout, job_key, subject
 
 __all__ = ["BusPublisher"]
@@ -282,7 +283,11 @@ class BusPublisher:
 
 class _Sender:
     """The child process's side: documents from stdin, publishes to JetStream, acks to
-    stdout (``ack K``: the first K documents are published with their tasks)."""
+    stdout (``ack K``: the first K documents are published with their tasks).
+
+    Documents reach their run through a :class:`~live_bgsub.routing.RunIndex` (not
+    event-model's RunRouter, whose callbacks get event pages and cannot await a publish).
+    """
 
     def __init__(self, url: str, *, stream_name: str, data_key: str | None, processing: dict | None, connect_timeout: float):
         self.url = url
@@ -293,11 +298,8 @@ class _Sender:
         self.published = 0
         self.tasks = 0
         self.retries = 0
-        self._runs: dict[str, _RunState] = {}
-        self._by_descriptor: dict[str, _RunState] = {}
-        self._stream_resources: dict[str, dict] = {}
-        self._resources: dict[str, dict] = {}
-        self._datums: dict[str, tuple[str, dict]] = {}
+        self._runs: dict[str, _RunState] = {}  # runs started and not stopped
+        self._index = RunIndex()  # which run each document belongs to; a run is forgotten at its stop
         self._max_payload = 1024 * 1024
 
     @staticmethod
@@ -390,23 +392,11 @@ class _Sender:
         self.tasks += 1
 
     def _run_of(self, name: str, doc: dict) -> _RunState | None:
+        uid = self._index.add(name, doc)
         if name == "start":
             frames = RunFrames(doc, data_key=self.data_key, stream_name=self.stream_name)
-            run = self._runs[doc["uid"]] = _RunState(doc, self.processing, frames)
-            return run
-        if name == "descriptor":
-            run = self._runs.get(doc.get("run_start"))
-            if run is not None:
-                self._by_descriptor[doc["uid"]] = run
-            return run
-        if name in ("event", "stream_datum"):
-            return self._by_descriptor.get(doc.get("descriptor"))
-        if name in ("stop", "resource", "stream_resource"):
-            return self._runs.get(doc.get("run_start"))
-        if name == "datum":
-            resource = self._resources.get(doc.get("resource"))
-            return None if resource is None else self._runs.get(resource.get("run_start"))
-        return None
+            self._runs[uid] = _RunState(doc, self.processing, frames)
+        return self._runs.get(uid)
 
     def _frame_refs(self, run: _RunState, name: str, doc: dict, doc_seq: int, inline_too_big):
         """``(seq_num, where)`` of the frames this document brings (:class:`RunFrames`,
@@ -419,16 +409,14 @@ class _Sender:
             except ProcessingError as exc:
                 logger.warning("live_bgsub bus: run %s: %s", run.uid, exc)
         elif name == "event" and frames.ready(doc.get("descriptor")):
-            refs = frames.event(doc, 0.0, self._datums, self._resources)
-        elif name == "stream_resource":
-            self._stream_resources[doc["uid"]] = doc
+            refs = frames.event(doc, 0.0, self._index.resource)
         elif name == "stream_datum" and frames.ready(doc.get("descriptor")):
-            refs = frames.stream_datum(doc, self._stream_resources.get(doc["stream_resource"]), 0.0)  # ProcessingError: said
-        elif name == "resource":
-            self._resources[doc["uid"]] = doc
+            sres = self._index.resource(doc["stream_resource"])
+            if sres is not None and sres.get("run_start") != run.uid:
+                sres = None  # not published with this run (none without run_start): the composer lacks it too
+            refs = frames.stream_datum(doc, sres, 0.0)  # ProcessingError: said
         elif name == "datum":
-            self._datums[doc["datum_id"]] = (doc["resource"], doc.get("datum_kwargs") or {})
-            refs = frames.datum(doc["datum_id"], doc["resource"], self._resources.get(doc["resource"]), doc.get("datum_kwargs") or {})
+            refs = frames.datum(doc["datum_id"], doc["resource"], self._index.resource(doc["resource"]), doc.get("datum_kwargs") or {})
         elif name == "stop":
             refs = [FrameRef(seq, 0.0, error="its datum document never arrived") for seq in frames.never_arrived()]
             self._forget(run)
@@ -448,13 +436,7 @@ class _Sender:
 
     def _forget(self, run: _RunState) -> None:
         self._runs.pop(run.uid, None)
-        for key in [k for k, v in self._by_descriptor.items() if v is run]:
-            del self._by_descriptor[key]
-        for mapping in (self._stream_resources, self._resources):
-            for key in [k for k, v in mapping.items() if v.get("run_start") == run.uid]:
-                del mapping[key]
-        for key in [k for k, (res, _) in self._datums.items() if res not in self._resources]:
-            del self._datums[key]
+        self._index.forget(run.uid)
 
 
 def main(argv=None) -> int:

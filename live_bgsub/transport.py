@@ -38,6 +38,10 @@ frame; an event lost while its StreamDatum arrived is processed, with a NaN lag)
 for inline frames and area-detector Resource/Datum it is the event (a Datum lost
 behind a received event is reported by the callback as ``unprocessed``).
 
+Documents reach their run through a :class:`~live_bgsub.routing.RunIndex` (not
+event-model's RunRouter, which raises for the documents of a run whose start never
+came, where this detector counts them per run).
+
 The detector is not thread-safe by itself; it takes a lock, so documents may come
 from one thread (the 0MQ loop) and :meth:`expire` / :meth:`finish_all` from another.
 """
@@ -50,6 +54,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from .routing import RunIndex
 
 __all__ = ["LOST_IN_TRANSPORT", "START_MISSED", "START_MISSED_KEY", "GapDetector", "TransportReport"]
 
@@ -97,7 +103,6 @@ class _OpenRun:
         self.frame_key_external: str | None = None
         self.event_seqs: set[int] = set()
         self.datum_seqs: set[int] = set()
-        self.stream_resources: dict[str, str] = {}  # uid -> data_key
 
     def snapshot(self) -> TransportReport:
         """The report with the counts filled in from what was seen so far."""
@@ -180,9 +185,8 @@ class GapDetector:
         self._lock = threading.RLock()
         self._open: dict[str, _OpenRun] = {}
         self._finished: collections.OrderedDict[str, TransportReport] = collections.OrderedDict()
-        self._descriptor_run: dict[str, str] = {}  # descriptor uid -> run uid (open and finished)
-        self._resource_run: dict[str, str] = {}  # (stream_)resource uid -> run uid
-        self._unattributed: set[str] = set()  # (stream_)resources without run_start
+        # Routes of the open runs and of the last finished ones (forgotten with their report).
+        self._index = RunIndex(keep=None)
 
     # ------------------------------------------------------------------ queries
 
@@ -223,14 +227,13 @@ class GapDetector:
                 return False, None
             self._open[uid] = _OpenRun(uid, now)
             self._open[uid].report.documents = 1
+            self._index.add(name, doc)
             return True, None
-        if name in ("stream_resource", "resource") and not doc.get("run_start"):
-            # run_start is optional in these documents: pass on, attribute nothing.
-            self._unattributed.add(doc["uid"])
+        if name in ("stream_resource", "resource", "datum", "datum_page") and self._index.unattributed(name, doc):
+            # run_start is optional in (stream) resources: pass on, attribute nothing.
+            self._index.add(name, doc)
             return True, None
-        if name in ("datum", "datum_page") and doc.get("resource") in self._unattributed:
-            return True, None
-        run_uid = self._run_of(name, doc)
+        run_uid = self._index.run_of(name, doc)
         run = self._open.get(run_uid) if run_uid else None
         if run is None:
             missed_start = name == "stop" and run_uid is not None and run_uid not in self._finished
@@ -240,14 +243,10 @@ class GapDetector:
             return False, None
         run.last_seen = now
         run.report.documents += 1
+        self._index.add(name, doc)  # an open run's descriptors and resources route its later documents
         if name == "descriptor":
-            self._descriptor_run[doc["uid"]] = run.uid
             if doc.get("name") == self.stream_name:
                 self._learn_frame_key(run, doc)
-        elif name in ("stream_resource", "resource"):
-            self._resource_run[doc["uid"]] = run.uid
-            if name == "stream_resource":
-                run.stream_resources[doc["uid"]] = doc.get("data_key")
         elif name == "event":
             if doc["descriptor"] in run.frame_descriptors:
                 run.event_seqs.add(int(doc["seq_num"]))
@@ -255,8 +254,9 @@ class GapDetector:
             if doc["descriptor"] in run.frame_descriptors:
                 run.event_seqs.update(int(s) for s in doc["seq_num"])
         elif name == "stream_datum":
-            key = run.stream_resources.get(doc["stream_resource"])
-            if key is None and doc["stream_resource"] in self._unattributed:
+            sres = self._index.resource(doc["stream_resource"]) or {}
+            key = sres.get("data_key") if sres.get("run_start") == run.uid else None
+            if key is None and self._index.unattributed(name, doc):
                 key = run.frame_key  # a StreamResource without run_start: trust the descriptor
             if doc.get("descriptor") in run.frame_descriptors and key is not None and key == run.frame_key:
                 run.datum_seqs.update(range(int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])))
@@ -264,17 +264,6 @@ class GapDetector:
             self._finish_with_stop(run, doc)
             return True, run.report
         return True, None
-
-    def _run_of(self, name: str, doc: dict) -> str | None:
-        if name in ("stop", "descriptor", "stream_resource", "resource"):
-            return doc.get("run_start")
-        if name in ("event", "event_page"):
-            return self._descriptor_run.get(doc.get("descriptor"))
-        if name == "stream_datum":
-            return self._descriptor_run.get(doc.get("descriptor")) or self._resource_run.get(doc.get("stream_resource"))
-        if name in ("datum", "datum_page"):
-            return self._resource_run.get(doc.get("resource"))
-        return None
 
     def _count_lost(self, name: str, run_uid: str | None) -> None:
         if run_uid is not None and run_uid in self._finished:
@@ -350,9 +339,7 @@ class GapDetector:
         self._finished[run.uid] = report
         while len(self._finished) > _KEEP_FINISHED:
             old, _ = self._finished.popitem(last=False)
-            for mapping in (self._descriptor_run, self._resource_run):
-                for key in [k for k, v in mapping.items() if v == old]:
-                    del mapping[key]
+            self._index.forget(old)
 
     def _make_up_stop(self, run: _OpenRun, finished_by: str, why: str) -> dict:
         highest = run.highest()

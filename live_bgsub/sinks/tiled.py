@@ -16,12 +16,15 @@ With ``backup_directory``, each document is appended to ``<run uid>.jsonl`` in t
 directory (one ``{"name": ..., "doc": ...}`` object per line, numpy values as lists)
 by the writer thread *before* it is sent to Tiled, and the line is flushed to the
 operating system. If Tiled is down or rejects a run, the complete run is still on
-disk; :func:`read_backup` yields its documents for a replay into any callback. To put
-runs back into Tiled use ``live-bgsub recover BACKUP_DIR`` (:mod:`live_bgsub.recover`):
-a plain ``TiledWriter`` fails with 409 Conflict on a run Tiled holds in part, recover
-writes only what Tiled lacks. Documents still in the queue when the
-process dies are not in the backup yet: call :meth:`TiledPublisher.flush` or
-:meth:`TiledPublisher.close` at the end of acquisition.
+disk; :func:`read_backup` yields its documents for a replay into any callback. A
+document's run comes from a :class:`~live_bgsub.routing.RunIndex` (not event-model's
+RunRouter, which raises for the documents of a run whose start it did not see, where
+they are still backed up under their run here). To put runs back into Tiled use
+``live-bgsub recover BACKUP_DIR`` (:mod:`live_bgsub.recover`): a plain ``TiledWriter``
+fails with 409 Conflict on a run Tiled holds in part, recover writes only what Tiled
+lacks. Documents still in the queue when the process dies are not in the backup yet:
+call :meth:`TiledPublisher.flush` or :meth:`TiledPublisher.close` at the end of
+acquisition.
 
 Failures
 --------
@@ -63,6 +66,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
+
+from ..routing import RunIndex, named_run
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -125,41 +130,6 @@ def read_backup(path: str | Path) -> Iterator[tuple[str, dict]]:
                 yield item["name"], item["doc"]
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{path}:{number} is not a backed-up document ({error}): {line[:200]!r}") from None
-
-
-class _RunIndex:
-    """Which run a document belongs to, from the uids documents refer to."""
-
-    def __init__(self) -> None:
-        self._run_of: dict[str, str] = {}  # descriptor / (stream_)resource uid -> run uid
-        self._keys_of_run: dict[str, list[str]] = {}
-
-    def _remember(self, key: str, run_uid: str | None) -> None:
-        if run_uid is not None:
-            self._run_of[key] = run_uid
-            self._keys_of_run.setdefault(run_uid, []).append(key)
-
-    def run_of(self, name: str, doc: dict) -> str | None:
-        """Return the uid of the run ``doc`` belongs to (None when unknown)."""
-        if name == "start":
-            return doc.get("uid")
-        if name in ("stop", "descriptor", "stream_resource", "resource"):
-            run_uid = doc.get("run_start")
-            if name != "stop":
-                self._remember(doc.get("uid"), run_uid)
-            return run_uid
-        if name in ("event", "event_page"):
-            return self._run_of.get(doc.get("descriptor"))
-        if name == "stream_datum":
-            return self._run_of.get(doc.get("descriptor")) or self._run_of.get(doc.get("stream_resource"))
-        if name in ("datum", "datum_page"):
-            return self._run_of.get(doc.get("resource"))
-        return None
-
-    def forget(self, run_uid: str) -> None:
-        """Drop what is known about a finished run."""
-        for key in self._keys_of_run.pop(run_uid, []):
-            self._run_of.pop(key, None)
 
 
 class TiledPublisher:
@@ -253,7 +223,7 @@ class TiledPublisher:
         self._closed = False
         self._enqueued = 0
         self._done = 0
-        self._runs = _RunIndex()
+        self._runs = RunIndex()  # which run each document belongs to (writer thread); forgotten at the stop
         self._failed_runs: set[str] = set()
         self._backup_files: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -437,7 +407,7 @@ class TiledPublisher:
             self._backup_files.clear()
 
     def _handle(self, name: str, doc: dict) -> None:
-        run_uid = self._runs.run_of(name, doc)
+        run_uid = self._runs.add(name, doc)
         if self.backup_directory is not None:
             self._backup(run_uid, name, doc)
         if run_uid is not None and run_uid in self._failed_runs:
@@ -511,7 +481,7 @@ class TiledPublisher:
         entry = {"name": name, "run_uid": run_uid, "doc_uid": doc_uid, "stage": stage, "error": text}
         # A document refused at the door never reaches the writer: undelivered, when
         # it names its run (the run index belongs to the writer thread).
-        refused_run = _run_named_by(name, doc) if stage == "enqueue" else None
+        refused_run = named_run(name, doc) if stage == "enqueue" else None
         with self._stats_lock:
             self.errors.append(entry)
             self.error_count += 1
@@ -528,13 +498,3 @@ def _bump(counts: OrderedDict, run_uid: str) -> None:
     while len(counts) > KEEP_RUNS:
         counts.popitem(last=False)
 
-
-def _run_named_by(name: str, doc: Any) -> str | None:
-    """The run uid a document names itself (start, stop, descriptor, resources); None otherwise."""
-    if not isinstance(doc, dict):
-        return None
-    if name == "start":
-        return doc.get("uid")
-    if name in ("stop", "descriptor", "stream_resource", "resource"):
-        return doc.get("run_start")
-    return None

@@ -19,7 +19,10 @@ server loop (``call_soon_threadsafe``); the loop writes the changed channels. So
 burst of events costs the caller microseconds per document and the PVs see the
 latest values (intermediate values of a burst may be skipped, as with any monitor).
 Nothing ever raises into the caller: errors are logged (logger
-``live_bgsub.sinks.pvs``) and shown in ``STATUS``/``MESSAGE``.
+``live_bgsub.sinks.pvs``) and shown in ``STATUS``/``MESSAGE``. Documents reach their run
+through a :class:`~live_bgsub.routing.RunIndex` (not event-model's RunRouter, which
+raises for the documents of a run whose start these PVs did not see, e.g. when
+subscribed in mid-run; they are ignored here).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..errors import LiveBgsubError
+from ..routing import RunIndex
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -181,7 +185,7 @@ class MetricsPVs:
         self._values["MESSAGE"] = ("waiting for a derived run", now, 0)
         self._runs: dict[str, _RunCounts] = {}  # derived uid -> counts (the last few runs)
         self._current: str | None = None  # derived uid shown by the PVs
-        self._descriptors: dict[str, str] = {}  # descriptor uid -> derived uid
+        self._index = RunIndex(keep=None)  # routes of the runs in _runs, forgotten with them
 
         self._channels: dict = {}
         self._thread: threading.Thread | None = None
@@ -411,9 +415,10 @@ class MetricsPVs:
         uid = doc["uid"]
         with self._lock:
             self._runs[uid] = _RunCounts(raw_uid, uid)
+            self._index.add("start", doc)
             for old in list(self._runs)[:-_KEEP_RUNS]:
                 self._runs.pop(old, None)
-            self._descriptors = {k: v for k, v in self._descriptors.items() if v in self._runs}
+                self._index.forget(old)
             self._current = uid
         updates = {suffix: math.nan for suffix in (*_METRIC_PVS.values(), "LAG_MS")}
         updates.update(
@@ -435,20 +440,20 @@ class MetricsPVs:
             if run is None:
                 return
             run.streams[doc["uid"]] = doc.get("name", "")
-            self._descriptors[doc["uid"]] = run.derived_uid
+            self._index.add("descriptor", doc)
 
     def _on_event(self, doc: dict) -> None:
-        self._on_rows(doc["descriptor"], [(doc["data"], doc.get("time"))])
+        self._on_rows(doc["descriptor"], self._index.run_of("event", doc), [(doc["data"], doc.get("time"))])
 
     def _on_event_page(self, doc: dict) -> None:
         data = doc["data"]
         times = doc.get("time") or []
         rows = [({k: v[i] for k, v in data.items()}, times[i] if i < len(times) else None) for i in range(len(times))]
-        self._on_rows(doc["descriptor"], rows)
+        self._on_rows(doc["descriptor"], self._index.run_of("event_page", doc), rows)
 
-    def _on_rows(self, descriptor: str, rows: list) -> None:
+    def _on_rows(self, descriptor: str, run_uid: str | None, rows: list) -> None:
         with self._lock:
-            run = self._runs.get(self._descriptors.get(descriptor, ""))
+            run = self._runs.get(run_uid)
             if run is None or not rows:
                 return
             stream = run.streams.get(descriptor)

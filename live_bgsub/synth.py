@@ -460,6 +460,34 @@ class SyntheticPattern:
         out[invalid == _DEAD] = -2
         return out
 
+    def reflection(self, name: str) -> np.ndarray:
+        """Noise-free expected counts of one reflection and its symmetry mates.
+
+        Parameters
+        ----------
+        name : str
+            A reflection of ``params["reflections"]`` (``"1,0"``, ``"Z"``, ``"1,1"``,
+            ``"2,0"``, ``"2,1"``, ``"M3"``, ``"M6"``) or a layer line of
+            ``params["layer_lines"]`` (``"ML1"``, ...).
+
+        Returns
+        -------
+        ndarray of float64, shape ``frame.shape``
+            0 at invalid pixels; ``signal`` is the sum of every reflection's image.
+
+        Raises
+        ------
+        KeyError
+            For a name the pattern does not hold.
+        """
+        p = self.params
+        found = [rf for rf in p["reflections"] if rf["name"] == name]
+        if not found:
+            raise KeyError(f"no reflection {name!r}; expected one of {[rf['name'] for rf in p['reflections']]}")
+        img = _render_signal(_Frame(self.frame.shape, p["center"], p["rotation_deg"]), found)
+        img[~self.mask] = 0.0
+        return img
+
 
 # --------------------------------------------------------------------------- rendering
 

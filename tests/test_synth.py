@@ -254,6 +254,20 @@ def test_i10_is_the_pixel_sum_of_one_spot():
     assert pat.signal[spot].sum(dtype=np.float64) == pytest.approx(p["i10"], rel=1e-3)
 
 
+def test_reflections_one_by_one_sum_to_the_signal():
+    pat = make_pattern("ccd-1k", seed=4, noise=False)
+    names = [rf["name"] for rf in pat.params["reflections"]]
+    assert {"1,0", "1,1", "2,0", "Z", "M3", "ML1"} <= set(names)
+    parts = {name: pat.reflection(name) for name in names}
+    total = sum(parts.values())
+    np.testing.assert_allclose(total, pat.signal, rtol=0, atol=1e-4 * float(pat.signal.max()))
+    assert not parts["1,1"][~pat.mask].any()
+    # Both symmetry mates of an equatorial reflection, each holding its intensity.
+    assert parts["1,1"].sum() == pytest.approx(2 * pat.params["i11"], rel=0.02)
+    with pytest.raises(KeyError, match="no reflection '3,0'"):
+        pat.reflection("3,0")
+
+
 def test_background_is_strongest_at_the_centre_and_along_the_equator(pilatus):
     p = pilatus.params
     cx, cy = p["center"]

@@ -297,6 +297,18 @@ def test_faint_beam_stop_arm_is_masked_to_the_edge():
     assert run.beam_stop.mask[far]
 
 
+def test_centre_off_by_more_than_the_goal_is_not_called_good():
+    """A faint Rayonix frame with S10 = 21 px: the centre lands 0.59 px off with a standard
+    error of 0.29 px, which the earlier 0.35 px threshold called good (the one geometry
+    confident wrong answer of ``benchmarks.robustness --seed 2``)."""
+    pat = make_pattern("rayonix", seed=2029, s10_px=21.25, rotation_deg=74.95, counts=0.461, beam_stop_radius_px=10.62)
+    run = find_run_geometry(*[[a] for a in mask_invalid(pat.raw())])
+    off = math.dist(run.geometry.center, pat.params["center"])
+    assert off > 0.5
+    assert run.quality.center_sigma_px > geometry_module.MAX_CENTER_SIGMA_PX
+    assert run.quality.verdict == "doubtful"
+
+
 def test_photon_starved_frame_has_an_uncertain_centre():
     """At 0.4 of the preset's counts an EIGER2 4M frame's centre misses 0.5 px (0.69 px
     here); the centre's standard error from the pattern's noise says so, where the

@@ -339,12 +339,15 @@ def fit_windows(
     sel = op[6] & (r_bins >= lo) & (r_bins <= hi)
     r = r_bins[sel]
     positions, sigmas = rf.equator_positions(*p[:5])
-    # I10, IZ, I11, I20, b0, b1, b2, then d/dS and d2/dS2 of the 1,0 and the 1,1 peaks.
-    columns = rf.equator_columns(r, *p[:5]) + rf.arced_peak_derivatives(r, positions[0], sigmas[0])
+    # I10, IZ, I11, I20, b0, b1 (and b2 where the fit kept it), then d/dS and d2/dS2 of
+    # the 1,0 and the 1,1 peaks.
+    columns = rf.equator_columns(r, *p[:5])[: 4 + rf.baseline_terms(p)]
+    shift_10 = len(columns)  # the column of d/dS of the 1,0
+    columns += rf.arced_peak_derivatives(r, positions[0], sigmas[0])
     columns += rf.arced_peak_derivatives(r, positions[2], sigmas[2])
     q = _bin_solver(op, sel, columns, n_bins)
     matrix = np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)))
-    matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[7]]), shape)
+    matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[shift_10]]), shape)
 
     # M3: the arced peak roi_metrics found, plus its linear baseline and derivatives.
     m3_px = math.nan

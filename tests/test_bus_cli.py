@@ -79,7 +79,9 @@ def test_demo_with_two_workers_processes_every_frame(demo, served):
     out = proc.stdout
     assert "RunEngine -> NATS JetStream -> 2 live-bgsub worker(s) -> live-bgsub compose" in out
     raw_uid = re.search(rf"raw run:\s+(\S+)\s+\({FRAMES} events in Tiled\)", out).group(1)
+    # The accounting, then (where any frame's metrics are doubtful) how many, then the status.
     derived = re.search(rf"derived run:\s+(\S+)\s+\(received {FRAMES}, processed {FRAMES}, failed 0, skipped 0, unprocessed 0; "
+                        rf"(metrics doubtful in \d+ of {FRAMES} processed frames \(events' metrics_doubts\); )?"
                         r"exit_status success\)", out)  # fmt: skip
     assert derived, out + _logs(directory)
     # Each worker says what it published; together, every frame once.

@@ -69,10 +69,9 @@ def ratio_bound(pattern) -> float:
         information is singular.
     """
     p = pattern.params
-    names = [rf["name"] for rf in p["reflections"] if rf["kind"] == "equatorial" and rf["name"] != "2,1"
-             and rf["intensity"] > 0]
-    cols = [pattern.reflection(n) / rf["intensity"] for n in names
-            for rf in p["reflections"] if rf["name"] == n]
+    unknown = [rf for rf in p["reflections"] if rf["name"] in ("1,0", "Z", "1,1", "2,0") and rf["intensity"] > 0]
+    names = [rf["name"] for rf in unknown]
+    cols = [pattern.reflection(rf["name"]) / rf["intensity"] for rf in unknown]
     support = np.any(np.stack(cols) > 0, axis=0) & pattern.mask
     var = (pattern.background[support].astype(np.float64) + pattern.signal[support]
            + (float(p.get("read_noise", 0.0)) / float(p.get("gain", 1.0))) ** 2)

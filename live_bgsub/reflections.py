@@ -89,8 +89,8 @@ __all__ = [
     "fit_equator",
     "fit_single_peak",
     "judge_equator",
-    "robust_covariance",
     "m3_search_range",
+    "robust_covariance",
     "s10_search_range",
     "search_equator",
     "search_grid",
@@ -693,8 +693,6 @@ def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, cov
     r, y, var = profile.window(lo, hi)
     wt = 1.0 / np.sqrt(var)
     p0 = np.r_[s0, sigma0, 0.015, 1.46, sigma0, coef0]
-    if not quadratic:
-        p0[11] = 0.0
     big = np.inf
     lower = np.r_[0.96 * s0, 0.3, 0.0, 1.38, 0.5, [-big] * 7]
     upper = np.r_[1.04 * s0, max(0.2 * s0, 1.0), 0.1, 1.56, max(0.12 * s0, 1.0), [big] * 7]
@@ -775,12 +773,17 @@ def robust_covariance(jac, residuals, lags=CORRELATED_BINS):
     jac = np.asarray(jac, float)
     n, k = jac.shape
     a_inv = np.linalg.pinv(jac.T @ jac)
-    g = jac * np.asarray(residuals, float)[:, None]
+    b = _shared_noise_products(jac * np.asarray(residuals, float)[:, None], lags)
+    return a_inv @ b @ a_inv * (n / max(n - k, 1))
+
+
+def _shared_noise_products(g, lags):
+    """``sum g_i g_j^T`` over rows ``|i - j| <= lags`` of ``g`` (n, k): the sandwich's middle."""
     b = g.T @ g
-    for lag in range(1, min(lags, n - 1) + 1):
+    for lag in range(1, min(lags, len(g) - 1) + 1):
         c = g[lag:].T @ g[:-lag]
         b += c + c.T
-    return a_inv @ b @ a_inv * (n / max(n - k, 1))
+    return b
 
 
 def equator_jacobian(r, p) -> np.ndarray:
@@ -1197,8 +1200,7 @@ def curvature_t(profile: SectorProfile, lo, hi, p, lags=CORRELATED_BINS) -> floa
     score = float(column @ residuals)
     g = column * (residuals - column * (score / norm))  # the noise: residuals less the curvature
     n = len(r)
-    v = float(g @ g) + 2.0 * sum(float(g[lag:] @ g[:-lag]) for lag in range(1, min(lags, n - 1) + 1))
-    v *= n / max(n - fitted.shape[1], 1)
+    v = float(_shared_noise_products(g[:, None], lags)[0, 0]) * n / max(n - fitted.shape[1], 1)
     return t_value(score, math.sqrt(max(v, 0.0)))
 
 

@@ -469,13 +469,15 @@ def test_results_like_engine(small_run):
     assert "shape" in results[1].error and "no valid pixel" in results[2].error
     assert set(results[0].metrics) == set(METRIC_KEYS) | {"equator_found", "reason", "quality"}
     # The verdict of the frozen window metrics is the reference fit's (roi_metrics on the
-    # reference frame; doubtful there: the white top hat leaves a curved residual, and
-    # I11/I10 changes by 2 % between a linear and a quadratic baseline).
+    # reference frame): doubtful there, and only because the white top hat leaves a curved
+    # residual under the equator (I11/I10 changes by 2.3 % between a linear and a
+    # quadratic baseline; its statistical error alone is within the threshold).
     reference = path.windows.params["roi_metrics"]["quality"]
     quality = results[0].metrics["quality"]
     assert results[0].metrics["equator_found"]
-    assert quality["verdict"] == reference["verdict"] and quality["evidence"] == reference["evidence"]
-    assert reference["evidence"]["t10"] > 10 and reference["evidence"]["baseline_terms"] in (2, 3)
+    assert quality["verdict"] == reference["verdict"] == "doubtful" and quality["evidence"] == reference["evidence"]
+    assert reference["evidence"]["baseline_terms"] == 3
+    assert len(reference["reasons"]) == 1 and "between a linear and a quadratic baseline" in reference["reasons"][0]
     peak = _peak(small_run["corrected"][0])
     np.testing.assert_allclose(results[0].corrected, small_run["corrected"][0], rtol=0, atol=FP32_TOL * peak)
 

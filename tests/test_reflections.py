@@ -393,8 +393,8 @@ def test_quadratic_baseline_is_kept_only_where_the_profile_needs_it():
         assert (e["i11_i10_baseline_dev"] > 0) == kept
         assert e["i11_i10_err"] >= e["i11_i10_baseline_dev"]
         assert m["i11_i10"] == pytest.approx(pat.params["i11_i10"], rel=0.01)
-    # No residual: no curvature (measured score 0.03). A curved residual of 1 % of the
-    # background: kept (measured 7.7).
+    # No residual: no curvature (measured score 0.07). A curved residual of 1 % of the
+    # background: kept (measured 7.6).
     assert seen[0.0]["baseline_terms"] == 2 and seen[0.01]["baseline_terms"] == 3
 
 
@@ -402,10 +402,10 @@ def test_overlapping_peaks_are_measured_with_a_linear_baseline():
     """S10 = 31 px on a 1k CCD, the 1,1 two widths from the 2,0: the failure mode.
 
     With a free quadratic baseline on every fit (before 2026-12-03), 2 of these 12 noise
-    draws had good verdicts, both with I11/I10 9 % off, and the median error was 2.2 % (the Cramer-Rao bound of
-    this pattern's I11/I10: 4.9 % with the quadratic, 1.1 % with a linear baseline, 0.5 %
-    for the intensities alone). Measured with the baseline chosen by the profile: median
-    error 1.0 %, the largest 3.0 % among the good verdicts.
+    draws had good verdicts, both with I11/I10 9 % off, and the median error was 2.2 %
+    (the Cramer-Rao bound of this pattern's I11/I10: 4.9 % with the quadratic, 1.1 % with
+    a linear baseline, 0.5 % for the intensities alone). Measured with the baseline chosen
+    by the profile: median error 1.0 %, the largest 3.0 % among the good verdicts.
     """
     pat = make_pattern("ccd-1k", seed=2034, s10_px=31.0, counts=4.0, rotation_deg=-14.66, beam_stop_radius_px=15.0,
                        noise=False)  # fmt: skip

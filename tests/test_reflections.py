@@ -387,7 +387,7 @@ def test_quadratic_baseline_is_kept_only_where_the_profile_needs_it():
         m = roi_metrics(_curved(corrected, valid, background, s10, amplitude), mask=valid)
         e = m["quality"]["evidence"]
         seen[amplitude] = e
-        kept = abs(e["t_quadratic"]) >= rf.MIN_T_QUADRATIC
+        kept = abs(e["t_quadratic"]) >= rf.MIN_T_BASELINE
         assert e["baseline_terms"] == (3 if kept else 2)
         # Where it is kept, the change from the linear baseline counts in the ratio's error.
         assert (e["i11_i10_baseline_dev"] > 0) == kept
@@ -396,6 +396,28 @@ def test_quadratic_baseline_is_kept_only_where_the_profile_needs_it():
     # No residual: no curvature (measured score 0.07). A curved residual of 1 % of the
     # background: kept (measured 7.6).
     assert seen[0.0]["baseline_terms"] == 2 and seen[0.01]["baseline_terms"] == 3
+
+
+@pytest.mark.parametrize("amplitude", [0.2, 0.5])
+def test_a_residual_the_quadratic_cannot_follow_counts_in_the_ratio_error(amplitude):
+    """A residual background steeper than a quadratic under the peaks: its times-background
+    curvature biases I11/I10 beyond the fit's own error. Before the cubic test (2026-12-04)
+    both were called good: 5.9 % and 17 % off with standard errors of 1.6 % and 2.4 %."""
+    corrected, valid, background, pat = _corrected_fold(103, counts=5.0)
+    s10 = pat.params["s10_px"]
+    m = roi_metrics(_curved(corrected, valid, background, s10, amplitude), mask=valid)
+    e, q = m["quality"]["evidence"], m["quality"]
+    error = abs(m["i11_i10"] / pat.params["i11_i10"] - 1.0)
+    assert error > 0.05  # the number is wrong ...
+    assert abs(e["t_cubic"]) >= rf.MIN_T_BASELINE  # ... the profile says why ...
+    assert e["i11_i10_cubic_dev"] > 0.5 * error and e["i11_i10_err"] >= e["i11_i10_cubic_dev"]  # ... by about that much
+    assert q["verdict"] == "doubtful" and "cubic baseline term" in q["reasons"][0]
+
+
+def test_no_cubic_change_counts_without_a_residual():
+    corrected, valid, background, pat = _corrected_fold(103, counts=5.0)
+    e = roi_metrics(corrected, mask=valid)["quality"]["evidence"]
+    assert e["baseline_terms"] == 2 and math.isnan(e["t_cubic"]) and e["i11_i10_cubic_dev"] == 0.0
 
 
 def test_overlapping_peaks_are_measured_with_a_linear_baseline():

@@ -467,10 +467,13 @@ class SimDetector(FrameStreamMixin, Device):
         frame = self._bank[index % self.n_patterns]
         ds = self._dataset
         with self._write_lock:
-            ds.resize(index + 1, axis=0)
-            # One uncompressed chunk per frame: write its bytes directly (no HDF5 conversion).
-            ds.id.write_direct_chunk((index, 0, 0), frame)
-            ds.flush()
+            try:
+                ds.resize(index + 1, axis=0)
+                # One uncompressed chunk per frame: write its bytes directly (no HDF5 conversion).
+                ds.id.write_direct_chunk((index, 0, 0), frame)
+                ds.flush()
+            except (OSError, RuntimeError) as exc:
+                raise OSError(f"{self._file_path}: writing frame {index} failed: {exc}") from exc
 
     def _frame_ready(self, index: int) -> None:
         self.frame_number.put(index)

@@ -22,9 +22,8 @@ os.environ.setdefault("EPICS_CA_AUTO_ADDR_LIST", "NO")
 os.environ.setdefault("EPICS_CA_ADDR_LIST", "127.255.255.255")
 os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", "20000000")
 # HDF5's own error stack on stderr (captured, shown with a failing test's output): h5py's
-# exceptions carry only the top line ("Unspecified error in H5Dwrite_chunk", seen once in
-# CI on the simulated detector's SWMR writer and not reproduced in 12 reruns), which
-# does not say where it failed.
+# exceptions carry only the top line ("Unspecified error in H5Dwrite_chunk"), which does
+# not say where HDF5 failed.
 h5py._errors.unsilence_errors()
 REAL_DATA = Path(os.environ.get("LIVE_BGSUB_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 

@@ -64,12 +64,9 @@ def test_a_full_disk_fails_frames_once_keeps_their_metrics_and_replay_fills_them
     s = cb.summary(uid)
     assert s.received == 200 and _accounted(s) == 200 and not s.skipped and not s.unprocessed
     assert len(s.failed) == 200 - s.processed == s.metrics_only
-    first = s.failed[min(s.failed)]
-    if "no room" not in first:
-        # Seen once in ~20 runs, only inside the full suite: HDF5 refused the run's first
-        # write before the disk filled ("ring type mismatch occurred for cache entry").
-        # The frames are still all accounted for (above); the rest needs a full disk.
-        pytest.xfail(f"HDF5 failed before the disk filled: {first}")
+    # Once in ~20 runs HDF5 refused the run's first write before the disk filled ("ring
+    # type mismatch occurred for cache entry"): the detector's frame writes did not hold
+    # h5py's lock (sinks.hdf5.append_frame), a race with this writer. No escape now.
     assert 20 < s.processed < 180
     assert len(s.failed) == 200 - s.processed == s.metrics_only
     assert all("corrected fold not written" in why and "no room" in why for why in s.failed.values())

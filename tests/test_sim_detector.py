@@ -503,3 +503,49 @@ def test_a_reader_in_this_process_reads_through_the_writer(tmp_path):
         det.unstage()
     assert read_in_process(path, "/entry/data/data", 0) is None  # closed: readers open the file
     assert read_in_process(tmp_path / "elsewhere.h5", "/entry/data/data", 0) is None
+
+
+_CONCURRENT_WRITERS = """
+import sys, threading
+import h5py, numpy as np
+from live_bgsub.sinks.hdf5 import append_frame
+
+errors = []
+
+def write(path, shape, dtype, frames, append):
+    try:
+        with h5py.File(path, "w", libver="latest") as f:
+            ds = f.create_dataset("d", shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape), dtype=dtype)
+            f.swmr_mode = True
+            for i in range(frames):
+                if append:  # the detector's frames
+                    append_frame(ds, i, np.full(shape, i, dtype))
+                else:  # another writer of the same process (the derived run's folds)
+                    ds.resize(i + 1, axis=0)
+                    ds[i] = np.full(shape, i, dtype)
+                    ds.flush()
+            if not (ds[frames - 1] == frames - 1).all():
+                errors.append(f"{path}: last frame wrong")
+    except Exception as exc:
+        errors.append(repr(exc))
+
+d = sys.argv[1]
+threads = [threading.Thread(target=write, args=(f"{d}/a.h5", (220, 200), "<i4", 3000, True)),
+           threading.Thread(target=write, args=(f"{d}/b.h5", (110, 100), "<f4", 3000, False))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_frames_are_written_safely_beside_another_hdf5_writer_thread(tmp_path):
+    """The detector's writer thread and another HDF5 writer in the same process (the
+    derived run's folds) at once: every call holds h5py's library lock. Through
+    ``write_direct_chunk``, which does not, this script failed in 3 of 3 runs (an
+    "Unspecified error in H5Dwrite_chunk", "slist not empty", a segmentation fault);
+    run in a child process so that such a crash fails this test rather than the suite."""
+    done = subprocess.run([sys.executable, "-c", _CONCURRENT_WRITERS, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

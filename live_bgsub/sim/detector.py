@@ -55,7 +55,7 @@ from ophyd import Device, Kind
 from ophyd.status import DeviceStatus
 
 from ..frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
-from ..sinks.hdf5 import register_in_process_writer, unregister_in_process_writer
+from ..sinks.hdf5 import append_frame, register_in_process_writer, unregister_in_process_writer
 from ..synth import PRESETS, DetectorPreset, make_pattern
 
 __all__ = ["DATASET", "HDF5_MIMETYPE", "SimDetector"]
@@ -468,10 +468,7 @@ class SimDetector(FrameStreamMixin, Device):
         ds = self._dataset
         with self._write_lock:
             try:
-                ds.resize(index + 1, axis=0)
-                # One uncompressed chunk per frame: write its bytes directly (no HDF5 conversion).
-                ds.id.write_direct_chunk((index, 0, 0), frame)
-                ds.flush()
+                append_frame(ds, index, frame)
             except (OSError, RuntimeError) as exc:
                 raise OSError(f"{self._file_path}: writing frame {index} failed: {exc}") from exc
 

@@ -62,6 +62,7 @@ from caproto import AccessRights, ChannelInteger, ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
 from caproto.server.server import get_pv_pair_wrapper
 
+from ..sinks.hdf5 import append_frame
 from ..synth import PRESETS
 
 __all__ = [
@@ -190,9 +191,7 @@ class _FrameFile:
     def append(self, frame: np.ndarray) -> int:
         """Append one frame, flush it, return the number of frames in the file."""
         ds, index = self._dataset, self.count
-        ds.resize(index + 1, axis=0)
-        ds.id.write_direct_chunk((index, 0, 0), np.ascontiguousarray(frame, dtype=_FRAME_DTYPE))
-        ds.flush()
+        append_frame(ds, index, np.asarray(frame, dtype=_FRAME_DTYPE))
         self.count = index + 1
         return self.count
 

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASET", "ROOM_MARGIN_BYTES", "DiskFullError", "FoldWriter", "read_in_process", "register_in_process_writer", "unregister_in_process_writer"]
+__all__ = [
+    "DATASET", "ROOM_MARGIN_BYTES", "DiskFullError", "FoldWriter", "append_frame", "read_in_process",
+    "register_in_process_writer", "unregister_in_process_writer",
+]
 
 # Files this process is writing with SWMR, by resolved path: (lock, {dataset name: h5py
 # Dataset}). HDF5 does not support a SWMR writer and a reader of one file in the same
@@ -49,6 +52,28 @@ def unregister_in_process_writer(path) -> None:
     """The writer of ``path`` is closing it: readers open the file themselves from now on."""
     with _REGISTRY_LOCK:
         _IN_PROCESS.pop(str(Path(path).resolve()), None)
+
+
+def append_frame(ds, index: int, frame) -> None:
+    """Grow ``ds`` (frames along axis 0) to ``index + 1`` frames, write ``frame`` at
+    ``index`` and flush it (SWMR readers see it then).
+
+    Through h5py's dataset write, which holds h5py's library lock, not through
+    ``DatasetID.write_direct_chunk``, which does not take that lock and calls HDF5 with
+    the GIL released: HDF5 as h5py ships it is not thread-safe, so another thread's
+    HDF5 call (the derived run's fold writer, a reader) could run inside the chunk write.
+    Seen as "Unspecified error in H5Dwrite_chunk" and "ring type mismatch occurred for
+    cache entry" once each, inside full test runs. Measured on 220 x 200 int32 frames
+    with resize and flush: 0.11 ms per frame here, 0.09 ms through the chunk write.
+    """
+    import h5py
+
+    shape = tuple(ds.shape[1:])
+    ds.resize(index + 1, axis=0)
+    space = ds.id.get_space()
+    space.select_hyperslab((index,) + (0,) * len(shape), (1, *shape))
+    ds.id.write(h5py.h5s.create_simple((1, *shape)), space, np.ascontiguousarray(frame, dtype=ds.dtype))
+    ds.flush()
 
 
 def read_in_process(path, name: str, index: int):

@@ -1038,9 +1038,9 @@ def judge_equator(evidence: dict, thresholds: dict | None = None) -> tuple[str, 
         parts = []
         dev, dev3 = e.get("i11_i10_baseline_dev", 0.0), e.get("i11_i10_cubic_dev", 0.0)
         if dev > 0:
-            parts.append(f"{dev:.3f} its change between a linear and a quadratic baseline")
+            parts.append(f"{dev:.3f} from the change between a linear and a quadratic baseline")
         if dev3 > 0:
-            parts.append(f"{dev3:.3f} the change a cubic baseline term would bring (t = {e['t_cubic']:.1f})")
+            parts.append(f"{dev3:.3f} from the change a cubic baseline term would bring (t = {e['t_cubic']:.1f})")
         why = f" (of which {' and '.join(parts)})" if parts else ""
         reasons.append(f"I11/I10 has a relative standard error of {e['i11_i10_err']:.3f} > {th['max_i11_i10_err']:g}{why}")
     if not e["s10_err_px"] <= th["max_s10_err_px"]:

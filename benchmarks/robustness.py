@@ -74,6 +74,8 @@ def ratio_bound(pattern) -> float:
         ``sqrt(var(I11 / I10)) / (I11 / I10)`` at the bound; inf when the Fisher
         information is singular.
     """
+    from live_bgsub.reflections import ratio_variance
+
     p = pattern.params
     unknown = [rf for rf in p["reflections"] if rf["name"] in ("1,0", "Z", "1,1", "2,0") and rf["intensity"] > 0]
     names = [rf["name"] for rf in unknown]
@@ -87,9 +89,7 @@ def ratio_bound(pattern) -> float:
         cov = np.linalg.inv(fisher)
     except np.linalg.LinAlgError:
         return math.inf
-    k10, k11 = names.index("1,0"), names.index("1,1")
-    i10, i11 = p["i10"], p["i11"]
-    rel = cov[k10, k10] / i10**2 + cov[k11, k11] / i11**2 - 2.0 * cov[k10, k11] / (i10 * i11)
+    rel = ratio_variance(cov, p["i10"], p["i11"], names.index("1,0"), names.index("1,1"))
     return float(math.sqrt(max(rel, 0.0)))
 
 

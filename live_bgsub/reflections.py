@@ -92,6 +92,7 @@ __all__ = [
     "judge_equator",
     "m3_search_range",
     "next_baseline_term",
+    "ratio_variance",
     "robust_covariance",
     "s10_search_range",
     "search_equator",
@@ -1123,9 +1124,7 @@ def analyse_equator(img0, valid, rmax, s10_range_px, sector_deg, min_snr, min_sn
         # The larger of the fit's and the residuals' own (robust) standard errors, with
         # the change of the ratio between the two baselines where the quadratic was kept
         # and the change a cubic term would bring where the profile asks for one.
-        if not abs(t_cubic) >= MIN_T_BASELINE:
-            cubic_dev = 0.0
-        rel = max(_ratio_variance(c, i10, i11) for c in (cov, cov_robust)) + baseline_dev**2 + cubic_dev**2
+        rel = max(ratio_variance(c, i10, i11) for c in (cov, cov_robust)) + baseline_dev**2 + cubic_dev**2
         s10_err = math.sqrt(max(cov[0, 0], cov_robust[0, 0], 0.0))
         # Rivals: the candidates not tested yet (those tried first failed acceptance).
         rivals = [c for c in found[k + 1 :] if abs(c.s10 - cand.s10) > 0.05 * cand.s10 and c.score > 0]
@@ -1180,8 +1179,8 @@ def _fit_baseline(eq, cand, r_first, rmax):
     Returns
     -------
     p, err, cov, cov_robust, dev, t, t3, dev3
-        ``t``, ``t3``: the score tests' t-values (``t3`` NaN and ``dev3`` 0 with a
-        linear baseline).
+        ``t``, ``t3``: the score tests' t-values (``t3`` NaN with a linear baseline);
+        ``dev3`` is 0 where ``t3`` is not significant.
     """
     lin = fit_equator(eq, cand.s10, cand.width, cand.coef, r_first, rmax, covariance=True, baseline="linear")
     lo, hi = equator_window(cand.s10, r_first, rmax)
@@ -1189,10 +1188,9 @@ def _fit_baseline(eq, cand, r_first, rmax):
     if not abs(t2) >= MIN_T_BASELINE:
         return (*lin, 0.0, t2, math.nan, 0.0)
     quad = fit_equator(eq, cand.s10, cand.width, cand.coef, r_first, rmax, covariance=True)
-    p, q = quad[0], lin[0]
-    dev = abs((p[7] / p[5]) / (q[7] / q[5]) - 1.0) if q[5] != 0 and q[7] != 0 and p[5] != 0 else math.inf
+    p = quad[0]
     t3, dev3 = next_baseline_term(eq, lo, hi, p)
-    return (*quad, float(dev), t2, t3, dev3)
+    return (*quad, _ratio_change(lin[0][5], lin[0][7], p[5], p[7]), t2, t3, dev3 if abs(t3) >= MIN_T_BASELINE else 0.0)
 
 
 def next_baseline_term(profile: SectorProfile, lo, hi, p, lags=CORRELATED_BINS) -> tuple[float, float]:
@@ -1240,14 +1238,21 @@ def next_baseline_term(profile: SectorProfile, lo, hi, p, lags=CORRELATED_BINS) 
     g = column * (residuals - column * beta)  # the noise: residuals less the new term
     n = len(r)
     v = float(_shared_noise_products(g[:, None], lags)[0, 0]) * n / max(n - fitted.shape[1], 1)
-    i10, i11 = p[5] - along[5] * beta, p[7] - along[7] * beta
-    change = abs((i11 / i10) / (p[7] / p[5]) - 1.0) if i10 != 0 and p[7] != 0 and p[5] != 0 else math.inf
-    return t_value(score, math.sqrt(max(v, 0.0))), float(change)
+    change = _ratio_change(p[5], p[7], p[5] - along[5] * beta, p[7] - along[7] * beta)
+    return t_value(score, math.sqrt(max(v, 0.0))), change
 
 
-def _ratio_variance(cov, i10, i11) -> float:
-    """Relative variance of ``i11 / i10`` from the covariance of the fit's parameters."""
-    return float(cov[5, 5] / i10**2 + cov[7, 7] / i11**2 - 2.0 * cov[5, 7] / (i10 * i11))
+def _ratio_change(i10, i11, i10_new, i11_new) -> float:
+    """Relative change of I11/I10 from ``i11 / i10`` to ``i11_new / i10_new`` (inf where undefined)."""
+    if i10 == 0 or i11 == 0 or i10_new == 0:
+        return math.inf
+    return float(abs((i11_new / i10_new) / (i11 / i10) - 1.0))
+
+
+def ratio_variance(cov, i10, i11, k10=5, k11=7) -> float:
+    """Relative variance of ``i11 / i10`` (to first order) from a covariance whose rows
+    ``k10`` and ``k11`` are I10's and I11's (default: :func:`fit_equator`'s parameters)."""
+    return float(cov[k10, k10] / i10**2 + cov[k11, k11] / i11**2 - 2.0 * cov[k10, k11] / (i10 * i11))
 
 
 def core_coverage(valid, p, core_deg=5.0) -> float:

@@ -17,10 +17,9 @@ masked, and :func:`live_bgsub.metrics.roi_metrics` on the fold minus the fold of
 TRUE background (so that the numbers measure geometry and reflection finding, not a
 background method).
 
-``--residual A`` adds what a background method leaves behind: ``A`` times the folded
-true background times ``(r / S10 - c)^2``, a residual curved about ``c`` S10 (``c``
-drawn per pattern in [1, 2]; the background's own steep fall makes it no polynomial
-under the peaks). I11/I10 is then biased by the residual, not by the noise; the
+``--residual A`` adds what a background method leaves behind
+(:func:`live_bgsub.synth.curved_residual`): ``A`` times the folded true background times
+``(r / S10 - c)^2``, ``c`` drawn per pattern in [1, 2]. I11/I10 is then biased by the residual, not by the noise; the
 question is whether the verdict says so.
 
 Per family: centre, rotation, S10 and I11/I10 errors (median and worst) and four counts.
@@ -123,7 +122,7 @@ def evaluate(conditions: dict) -> dict:
     from live_bgsub.geometry import find_run_geometry
     from live_bgsub.io import mask_invalid
     from live_bgsub.metrics import roi_metrics
-    from live_bgsub.synth import make_pattern
+    from live_bgsub.synth import curved_residual, make_pattern
 
     c = dict(conditions)
     residual, residual_centre = c.pop("residual", 0.0), c.pop("residual_centre", 1.4)
@@ -137,8 +136,7 @@ def evaluate(conditions: dict) -> dict:
     background, _ = fm.fold(np.where(static, p.background, 0).astype(np.float32), static)
     corrected = folded - background
     if residual > 0:
-        r = np.hypot(*np.indices(folded.shape))
-        corrected = corrected + residual * background * (r / p.params["s10_px"] - residual_centre) ** 2
+        corrected = corrected + curved_residual(background, p.params["s10_px"], residual, residual_centre)
     metrics = roi_metrics(corrected, mask=count > 0)
     seconds = time.perf_counter() - t0
     truth = p.params

@@ -64,6 +64,7 @@ __all__ = [
     "FAMILIES",
     "PRESETS",
     "SyntheticPattern",
+    "curved_residual",
     "make_pattern",
     "make_powder",
 ]
@@ -1166,3 +1167,28 @@ def make_powder(
         **response,
     )
     return _finish(det, fr, p, bg, sig, rng, noise=noise, seed=seed)
+
+
+def curved_residual(background, s10_px, amplitude, centre=1.4) -> np.ndarray:
+    """What a background method can leave on a fold: ``amplitude`` times the folded
+    background times ``(r / S10 - centre)^2``.
+
+    A residual that falls with the background (steeply, away from the beam) and curves
+    about ``centre`` S10: under the equator's peaks it is no low-order polynomial, so a
+    fitted baseline follows it only in part and biases I11/I10.
+
+    Parameters
+    ----------
+    background : ndarray, 2-D
+        A fold of the background (its ``[0, 0]`` is the beam centre).
+    s10_px : float
+        Radius of the 1,0 reflection on the fold (pixels).
+    amplitude, centre : float
+        Size relative to the background, and the radius of no residual in S10.
+
+    Returns
+    -------
+    ndarray of float64, the fold's shape
+    """
+    r = np.hypot(*np.indices(np.shape(background)))
+    return amplitude * np.asarray(background, float) * (r / s10_px - centre) ** 2

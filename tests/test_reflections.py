@@ -33,7 +33,7 @@ from live_bgsub.device_path import WINDOW_COLUMNS, _metrics_from_coef, fit_windo
 from live_bgsub.fold import fold
 from live_bgsub.geometry import Geometry
 from live_bgsub.metrics import roi_metrics
-from live_bgsub.synth import make_pattern
+from live_bgsub.synth import curved_residual, make_pattern
 
 GEOMETRY_KEYS = ("wavelength_nm", "distance_mm", "pixel_size_mm")
 
@@ -375,8 +375,7 @@ def test_robust_covariance_counts_bins_that_share_noise():
 
 def _curved(corrected, valid, background, s10, amplitude):
     """``corrected`` plus a residual background: ``amplitude`` times the background, curved about 1.4 S10."""
-    r = np.hypot(*np.indices(corrected.shape))
-    return np.where(valid, corrected + amplitude * background * (r / s10 - 1.4) ** 2, 0.0)
+    return np.where(valid, corrected + curved_residual(background, s10, amplitude), 0.0)
 
 
 def test_quadratic_baseline_is_kept_only_where_the_profile_needs_it():
@@ -416,8 +415,11 @@ def test_a_residual_the_quadratic_cannot_follow_counts_in_the_ratio_error(amplit
 
 def test_no_cubic_change_counts_without_a_residual():
     corrected, valid, background, pat = _corrected_fold(103, counts=5.0)
-    e = roi_metrics(corrected, mask=valid)["quality"]["evidence"]
+    m = roi_metrics(corrected, mask=valid)
+    e = m["quality"]["evidence"]
     assert e["baseline_terms"] == 2 and math.isnan(e["t_cubic"]) and e["i11_i10_cubic_dev"] == 0.0
+    # The same pattern as above without the residual: right (measured 0.7 % off) and called so.
+    assert m["i11_i10"] == pytest.approx(pat.params["i11_i10"], rel=0.05) and m["quality"]["verdict"] == "good"
 
 
 def test_overlapping_peaks_are_measured_with_a_linear_baseline():

@@ -694,3 +694,12 @@ def test_powder_on_a_ccd():
     stop = pow_._invalid == synth._BEAM_STOP
     assert (raw[stop] == 100).all() and stop.sum() > math.pi * p["beam_stop_radius_px"] ** 2 + 1000  # stop + arm
     np.testing.assert_array_equal(raw[pow_.mask], pow_.frame[pow_.mask] + 100)
+
+
+def test_curved_residual_follows_the_background_and_vanishes_at_its_centre():
+    background = np.full((40, 60), 2.0)
+    res = synth.curved_residual(background, s10_px=10.0, amplitude=0.5, centre=1.5)
+    assert res[0, 0] == pytest.approx(0.5 * 2.0 * 1.5**2)  # at the beam centre
+    assert res[0, 15] == pytest.approx(0.0) and res[9, 12] == pytest.approx(0.0)  # r = 15 = 1.5 S10
+    assert res[0, 30] == pytest.approx(0.5 * 2.0 * 1.5**2)  # r = 3 S10
+    np.testing.assert_allclose(synth.curved_residual(2 * background, 10.0, 0.5, 1.5), 2 * res)

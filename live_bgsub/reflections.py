@@ -658,6 +658,21 @@ def _search_design(prof: SectorProfile, s_lo, s_hi, r_first, rmax, chunk):
 #: to the ratio's error (the fit keeps the quadratic).
 MIN_T_BASELINE = 3.0
 
+#: Widest reflections :func:`fit_equator` allows. The lattice peaks' constant width
+#: ``sigma_c`` (the beam's and the detector's spread, the same in pixels at every S10) up
+#: to ``MAX_SIGMA_C_S10 * S10``; the Z line's up to
+#: ``hypot(MAX_SIGMA_Z_S10 * S10, MAX_SIGMA_Z_C * sigma_c)``: its own disorder on top of
+#: the spread that broadens the lattice peaks. Where the beam is wide against S10 (small
+#: S10 on a 73-79 um pixel: widths of 4-7 px at S10 of 20-35 px), bounds of 0.2 and 0.12
+#: S10 held the fit at the wrong widths: measured on a synthetic MAR 225 pattern with
+#: S10 = 26 px, I11/I10 14-15 % off in four noise draws. A Z line freer than this takes
+#: the place of a weak 1,1: on the P40 frames (I11/I10 about 0.1), with the Z line free
+#: to 0.35 S10 five of the six frames reported no equator, with 1.5 times the search's
+#: matched width three, with ``MAX_SIGMA_Z_C = 1.5`` one.
+MAX_SIGMA_C_S10 = 0.35
+MAX_SIGMA_Z_S10 = 0.12
+MAX_SIGMA_Z_C = 1.0
+
 
 def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, covariance=False, baseline="quadratic"):
     """Non-linear refinement of an equator candidate of :func:`search_equator`.
@@ -668,7 +683,8 @@ def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, cov
         The equatorial profile.
     s0, sigma0, coef0
         The candidate's S10, width and linear coefficients (start values); S10 stays
-        within 4 % of ``s0`` and the fit window is ``equator_window(s0, ...)``.
+        within 4 % of ``s0``, the widths within the bounds of :data:`MAX_SIGMA_C_S10`,
+        and the fit window is ``equator_window(s0, ...)``.
     r_first, rmax : float
         As :func:`search_equator`.
     covariance : bool, optional
@@ -697,40 +713,56 @@ def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, cov
     lo, hi = equator_window(s0, r_first, rmax)
     r, y, var = profile.window(lo, hi)
     wt = 1.0 / np.sqrt(var)
-    p0 = np.r_[s0, sigma0, 0.015, 1.46, sigma0, coef0]
     big = np.inf
-    lower = np.r_[0.96 * s0, 0.3, 0.0, 1.38, 0.5, [-big] * 7]
-    upper = np.r_[1.04 * s0, max(0.2 * s0, 1.0), 0.1, 1.56, max(0.12 * s0, 1.0), [big] * 7]
-    p0 = np.clip(p0, lower + 1e-9, upper - 1e-9)
+    # Internally the Z line's width is a fraction ``v`` of its largest allowed width,
+    # which grows with the lattice's constant width: sigma_z = v * sigma_z_max(sigma_c).
+    zs = MAX_SIGMA_Z_S10 * s0
+
+    def sigma_z_max(sigma_c):
+        return math.hypot(zs, MAX_SIGMA_Z_C * sigma_c)
+
+    lower = np.r_[0.96 * s0, 0.3, 0.0, 1.38, 0.5 / sigma_z_max(0.3), [-big] * 7]
+    upper = np.r_[1.04 * s0, max(MAX_SIGMA_C_S10 * s0, 1.0), 0.1, 1.56, 1.0, [big] * 7]
+    u0 = np.r_[s0, sigma0, 0.015, 1.46, 0.0, coef0]
+    u0[4] = sigma0 / sigma_z_max(min(max(sigma0, lower[1]), upper[1]))
+    u0 = np.clip(u0, lower + 1e-9, upper - 1e-9)
     if not quadratic:
-        p0[11] = 0.0
-    free = np.ones(len(p0), bool)
+        u0[11] = 0.0
+    free = np.ones(len(u0), bool)
     free[11] = quadratic
 
     def full(q):
-        p = p0.copy()
-        p[free] = q
-        return p
+        """The model's parameters ``p`` and ``dp/dq`` (free columns) of the internal ``q``."""
+        u = u0.copy()
+        u[free] = q
+        p = u.copy()
+        zmax = sigma_z_max(u[1])
+        p[4] = u[4] * zmax
+        t = np.eye(len(u))
+        t[4, 4] = zmax
+        t[4, 1] = u[4] * MAX_SIGMA_Z_C**2 * u[1] / zmax
+        return p, t[:, free]
 
     def resid(q):
-        p = full(q)
+        p, _ = full(q)
         return (np.column_stack(equator_columns(r, *p[:5])) @ p[5:] - y) * wt
 
     def jac(q):
-        return (equator_jacobian(r, full(q)) * wt[:, None])[:, free]
+        p, t = full(q)
+        return (equator_jacobian(r, p) * wt[:, None]) @ t
 
-    res = optimize.least_squares(resid, p0[free], jac=jac, bounds=(lower[free], upper[free]), x_scale="jac", method="trf")
-    p = full(res.x)
+    res = optimize.least_squares(resid, u0[free], jac=jac, bounds=(lower[free], upper[free]), x_scale="jac", method="trf")
+    p, t = full(res.x)
     n = len(p)
     s2 = float(res.fun @ res.fun) / max(len(r) - int(free.sum()), 1)
     cov = np.zeros((n, n))
     cov_robust = np.zeros((n, n))
-    idx = np.ix_(free, free)
     try:
-        cov[idx] = np.linalg.pinv(res.jac.T @ res.jac) * s2
+        cov = t @ np.linalg.pinv(res.jac.T @ res.jac) @ t.T * s2
         if covariance:
-            cov_robust[idx] = robust_covariance(res.jac, res.fun)
+            cov_robust = t @ robust_covariance(res.jac, res.fun) @ t.T
     except np.linalg.LinAlgError:
+        idx = np.ix_(free, free)
         cov[idx] = cov_robust[idx] = np.inf
     err = np.sqrt(np.clip(np.diag(cov), 0, None))
     return (p, err, cov, cov_robust) if covariance else (p, err)

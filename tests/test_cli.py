@@ -1,6 +1,7 @@
 """`live-bgsub process`: outputs, stable keys, and clear errors for bad inputs."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from fabio.tifimage import TifImage
 
-from live_bgsub.cli import main, sample_frame_path
+from live_bgsub.cli import main, process_image, sample_frame_path
 from live_bgsub.synth import make_pattern
 
 JSON_KEYS = {"image", "shape", "center", "rotation_deg", "method", "parameters", "fold_shape", "metrics", "timings_s"}
@@ -156,6 +157,21 @@ def test_console_script_on_shipped_sample(tmp_path):
     assert abs(record["center"][0] - 410.1) < 1 and abs(record["center"][1] - 490.1) < 1
     assert record["metrics"]["equator_found"] is True
     assert 0.1 < record["metrics"]["i11_i10"] < 5
+
+
+@pytest.mark.parametrize("stem, s10", [(f"P40_1_3_0000{i}", 36.45) for i in range(6)] + [("venus32int", 51.95)])
+def test_real_fiber_frames_keep_their_equator(real_data, stem, s10):
+    """Every real fiber frame, processed at the defaults, has its equator found. The
+    S10 expected are those of 2026-12-03 (36.39-36.57 px on the P40 run, 51.95 px on
+    venus32int). Their 1,1 is weak (I11/I10 about 0.1 on the P40 run): a Z line freer than
+    ``reflections.MAX_SIGMA_Z_S10`` and ``MAX_SIGMA_Z_C`` allow takes its place, and the
+    frame reports no equator (tried 2026-12-04: 1.5 times the search's matched width lost
+    three P40 frames, ``MAX_SIGMA_Z_C = 1.5`` one)."""
+    record, _ = process_image(real_data / f"{stem}.tif")
+    m = record["metrics"]
+    assert m["equator_found"], m["reason"]
+    assert abs(m["s10_px"] - s10) < 0.5
+    assert 0 < m["quality"]["evidence"]["i11_i10_err"] < math.inf
 
 
 def test_powder_frame_reports_no_equator(real_data, tmp_path):

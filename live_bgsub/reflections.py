@@ -683,8 +683,9 @@ def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, cov
         The equatorial profile.
     s0, sigma0, coef0
         The candidate's S10, width and linear coefficients (start values); S10 stays
-        within 4 % of ``s0``, the widths within the bounds of :data:`MAX_SIGMA_C_S10`,
-        and the fit window is ``equator_window(s0, ...)``.
+        within 4 % of ``s0``, ``sigma_c`` and ``sigma_z`` within the bounds of
+        :data:`MAX_SIGMA_C_S10` and :data:`MAX_SIGMA_Z_S10`, and the fit window is
+        ``equator_window(s0, ...)``.
     r_first, rmax : float
         As :func:`search_equator`.
     covariance : bool, optional
@@ -723,36 +724,38 @@ def fit_equator(profile: SectorProfile, s0, sigma0, coef0, r_first, rmax, *, cov
 
     lower = np.r_[0.96 * s0, 0.3, 0.0, 1.38, 0.5 / sigma_z_max(0.3), [-big] * 7]
     upper = np.r_[1.04 * s0, max(MAX_SIGMA_C_S10 * s0, 1.0), 0.1, 1.56, 1.0, [big] * 7]
-    u0 = np.r_[s0, sigma0, 0.015, 1.46, 0.0, coef0]
-    u0[4] = sigma0 / sigma_z_max(min(max(sigma0, lower[1]), upper[1]))
-    u0 = np.clip(u0, lower + 1e-9, upper - 1e-9)
+    u0 = np.clip(np.r_[s0, sigma0, 0.015, 1.46, 0.0, coef0], lower + 1e-9, upper - 1e-9)
+    u0[4] = np.clip(sigma0 / sigma_z_max(u0[1]), lower[4] + 1e-9, upper[4] - 1e-9)
     if not quadratic:
         u0[11] = 0.0
     free = np.ones(len(u0), bool)
     free[11] = quadratic
 
-    def full(q):
-        """The model's parameters ``p`` and ``dp/dq`` (free columns) of the internal ``q``."""
-        u = u0.copy()
-        u[free] = q
-        p = u.copy()
-        zmax = sigma_z_max(u[1])
-        p[4] = u[4] * zmax
-        t = np.eye(len(u))
+    def params(q):
+        """The model's parameters ``p`` of the internal (free) ``q``."""
+        p = u0.copy()
+        p[free] = q
+        p[4] *= sigma_z_max(p[1])
+        return p
+
+    def dp_dq(q):
+        """``d p / d q``: the identity but for the Z width's row."""
+        sigma_c, v = q[1], q[4]  # 1 and 4 are always free
+        zmax = sigma_z_max(sigma_c)
+        t = np.eye(len(u0))
         t[4, 4] = zmax
-        t[4, 1] = u[4] * MAX_SIGMA_Z_C**2 * u[1] / zmax
-        return p, t[:, free]
+        t[4, 1] = v * MAX_SIGMA_Z_C**2 * sigma_c / zmax
+        return t[:, free]
 
     def resid(q):
-        p, _ = full(q)
+        p = params(q)
         return (np.column_stack(equator_columns(r, *p[:5])) @ p[5:] - y) * wt
 
     def jac(q):
-        p, t = full(q)
-        return (equator_jacobian(r, p) * wt[:, None]) @ t
+        return (equator_jacobian(r, params(q)) * wt[:, None]) @ dp_dq(q)
 
     res = optimize.least_squares(resid, u0[free], jac=jac, bounds=(lower[free], upper[free]), x_scale="jac", method="trf")
-    p, t = full(res.x)
+    p, t = params(res.x), dp_dq(res.x)
     n = len(p)
     s2 = float(res.fun @ res.fun) / max(len(r) - int(free.sum()), 1)
     cov = np.zeros((n, n))

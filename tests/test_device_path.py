@@ -23,6 +23,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from live_bgsub import reflections as rf
 from live_bgsub.device_path import (
     METRIC_NAMES,
     DevicePath,
@@ -411,13 +412,26 @@ def test_window_metrics_on_device_equal_host_twin(pilatus_run):
         np.testing.assert_allclose(pilatus_run["metrics"][key], pilatus_run["first"][key], rtol=1e-4, err_msg=key)
 
 
+def _widths_grow(metrics) -> bool:
+    """Whether ``roi_metrics`` let the lattice peaks' widths grow with the radius on a frame."""
+    return metrics["quality"]["evidence"]["growth_inflation"] <= rf.MAX_GROWTH_INFLATION
+
+
 def test_window_metrics_agree_with_roi_metrics(pilatus_run):
+    """The windows are fitted on the run's first frame and frozen. ``roi_metrics`` chooses
+    each frame's widths (growing or common) anew: where a frame's choice is the first
+    frame's, the two paths agree within 3 %; where not (a weak 1,1, whose ratio has a
+    larger error: measured, two frames of six with I11/I10 of 0.42), within twice the
+    ratio's reported error, which counts the change the other choice would bring."""
     metrics = pilatus_run["metrics"]
+    first = pilatus_run["reference"][0].metrics
     for i, result in enumerate(pilatus_run["reference"]):
         ref = result.metrics
         assert ref["equator_found"] and metrics["equator_found"][i]
+        same = _widths_grow(ref) == _widths_grow(first)
+        rel = 0.03 if same else max(0.03, 2 * ref["quality"]["evidence"]["i11_i10_err"])
         for key in ("i10", "i11", "i11_i10"):
-            assert metrics[key][i] == pytest.approx(ref[key], rel=0.03), key
+            assert metrics[key][i] == pytest.approx(ref[key], rel=rel), key
         assert metrics["s10_px"][i] == pytest.approx(ref["s10_px"], abs=0.1)
         assert metrics["d10_nm"][i] == pytest.approx(ref["d10_nm"], rel=0.002)
         assert metrics["m3_px"][i] == pytest.approx(ref["m3_px"], abs=0.6)

@@ -1472,16 +1472,18 @@ def _accept(eq, off, p, err, r_first, rmax, min_snr, min_snr_11, min_anisotropy)
     for name, pos, sig in (("1,0", s10, sig10), ("1,1", pos11, sig11)):
         if not eq.covers(pos, sig):
             return 1, f"the {name} reflection at {pos:.1f} px falls in a masked part of the fold (detector gaps)"
-    if not t11 >= min_snr_11:
-        return 2, (
-            f"equatorial peak at {s10:.1f} px (I10 / error = {t10:.1f}) but no significant 1,1 reflection at "
-            f"sqrt(3) * S10 = {_SQRT3 * s10:.1f} px (I11 / error = {t11:.1f} < {min_snr_11}): no measurable fiber equator"
-        )
+    # Isotropy before the 1,1: a ring is named as one whether or not a second ring sits at
+    # sqrt(3) S10 (a powder frame's best candidate can miss its 1,1 by a hair).
     a10, _ = equator_anisotropy(off, eq, p, r_first, rmax)
     if a10 < min_anisotropy:
-        return 3, (
+        return 2, (
             f"the 1,0 candidate at {s10:.1f} px is isotropic (intensity per degree on the equator / "
             f"off-axis = {a10:.2f} < {min_anisotropy:g}): rings (powder) rather than a fiber equator"
+        )
+    if not t11 >= min_snr_11:
+        return 3, (
+            f"equatorial peak at {s10:.1f} px (I10 / error = {t10:.1f}) but no significant 1,1 reflection at "
+            f"sqrt(3) * S10 = {_SQRT3 * s10:.1f} px (I11 / error = {t11:.1f} < {min_snr_11}): no measurable fiber equator"
         )
     return 4, None
 

@@ -128,8 +128,7 @@ def model_ratio_bound(pattern, fold_map, static, valid) -> float:
     pixel_var = np.where(valid, mean_var / np.maximum(n, 1), 0.0)
     rmax = float(min(valid.shape) - 1)
     b = sector_bins(valid, rmax=rmax, **sector("equator", 15.0))
-    sub = pixel_var[: b.shape[0], : b.shape[1]][b.mask]
-    var = b.hist(b.w * np.sqrt(np.where(b.valid[b.mask], sub, 0.0)), power=2) * b.scale**2
+    var = b.hist(b.w * np.sqrt(pixel_var[: b.shape[0], : b.shape[1]][b.mask]), power=2) * b.scale**2
     r = np.arange(b.nr + 1, dtype=np.float64)
     usable = np.nonzero(b.ok)[0]
     if usable.size == 0:

@@ -1019,8 +1019,9 @@ class Equator:
         change of I11/I10 a cubic term would bring; counted in ``i11_i10_err`` where
         ``|t_cubic| >= MIN_T_BASELINE``, else 0), ``growth_inflation`` (the ratio's
         standard error with widths growing with the radius over that with common
-        widths: :data:`MAX_GROWTH_INFLATION`), ``t_width_growth`` (the score test of the
-        growth at the common-width fit: :func:`width_growth_score`),
+        widths: :data:`MAX_GROWTH_INFLATION`), ``t_width_growth`` (where the widths
+        were held common, the score test of the growth at that fit:
+        :func:`width_growth_score`; else NaN),
         ``i11_i10_growth_dev`` (where the widths were held common, the relative change
         of I11/I10 growing widths would bring; counted in ``i11_i10_err``; else 0) and
         ``rejected`` (the candidates tried first and why).
@@ -1207,8 +1208,7 @@ def analyse_equator(img0, valid, rmax, s10_range_px, sector_deg, min_snr, min_sn
         # The larger of the fit's and the residuals' own (robust) standard errors, with
         # the change of the ratio between the two baselines where the quadratic was kept
         # and the change a cubic term would bring where the profile asks for one.
-        rel = max(ratio_variance(c, i10, i11) for c in (cov, cov_robust))
-        rel += baseline_dev**2 + cubic_dev**2 + growth_dev**2
+        rel = _ratio_error((p, err, cov, cov_robust)) ** 2 + baseline_dev**2 + cubic_dev**2 + growth_dev**2
         s10_err = math.sqrt(max(cov[0, 0], cov_robust[0, 0], 0.0))
         # Rivals: the candidates not tested yet (those tried first failed acceptance).
         rivals = [c for c in found[k + 1 :] if abs(c.s10 - cand.s10) > 0.05 * cand.s10 and c.score > 0]
@@ -1286,27 +1286,26 @@ def _fit_model(eq, cand, r_first, rmax):
     p, err, cov, cov_robust, dev, t, t3, dev3, t_growth, dev_growth, inflation
         ``t``, ``t3``: the baseline's score tests' t-values (``t3`` NaN with a linear
         baseline); ``dev3`` is 0 where ``t3`` is not significant; ``t_growth``: the
-        widths' score test at the common fit (evidence only); ``dev_growth``: where the
-        widths are common, the change of I11/I10 that growing widths would bring
-        (counted in the ratio's error), else 0; ``inflation``: the ratio's standard
-        error with growing widths over that with common ones.
+        widths' score test where they are common (evidence only), else NaN;
+        ``dev_growth``: where the widths are common, the change of I11/I10 that growing
+        widths would bring (counted in the ratio's error), else 0; ``inflation``: the
+        ratio's standard error with growing widths over that with common ones.
     """
     lo, hi = equator_window(cand.s10, r_first, rmax)
     kw = dict(covariance=True, baseline="linear")
     common = fit_equator(eq, cand.s10, cand.width, cand.coef, r_first, rmax, widths="common", **kw)
     growing = fit_equator(eq, cand.s10, cand.width, cand.coef, r_first, rmax, widths="growing", **kw)
-    t_growth, growth_dev = width_growth_score(eq, lo, hi, common[0])
     sd_growing, sd_common = _ratio_error(growing), _ratio_error(common)
     if not math.isfinite(sd_common):  # the common widths measure nothing: as before they existed
-        inflation = math.nan
-    elif sd_common > 0:
-        inflation = sd_growing / sd_common
-    else:  # a noiseless profile that one common width fits exactly
-        inflation = 1.0 if sd_growing == 0 else math.inf
-    widths = "growing" if inflation <= MAX_GROWTH_INFLATION or not math.isfinite(sd_common) else "common"
-    lin = growing if widths == "growing" else common
-    if widths == "growing":
-        growth_dev = 0.0
+        inflation, grow = math.nan, True
+    else:  # 0 / 0: a noiseless profile that both fit exactly
+        inflation = sd_growing / sd_common if sd_common > 0 else (1.0 if sd_growing == 0 else math.inf)
+        grow = inflation <= MAX_GROWTH_INFLATION
+    if grow:
+        widths, lin, t_growth, growth_dev = "growing", growing, math.nan, 0.0
+    else:
+        widths, lin = "common", common
+        t_growth, growth_dev = width_growth_score(eq, lo, hi, common[0])
     t2, _ = next_baseline_term(eq, lo, hi, lin[0])
     if not abs(t2) >= MIN_T_BASELINE:
         return (*lin, 0.0, t2, math.nan, 0.0, t_growth, growth_dev, inflation)

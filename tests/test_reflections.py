@@ -560,10 +560,15 @@ def test_widths_grow_where_that_costs_little_even_if_a_score_test_misses_it():
     truth = pat.params["i11_i10"]
     common = _fit_alone(corrected, valid, pat.params["s10_px"], "common")
     assert abs(common[7] / common[5] / truth - 1) > 0.05
+    rmax = float(min(corrected.shape) - 1)
+    eq = rf.SectorProfile(corrected, valid, rmax=rmax, **rf.sector("equator", 15.0))
+    r_first = float(np.nonzero(eq.ok)[0][0])
+    t, _ = rf.width_growth_score(eq, *rf.equator_window(pat.params["s10_px"], r_first, rmax), common)
+    assert t < 3  # a score test would hold the widths common
     m = roi_metrics(corrected, mask=valid)
     e = m["quality"]["evidence"]
-    assert e["t_width_growth"] < 3 and e["growth_inflation"] <= rf.MAX_GROWTH_INFLATION
-    assert e["i11_i10_growth_dev"] == 0.0
+    assert e["growth_inflation"] <= rf.MAX_GROWTH_INFLATION
+    assert e["i11_i10_growth_dev"] == 0.0 and math.isnan(e["t_width_growth"])
     assert abs(m["i11_i10"] / truth - 1) < 0.05
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
 import re
 import secrets
@@ -64,6 +65,9 @@ JSON_SEQ_EXPORTER = "bluesky_tiled_plugins.exporters:json_seq_exporter"
 _CATALOG_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+asyncpg"})
 _TABLE_SCHEMES = frozenset({"sqlite", "duckdb", "postgresql"})
 
+#: What to install for a PostgreSQL-backed server (asyncpg, psycopg).
+POSTGRES_EXTRA = "pip install 'live_bgsub[postgres]'"
+
 _LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 3
 
@@ -94,6 +98,16 @@ main()
 
 class TiledServerError(LiveBgsubError, RuntimeError):
     """The embedded Tiled server could not be started or reached."""
+
+
+def _import_postgres_driver(module: str, needed_by: str):
+    """Import a PostgreSQL driver of the ``[postgres]`` extra, or fail in one line naming it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        raise ModuleNotFoundError(f"{needed_by} needs {module}, which is not installed: {POSTGRES_EXTRA}", name=module) from None
 
 
 def _quote(value: str) -> str:
@@ -218,7 +232,8 @@ class EmbeddedTiledServer:
     host : str, optional
         Interface to bind, ``"127.0.0.1"`` by default (local only).
     catalog_uri : str, optional
-        Catalog database URI, e.g. ``"postgresql+asyncpg://user@host:5432/db"``.
+        Catalog database URI, e.g. ``"postgresql+asyncpg://user@host:5432/db"``
+        (PostgreSQL needs asyncpg: the ``[postgres]`` extra).
     table_uri : str, optional
         SQL table store URI, e.g. ``"postgresql://user@host:5432/db"`` (the ADBC
         driver takes the plain ``postgresql://`` scheme), or ``"duckdb:///FILE"``.
@@ -277,6 +292,9 @@ class EmbeddedTiledServer:
                 raise ValueError(
                     f"{label} must be a URI with a scheme in {sorted(schemes)}, got {_redact_uri(str(uri))!r}"
                 )
+        if catalog_uri is not None and str(catalog_uri).startswith("postgresql"):
+            # The server (a child process) reaches a PostgreSQL catalog through asyncpg.
+            _import_postgres_driver("asyncpg", "a PostgreSQL catalog_uri")
         if isinstance(readable_storage, (str, os.PathLike)):
             raise TypeError(
                 f"readable_storage must be a list of directories, got the single value {readable_storage!r}"
@@ -642,8 +660,10 @@ def temporary_postgres_database(
     ConnectionError
         When PostgreSQL is not reachable at ``dsn_admin`` (message names it, without
         the password).
+    ModuleNotFoundError
+        When psycopg is not installed (the ``[postgres]`` extra).
     """
-    import psycopg
+    psycopg = _import_postgres_driver("psycopg", "temporary_postgres_database")
     from psycopg import sql
 
     name = name or f"live_bgsub_{secrets.token_hex(6)}"

@@ -45,7 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
+from live_bgsub.procutil import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 1800.0  # bound on each wait for results or a composed run
 
 
 def _small_preset():
@@ -94,14 +97,6 @@ def _js(url, fn):
             await nc.close()
 
     return asyncio.run(main())
-
-
-def _until(condition, what: str, deadline_s: float = 1800.0, every: float = 0.02):
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {deadline_s} s: {what}")
-        time.sleep(every)
 
 
 def _rate(docs) -> float:
@@ -238,9 +233,9 @@ def throughput(url, work: Path, children: _Children, *, methods, frames: int, ba
         for k in counts:
             workers = [children.start(f"tp-{k}", "worker", "--nats", url, "--name", f"w{i}", "--batch", str(batch)) for i in range(k)]
             warm, _ = _publish_run(url, det, RE, method, 2 * k)  # every worker loads its step once
-            _until(lambda: _results(url, warm) == 2 * k, "warm-up results")
+            wait_until(lambda: _results(url, warm) == 2 * k, WAIT_S, 0.02, what="warm-up results")
             uid, t_plan = _publish_run(url, det, RE, method, frames)
-            _until(lambda: _results(url, uid) >= frames, f"{frames} results with {k} worker(s)")
+            wait_until(lambda: _results(url, uid) >= frames, WAIT_S, 0.02, what=f"{frames} results with {k} worker(s)")
             span = _timestamp(_last_result(url, uid)) - t_plan
             for w in workers:
                 children.stop(w)
@@ -280,11 +275,11 @@ def latency(url, work: Path, children: _Children, tiled, *, rates_hz, frames: in
         with BusPublisher(url, processing=processing) as publisher:
             warm_det = SimDetector(name="pil", directory=work / "raw-lat", preset="pilatus-1m", n_patterns=4, seed=3)
             uid, _ = _acquire(RE, warm_det, 3 * workers, publisher)
-            _until(lambda: _js(url, lambda js: is_done(js, uid)), "warm-up run composed")
+            wait_until(lambda: _js(url, lambda js: is_done(js, uid)), WAIT_S, 0.02, what="warm-up run composed")
             for hz in rates_hz:
                 det = SimDetector(name="pil", directory=work / "raw-lat", preset="pilatus-1m", n_patterns=4, seed=3, period_s=1.0 / hz)
                 uid, docs = _acquire(RE, det, frames, publisher)
-                _until(lambda: _js(url, lambda js: is_done(js, uid)), f"run at {hz:.1f} Hz composed")
+                wait_until(lambda: _js(url, lambda js: is_done(js, uid)), WAIT_S, 0.02, what=f"run at {hz:.1f} Hz composed")
                 table = metrics_table(catalog[derived_uid(job_key(uid, processing), processing)])
                 lag = np.asarray(table["lag_s"], float)
                 out[f"{hz:.1f}"] = {

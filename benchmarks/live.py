@@ -65,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 
+from live_bgsub.procutil import free_port, wait_until
+
 PATHS = ("inprocess", "epics", "zmq")
 
 
@@ -316,14 +318,6 @@ def run_epics(methods, *, frames: int, period: float, repeats: int, batch_size: 
 # ---------------------------------------------------------------------- --path zmq
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _Children:
     """Child processes stopped (SIGTERM, then SIGKILL) in reverse order on exit, errors included."""
 
@@ -378,8 +372,8 @@ def _wait_derived(status_path, serve, catalog, raw_uid, *, timeout: float, log: 
     from live_bgsub.serve import read_status
 
     deadline = time.monotonic() + timeout
-    entry = {}
-    while True:
+
+    def finished():
         if serve.poll() is not None:
             raise RuntimeError(f"serve exited with {serve.returncode}; see {log}:\n{log.read_text()[-3000:]}")
         try:
@@ -387,20 +381,18 @@ def _wait_derived(status_path, serve, catalog, raw_uid, *, timeout: float, log: 
         except (OSError, ValueError):
             status = {}
         entry = next((r for r in status.get("runs", []) if r.get("raw_uid") == raw_uid), {})
-        if "exit_status" in entry:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"serve did not finish the derived run of {raw_uid} within {timeout:g} s; see {log}")
-        time.sleep(0.1)
-    while True:
+        return {**entry, "status": status} if "exit_status" in entry else None
+
+    def stored():
         try:
-            if catalog[entry["derived_uid"]].metadata.get("stop"):
-                return {**entry, "status": status}
+            return bool(catalog[entry["derived_uid"]].metadata.get("stop"))
         except KeyError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the stop of derived run {entry['derived_uid']} did not reach Tiled within {timeout:g} s")
-        time.sleep(0.2)
+            return False
+
+    entry = wait_until(finished, timeout, 0.1, what=f"serve finishing the derived run of {raw_uid} (see {log})")
+    remaining = max(0.0, deadline - time.monotonic())
+    wait_until(stored, remaining, 0.2, what=f"the stop of derived run {entry['derived_uid']} in Tiled")
+    return entry
 
 
 def _derived_figures(catalog, raw_uid: str, first_raw_event_time: float) -> dict:
@@ -460,7 +452,7 @@ def run_zmq(methods, *, frames: int, period: float, repeats: int, directory: Pat
         server = stack.enter_context(EmbeddedTiledServer(directory / "tiled", readable_storage=[raw_dir, derived_dir]))
         children = stack.enter_context(_Children())
         catalog = connect(server.uri, api_key=server.api_key)
-        in_port, out_port = _free_port(), _free_port()
+        in_port, out_port = free_port(), free_port()
         proxy = Path(sys.executable).with_name("bluesky-0MQ-proxy")
         children.start([str(proxy), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"])
         publisher = make_publisher(f"127.0.0.1:{in_port}")  # unsigned msgpack: serve never unpickles

@@ -129,14 +129,6 @@ def _run_epics(directory, *, frames, rate_hz, method, preset, seed, keep_serving
         return _acquire(config, frames, keep_serving, print)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
     import secrets
     import subprocess
@@ -147,6 +139,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
 
     from .beamline import persistent_key
     from .catalog import derived_runs
+    from .procutil import free_port
     from .serve import read_status, wait_for_subscriber
     from .sim.detector import SimDetector
     from .sinks.tiled import TiledPublisher
@@ -156,7 +149,7 @@ def _run_remote(directory, *, frames, rate_hz, method, preset, seed, print):
     raw_dir, derived_dir = directory / "raw", directory / "derived"
     for d in (raw_dir, derived_dir):
         d.mkdir(parents=True, exist_ok=True)
-    in_port, out_port = _free_port(), _free_port()
+    in_port, out_port = free_port(), free_port()
     status_path = directory / "serve-status.json"
     print(f"live-bgsub demo --remote: {frames} frames at {rate_hz:g} Hz from a simulated {preset}; "
           f"RunEngine -> bluesky-0MQ-proxy (127.0.0.1:{in_port} -> {out_port}) -> live-bgsub serve, method {method}")

@@ -26,10 +26,8 @@ import importlib
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from live_bgsub.errors import LiveBgsubError
+from live_bgsub.procutil import DeadlinePassed, free_port, wait_until
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -75,19 +74,10 @@ _PORT_ATTEMPTS = 3
 # end only the parent holds; end-of-file means the parent died (even by SIGKILL), and
 # the server is asked to stop (SIGTERM), then forced out. Then tiled's own CLI runs.
 _BOOTSTRAP = """\
-import os, signal, sys, threading, time
+import os, signal, sys
+from live_bgsub.procutil import watch_parent
 
-def _watch_parent():
-    try:
-        while os.read(0, 65536):  # Unbuffered: no lock held at interpreter exit.
-            pass
-    except OSError:
-        pass
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
-    os._exit(1)
-
-threading.Thread(target=_watch_parent, name="parent-watchdog", daemon=True).start()
+watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
 from tiled.commandline.main import main
 # The key travels in the environment (not in the visible command line); passing it
 # as --api-key here also keeps tiled from printing a key in its startup banner.
@@ -168,14 +158,6 @@ def render_config(
         "",
     ]
     return "\n".join(lines)
-
-
-def _free_port(host: str) -> int:
-    """Return a TCP port that is free on ``host`` right now (bind to port 0, then close)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, n_chars: int = _LOG_TAIL_CHARS, *, start: int = 0) -> str:
@@ -379,7 +361,7 @@ class EmbeddedTiledServer:
         # clients hold stays valid; a free one only if it is taken meanwhile.
         previous_port = self.port if self.uri is not None else 0
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self.port = self._requested_port or previous_port or _free_port(self.host)
+            self.port = self._requested_port or previous_port or free_port(self.host)
             try:
                 self._launch()
                 self._wait_healthy()
@@ -428,28 +410,29 @@ class EmbeddedTiledServer:
 
     def _wait_healthy(self) -> None:
         url = self.uri.removesuffix("/api/v1") + "/healthz"
-        deadline = time.monotonic() + self.startup_timeout
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         last_error: Exception | None = None
-        while True:
+
+        def healthy() -> bool:
+            nonlocal last_error
             try:
                 with opener.open(url, timeout=1.0) as response:
                     if response.status == 200:
-                        return
+                        return True
             except (urllib.error.URLError, OSError) as error:
                 last_error = error
-            # Waiting on the process doubles as the poll interval and notices an exit.
-            try:
-                code = self._process.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                code = None
+            code = self._process.poll()
             if code is not None:
                 self._fail(f"the Tiled server process exited with code {code} before becoming ready")
-            if time.monotonic() > deadline:
-                self._fail(
-                    f"the Tiled server did not answer {url} within {self.startup_timeout:g} s "
-                    f"(last error: {last_error!r})"
-                )
+            return False
+
+        try:
+            wait_until(healthy, self.startup_timeout, interval=0.1, what=f"the Tiled server answering {url}")
+        except DeadlinePassed:
+            self._fail(
+                f"the Tiled server did not answer {url} within {self.startup_timeout:g} s "
+                f"(last error: {last_error!r})"
+            )
 
     def _fail(self, reason: str) -> None:
         self._kill()

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from live_bgsub.procutil import DeadlinePassed, wait_until
 from live_bgsub.synth import DetectorPreset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,11 +147,16 @@ class CliProcess:
 def until(condition, what: str, *processes, deadline_s: float = 180.0):
     """Poll ``condition()`` until true, failing with the processes' logs if one of them
     exits or ``deadline_s`` passes (a stated deadline, not a timing assertion)."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
+
+    def holds():
+        if condition():
+            return True
         for p in processes:
             assert p.alive(), f"{p.log.name} exited with {p.process.returncode}:\n{p.text()}"
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
-            raise AssertionError(f"not within {deadline_s} s: {what}\n{logs}")
-        time.sleep(0.05)
+        return False
+
+    try:
+        wait_until(holds, deadline_s, what=what)
+    except DeadlinePassed as error:
+        logs = "\n".join(f"--- {p.log.name}\n{p.text()}" for p in processes)
+        raise AssertionError(f"{error}\n{logs}") from None

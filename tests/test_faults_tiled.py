@@ -29,7 +29,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import threading
 from types import SimpleNamespace
 
@@ -41,6 +40,7 @@ from bluesky.plans import count
 from conftest import MINI
 from live_bgsub.callback import LiveBackgroundSubtraction
 from live_bgsub.cli import main
+from live_bgsub.procutil import free_port
 from live_bgsub.replay import NO_STOP_REASON
 from live_bgsub.sim import SimDetector
 from live_bgsub.sinks.tiled import TiledPublisher, read_backup
@@ -56,12 +56,6 @@ N_FRAMES = 20
 KILL_AT = 5  # raw event after which the server is killed
 DERIVED_BEFORE_KILL = 2  # derived events written to Tiled before the kill (at least)
 WAIT_S = 120  # bound on waits that only a broken build would reach
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cli(*argv) -> SimpleNamespace:
@@ -114,7 +108,7 @@ def story(tmp_path_factory):
     server = EmbeddedTiledServer(
         root / "tiled",
         readable_storage=[raw_dir, derived_dir, root / "replay", root / "fill"],
-        port=_free_port(),
+        port=free_port(),
     )
     with pytest.MonkeyPatch.context() as mp, server:
         # One attempt per request: the client's default (10 attempts within 45 s) only makes failing slow.
@@ -173,7 +167,7 @@ def story(tmp_path_factory):
         s.recover_all = _cli("recover", backup, *tiled_args)
         s.recover_again = _cli("recover", backup, *tiled_args)
         s.bad_key = _cli("recover", backup, "--tiled", server.uri, "--api-key", "wrongkey")
-        s.no_server = _cli("recover", backup, "--tiled", f"http://127.0.0.1:{_free_port()}/api/v1", "--api-key", "x")
+        s.no_server = _cli("recover", backup, "--tiled", f"http://127.0.0.1:{free_port()}/api/v1", "--api-key", "x")
         # The same backup written into an empty catalog: what a fault-free write gives.
         s.reference = _cli("recover", backup, *tiled_args, "--catalog", "reference")
 

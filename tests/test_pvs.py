@@ -18,6 +18,7 @@ from conftest import MINI
 from event_model import compose_run
 
 from live_bgsub.callback import LiveBackgroundSubtraction
+from live_bgsub.procutil import DeadlinePassed, wait_until
 from live_bgsub.sinks.pvs import PV_SUFFIXES, MetricsPVs
 from live_bgsub.synth import make_pattern
 
@@ -48,14 +49,17 @@ def caget(name):
 
 def wait_values(pvs, expected: dict, timeout: float = 10.0) -> dict:
     """caget the PVs until they hold ``expected`` (suffix -> value); return what was read."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = {suffix: caget(pvs.pvnames[suffix]) for suffix in expected}
-        if all(_same(got[s], v) for s, v in expected.items()):
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PVs did not reach {expected} within {timeout} s; last read {got}")
-        time.sleep(0.02)
+    got = {}
+
+    def reached():
+        got.update((suffix, caget(pvs.pvnames[suffix])) for suffix in expected)
+        return all(_same(got[s], v) for s, v in expected.items())
+
+    try:
+        wait_until(reached, timeout, 0.02, what=f"PVs holding {expected}")
+    except DeadlinePassed as error:
+        raise AssertionError(f"{error}; last read {got}") from None
+    return got
 
 
 def _derived_run(raw_uid="0123456789abcdef-raw"):

@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from event_model import compose_run
 
 from live_bgsub.callback import LiveBackgroundSubtraction
 from live_bgsub.catalog import metrics_table
+from live_bgsub.procutil import DeadlinePassed, free_port, wait_until
 from live_bgsub.replay import frames_to_fill, replay_runs
 from live_bgsub.serve import RemoteServer, read_status, wait_for_subscriber
 from live_bgsub.sim import SimDetector
@@ -46,16 +46,12 @@ RUN_TIMEOUT = 2.0
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = f"\n--- serve log ---\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
-        time.sleep(0.05)
+    """Poll ``predicate`` until it returns something true; fail after ``timeout`` s with the log."""
+    try:
+        return wait_until(predicate, timeout, what=what)
+    except DeadlinePassed as error:
+        tail = f"\n--- serve log ---\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
+        raise AssertionError(f"{error}{tail}") from None
 
 
 # ---------------------------------------------------------------------- GapDetector in process
@@ -217,7 +213,7 @@ def test_in_process_server_lifecycle(tmp_path):
     # RemoteServer in a thread, on a port where no proxy runs: it listens, stops, and
     # finishes what is open. (The real 0MQ path is tested below.)
     cb = LiveBackgroundSubtraction(directory=tmp_path)
-    server = RemoteServer(f"127.0.0.1:{_free_port()}", cb, run_timeout=30, status_path=tmp_path / "status.json")
+    server = RemoteServer(f"127.0.0.1:{free_port()}", cb, run_timeout=30, status_path=tmp_path / "status.json")
     server.start(timeout=30)
     assert read_status(tmp_path / "status.json")["state"] == "listening"
     server.stop(timeout=30)
@@ -225,12 +221,6 @@ def test_in_process_server_lifecycle(tmp_path):
 
 
 # ---------------------------------------------------------------------- real peers
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen, timeout: float = 60) -> int:
@@ -261,7 +251,7 @@ def tiled(dirs):
 
 @pytest.fixture(scope="module")
 def proxy():
-    in_port, out_port = _free_port(), _free_port()
+    in_port, out_port = free_port(), free_port()
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("bluesky-0MQ-proxy")), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"],
         stdout=subprocess.DEVNULL,
@@ -561,7 +551,7 @@ def test_a_pickle_published_to_the_proxy_is_rejected_and_serve_carries_on(dirs, 
 @pytest.fixture(scope="module")
 def own_proxy():
     """A proxy of its own: the module's serve (no key) must not see these messages."""
-    in_port, out_port = _free_port(), _free_port()
+    in_port, out_port = free_port(), free_port()
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("bluesky-0MQ-proxy")), "--in-address", f"127.0.0.1:{in_port}", "--out-address", f"127.0.0.1:{out_port}"],
         stdout=subprocess.DEVNULL,
@@ -639,7 +629,7 @@ def test_key_options(tmp_path, monkeypatch, capsys):
 
 def test_the_derived_documents_are_backed_up_by_default(tiled, tmp_path):
     server, _ = tiled
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     remote = RemoteServer.from_options(address, tiled=server.uri, api_key=server.api_key, directory=tmp_path / "derived")
     assert remote.publisher.backup_directory == tmp_path / "derived" / "backup"
     remote.close(timeout=30)

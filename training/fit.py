@@ -20,6 +20,11 @@ Configuration: defaults, then the ``--config`` JSON file (keys are the flag name
 ``_`` for ``-``, e.g. ``"base_filters": 8``, ``"targets": ["white-top-hat"]``,
 ``"images": ["../shared/data/real"]``), then the flags given on the command line.
 Relative paths are relative to the current directory.
+
+A usage or connection error (a missing config file or images folder, a bad value, a
+Tiled server that does not answer within :data:`TILED_CONNECT_TIMEOUT_S` or refuses the
+key, a run it lacks) is one line, ``python -m training.fit: error: WHAT``, and exit
+status 2, checked before TensorFlow is imported or OUT is made (:mod:`live_bgsub.errors`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from live_bgsub.errors import ArgumentParser, at_least, usage_exit
 from training.data import PAPER_METHODS, SYNTHETIC_TRUTH, DataConfig, build_dataset
+
+PROG = "python -m training.fit"
+
+#: Seconds the first request to ``--tiled URI`` may take before it is an error.
+TILED_CONNECT_TIMEOUT_S = 10
 
 #: Every configuration key and its default (the CLI's defaults).
 DEFAULTS = {
@@ -97,9 +108,13 @@ _DATA_KEYS = {
 # --------------------------------------------------------------------------- configuration
 
 
+def _fail(message) -> None:
+    usage_exit(PROG, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m training.fit",
+    ap = ArgumentParser(
+        prog=PROG,
         description="Train the background-subtraction U-Net on folds (real frames, synthetic patterns, Tiled runs) "
         "and write OUT/model.keras, OUT/model.json (model card), OUT/history.json.",
         epilog="Keys of a --config JSON file are the long flag names with '_' for '-' (targets, images and runs "
@@ -112,32 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="JSON configuration file (e.g. training/recipes/white-top-hat.json)")
     g = ap.add_argument_group("data sources")
     g.add_argument("--images", action="append", metavar="DIR", help=f"folder of real frames, any format fabio/h5py reads; repeatable (default {d['images']})")
-    g.add_argument("--synthetic", type=int, metavar="N", help=f"number of seeded synthetic patterns (default {d['synthetic']})")
+    g.add_argument("--synthetic", type=at_least(0), metavar="N", help=f"number of seeded synthetic patterns (default {d['synthetic']})")
     g.add_argument("--synthetic-preset", help=f"detector of the synthetic patterns (default {d['synthetic_preset']})")
     g.add_argument("--synthetic-seed", type=int, help=f"seed of the first synthetic pattern (default {d['synthetic_seed']})")
     g.add_argument("--synthetic-counts", type=float, help=f"dose of the synthetic patterns, 1 = BioCAT-like (default {d['synthetic_counts']})")
-    g.add_argument("--tiled", metavar="URI", help="Tiled catalog URI (needs the tiled[client] package); select runs with --run or --tiled-query")
+    g.add_argument("--tiled", metavar="URI", help="Tiled catalog URI (needs the tiled[client] package; API key from $TILED_API_KEY); select runs "
+                   f"with --run or --tiled-query; one that does not answer within {TILED_CONNECT_TIMEOUT_S} s is an error")
     g.add_argument("--run", dest="runs", action="append", metavar="UID", help="run uid in the Tiled catalog; repeatable")
     g.add_argument("--tiled-query", help="full-text query selecting runs in the Tiled catalog")
     g.add_argument("--tiled-key", help="detector data key of the primary stream (default: the first 2-D image key)")
-    g.add_argument("--max-frames-per-file", type=int, help=f"frames read from one multi-frame file at most (default {d['max_frames_per_file']})")
+    g.add_argument("--max-frames-per-file", type=at_least(1), help=f"frames read from one multi-frame file at most (default {d['max_frames_per_file']})")
     g = ap.add_argument_group("targets and dataset steps")
     g.add_argument("--target", dest="targets", action="append", metavar="METHOD",
                    help="target: a classical method name (white-top-hat, circularly-symmetric, smoothed-gaussian, ...) or "
                    f"'{SYNTHETIC_TRUTH}' (synthetic sources only); repeat for a mixed model (default {d['targets']})")
     g.add_argument("--target-params", type=json.loads, metavar="JSON", help='method parameters, e.g. \'{"white-top-hat": {"tophat": 80}}\' (default: MuscleX defaults)')
-    g.add_argument("--downsample", type=int, help=f"working resolution: block mean of the fold (default {d['downsample']}, MuscleX's)")
-    g.add_argument("--input-size", type=int, nargs="+", metavar="N", help=f"model input rows [cols]: top-left crop/pad of the fold (default {d['input_size']})")
+    g.add_argument("--downsample", type=at_least(1), help=f"working resolution: block mean of the fold (default {d['downsample']}, MuscleX's)")
+    g.add_argument("--input-size", type=at_least(16), nargs="+", metavar="N", help=f"model input rows [cols]: top-left crop/pad of the fold (default {d['input_size']})")
     g.add_argument("--discard", type=float, help=f"fraction of folds per source discarded as outliers (default {d['discard']}, the paper's)")
     g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help=f"split fractions (default {d['split']})")
-    g.add_argument("--augment", type=int, metavar="K", help=f"Poisson re-dosed copies per training fold (default {d['augment']})")
+    g.add_argument("--augment", type=at_least(0), metavar="K", help=f"Poisson re-dosed copies per training fold (default {d['augment']})")
     g.add_argument("--augment-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"dose factor range of the copies (default {d['augment_scale']})")
-    g.add_argument("--similarity-n", type=int, metavar="N", help=f"print the method-similarity report on N folds, 0 = skip (default {d['similarity_n']})")
+    g.add_argument("--similarity-n", type=at_least(0), metavar="N", help=f"print the method-similarity report on N folds, 0 = skip (default {d['similarity_n']})")
     g.add_argument("--similarity-methods", nargs="+", metavar="METHOD", help="methods of the similarity report (default: the paper's six)")
     g = ap.add_argument_group("model and loss")
-    g.add_argument("--depth", type=int, help=f"U-Net levels (default {d['depth']})")
-    g.add_argument("--base-filters", type=int, help=f"filters of the first level (default {d['base_filters']})")
-    g.add_argument("--dilation-rate", type=int, help=f"dilation of the 3x3 convolutions (default {d['dilation_rate']})")
+    g.add_argument("--depth", type=at_least(1), help=f"U-Net levels (default {d['depth']})")
+    g.add_argument("--base-filters", type=at_least(1), help=f"filters of the first level (default {d['base_filters']})")
+    g.add_argument("--dilation-rate", type=at_least(1), help=f"dilation of the 3x3 convolutions (default {d['dilation_rate']})")
     g.add_argument("--upsampling", choices=["nearest", "bilinear"], help=f"decoder upsampling (default {d['upsampling']})")
     g.add_argument("--normalization", choices=["unified", "independent"], help=f"unified: input and target / input max; independent: each / own max (default {d['normalization']})")
     g.add_argument("--loss-alpha", type=float, help=f"weight of the smoothness term (default {d['loss_alpha']})")
@@ -145,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-eps", type=float, help=f"epsilon of the smoothness weights (default {d['loss_eps']})")
     g.add_argument("--loss-smooth-on", choices=["background", "output"], help=f"image the smoothness acts on (default {d['loss_smooth_on']})")
     g = ap.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help=f"maximum number of epochs (default {d['epochs']})")
-    g.add_argument("--batch-size", type=int, help=f"pairs per step (default {d['batch_size']})")
+    g.add_argument("--epochs", type=at_least(1), help=f"maximum number of epochs (default {d['epochs']})")
+    g.add_argument("--batch-size", type=at_least(1), help=f"pairs per step (default {d['batch_size']})")
     g.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default {d['learning_rate']}, the paper's)")
-    g.add_argument("--patience", type=int, help=f"early stopping: epochs without a better validation loss (default {d['patience']})")
+    g.add_argument("--patience", type=at_least(0), help=f"early stopping: epochs without a better validation loss (default {d['patience']})")
     g.add_argument(
         "--lr-plateau-factor",
         type=float,
@@ -172,12 +188,21 @@ def resolve_config(argv=None) -> tuple[dict, bool]:
     path = args.pop("config", None)
     fresh = bool(args.pop("fresh", False))
     if path:
-        with open(path) as f:
-            loaded = json.load(f)
+        try:
+            with open(path) as f:
+                loaded = json.load(f)
+        except FileNotFoundError:
+            _fail(f"--config: no such file: {path!r}")
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"--config: cannot read {path!r}: {exc}")
+        except json.JSONDecodeError as exc:
+            _fail(f"--config: {path!r} is not JSON ({exc})")
+        if not isinstance(loaded, dict):
+            _fail(f"--config: {path!r} must hold a JSON object of configuration keys, got {type(loaded).__name__}")
         loaded = {k: v for k, v in loaded.items() if not k.startswith("_")}  # "_comment" keys
         unknown = sorted(set(loaded) - set(DEFAULTS))
         if unknown:
-            raise SystemExit(f"error: unknown key(s) {unknown} in {path}; valid keys: {sorted(DEFAULTS)}")
+            _fail(f"unknown key(s) {unknown} in {path}; valid keys: {sorted(DEFAULTS)}")
         config.update(loaded)
     config.update(args)
     if isinstance(config["images"], str):
@@ -187,11 +212,60 @@ def resolve_config(argv=None) -> tuple[dict, bool]:
     if len(config["input_size"]) == 1:
         config["input_size"] = [config["input_size"][0]] * 2
     if not config.get("out"):
-        raise SystemExit("error: no output folder: give --out DIR (or \"out\" in the config)")
+        _fail("no output folder: give --out DIR (or \"out\" in the config)")
     if not config.get("name"):
         t = config["targets"]
         config["name"] = t[0] if len(t) == 1 else "mixed"
     return config, fresh
+
+
+def check_config(config: dict) -> DataConfig:
+    """The data configuration of ``config``, after checking every value a run needs
+    before it starts: the counts, the images folders, the Tiled server and its runs.
+    A wrong one is a usage error (one line, exit status 2)."""
+    for key in ("epochs", "batch_size", "depth", "base_filters", "dilation_rate"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"{key} must be an integer >= 1, got {value!r}")
+    try:
+        data_config = DataConfig.from_mapping({k: config[k] for k in _DATA_KEYS})
+    except ValueError as exc:
+        _fail(str(exc))
+    if len(data_config.targets) > 1 and SYNTHETIC_TRUTH in data_config.targets:
+        _fail("'synthetic-truth' cannot be mixed with classical targets (their inputs differ in meaning)")
+    for folder in data_config.images:
+        if not Path(folder).is_dir():
+            _fail(f"--images: no such folder: {str(folder)!r}")
+    if data_config.tiled:
+        _check_tiled(data_config.tiled, data_config.runs)
+    return data_config
+
+
+def _check_tiled(uri: str, runs) -> None:
+    """A usage error unless the Tiled catalog at ``uri`` answers within
+    :data:`TILED_CONNECT_TIMEOUT_S`, takes the key in ``$TILED_API_KEY`` and holds ``runs``."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(str(uri))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        _fail(f"--tiled: expected a catalog URI like http://HOST:PORT/api/v1/metadata/CATALOG, got {uri!r}")
+    try:
+        import httpx
+        from tiled.client import from_uri
+    except ImportError as exc:
+        _fail(f"--tiled needs the 'tiled[client]' package (pip install 'tiled[client]'): {exc}")
+    try:  # one quick request: no answer is an error now, not after the client's retries
+        httpx.get(uri, timeout=TILED_CONNECT_TIMEOUT_S).close()
+        client = from_uri(uri)
+    except httpx.TransportError as exc:
+        _fail(f"--tiled: the Tiled server at {uri} cannot be reached (connect timeout {TILED_CONNECT_TIMEOUT_S} s): {type(exc).__name__}: {exc}")
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        why = "refused the API key ($TILED_API_KEY)" if code in (401, 403) else "answered with an error"
+        _fail(f"--tiled: the Tiled server at {uri} {why} (HTTP {code} {exc.response.reason_phrase})")
+    missing = [str(uid) for uid in runs if str(uid) not in client]
+    if missing:
+        _fail(f"--run: not in the Tiled catalog {uri}: {', '.join(missing)}")
 
 
 def target_name(targets) -> str:
@@ -370,9 +444,13 @@ def _tensorboard_callback(log_dir: Path):
 
 
 def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
-    """Train a model as ``config`` says (keys of :data:`DEFAULTS`); returns the card."""
+    """Train a model as ``config`` says (keys of :data:`DEFAULTS`); returns the card.
+
+    A wrong value (:func:`check_config`) is a usage error, found before anything is
+    imported or written: one line on stderr and SystemExit with status 2."""
     import shutil
 
+    data_config = check_config(config)
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     backup = out / "backup"
@@ -391,22 +469,13 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
         old = json.loads(fp_path.read_text())
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if diff:
-            raise SystemExit(
-                f"error: {backup} holds a run with another configuration (differs in {diff}); "
-                "use --fresh to start over or another --out"
-            )
+            _fail(f"{backup} holds a run with another configuration (differs in {diff}); use --fresh to start over or another --out")
 
     import keras
 
     from live_bgsub.model import MAE, PSNR, SSIM, BackgroundLoss, build_unet
 
     t_start = time.perf_counter()
-    try:
-        data_config = DataConfig.from_mapping({k: config[k] for k in _DATA_KEYS})
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if len(data_config.targets) > 1 and SYNTHETIC_TRUTH in data_config.targets:
-        raise SystemExit("error: 'synthetic-truth' cannot be mixed with classical targets (their inputs differ in meaning)")
     ds = build_dataset(
         data_config,
         cache_dir=config.get("cache") or out / "cache",
@@ -415,7 +484,7 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
         log=log,
     )
     if len(ds.train) == 0:
-        raise SystemExit("error: no training pairs (too few folds for the split?)")
+        _fail("no training pairs (too few folds for the split?)")
     (out / "dataset.json").write_text(json.dumps({**ds.summary(), "similarity": ds.similarity}, indent=1))
     data_seconds = time.perf_counter() - t_start
 

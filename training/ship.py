@@ -3,17 +3,21 @@
 Copies ``RUN_DIR/model.keras``, ``model.json`` (the card, its ``name`` set to NAME) and
 ``history.json`` to ``live_bgsub/models/NAME.keras``, ``NAME.json`` and
 ``NAME.history.json``, after checking that the model loads with ``safe_mode=True`` and
-that NAME is one of the shipped names.
+that NAME is one of the shipped names. A RUN_DIR that is not a finished run, or whose
+model does not load, is one line, ``python -m training.ship: error: WHAT``, and exit
+status 2 (:mod:`live_bgsub.errors`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
+from live_bgsub.errors import ArgumentParser, usage_exit
 from live_bgsub.inference import SHIPPED_MODELS, BackgroundModel
+
+PROG = "python -m training.ship"
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "live_bgsub" / "models"
 
@@ -37,11 +41,15 @@ def ship(run_dir, name: str, models_dir: Path = MODELS_DIR) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", help="the --out directory of a finished training.fit run")
     ap.add_argument("name", choices=SHIPPED_MODELS)
     args = ap.parse_args(argv)
-    print(ship(args.run_dir, args.name))
+    try:
+        target = ship(args.run_dir, args.name)
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: ModelError, the model does not load
+        usage_exit(PROG, exc)
+    print(target)
     return 0
 
 

@@ -4,26 +4,32 @@ A beamline runs three things (README, "Scale-out"): the RunEngine with a
 :class:`~live_bgsub.bus.publisher.BusPublisher` subscribed, one composer, and any
 number of workers on any hosts, all pointed at the same NATS server or cluster. Both
 commands stop cleanly on SIGTERM or Ctrl-C; a usage or connection error is one line
-and exit status 2.
+and exit status 2 (:mod:`live_bgsub.errors`). A NATS server that does not answer within
+:data:`NATS_CONNECT_TIMEOUT_S` is such an error.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
+
+from ..errors import ArgumentParser, at_least, print_error
 
 __all__ = ["compose_main", "worker_main"]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
+#: Seconds a first connection to NATS may take (``live_bgsub.bus.jetstream.connect``'s
+#: default), stated in the help.
+NATS_CONNECT_TIMEOUT_S = 5
+
+_NATS_HELP = f"NATS server (default {DEFAULT_URL}); one that does not answer within {NATS_CONNECT_TIMEOUT_S} s is an error"
+
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+    return print_error(prog, message)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -40,18 +46,15 @@ def _logging(verbose: bool) -> None:
 def worker_main(argv=None) -> int:
     """``live-bgsub worker``: process frame tasks from the bus until stopped."""
     prog = "live-bgsub worker"
-    parser = argparse.ArgumentParser(prog=prog, description="Pull frame tasks from NATS JetStream, process them, publish the results.")
-    parser.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=f"NATS server (default {DEFAULT_URL})")
-    parser.add_argument("--batch", type=int, default=8, metavar="N", help="tasks fetched and processed at once (default 8)")
+    parser = ArgumentParser(prog=prog, description="Pull frame tasks from NATS JetStream, process them, publish the results.")
+    parser.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=_NATS_HELP)
+    parser.add_argument("--batch", type=at_least(1), default=8, metavar="N", help="tasks fetched and processed at once (default 8)")
     parser.add_argument("--name", help="this worker's name in results and logs (default host:pid)")
     parser.add_argument("--ack-wait", type=float, metavar="S", help="redelivery after S seconds without an acknowledgement; sets it for every worker (default: as the shared consumer has it; 30 when new)")
-    parser.add_argument("--max-deliver", type=int, metavar="N", help="deliveries of a task before its frame fails; sets it for every worker (default: as the consumer has it; 5 when new)")
-    parser.add_argument("--max-tasks", type=int, metavar="N", help="stop after N tasks (default: run until stopped)")
+    parser.add_argument("--max-deliver", type=at_least(1), metavar="N", help="deliveries of a task before its frame fails; sets it for every worker (default: as the consumer has it; 5 when new)")
+    parser.add_argument("--max-tasks", type=at_least(1), metavar="N", help="stop after N tasks (default: run until stopped)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each run and retry")
     args = parser.parse_args(argv)
-    for name, value, low in (("--batch", args.batch, 1), ("--max-deliver", args.max_deliver, 1), ("--max-tasks", args.max_tasks, 1)):
-        if value is not None and value < low:
-            return _fail(prog, f"{name} must be >= {low}, got {value}")
     if args.ack_wait is not None and not args.ack_wait > 0:
         return _fail(prog, f"--ack-wait must be a positive number of seconds, got {args.ack_wait:g}")
     _logging(args.verbose)
@@ -71,24 +74,22 @@ def worker_main(argv=None) -> int:
 def compose_main(argv=None) -> int:
     """``live-bgsub compose``: compose the derived runs from the bus until stopped."""
     prog = "live-bgsub compose"
-    parser = argparse.ArgumentParser(prog=prog, description="Order the workers' results by frame and write each raw run's derived run (HDF5 and Tiled), exactly once per frame.")
-    parser.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=f"NATS server (default {DEFAULT_URL})")
-    parser.add_argument("--tiled", metavar="URI", help="Tiled server for the derived runs (default: $TILED_URI)")
+    parser = ArgumentParser(prog=prog, description="Order the workers' results by frame and write each raw run's derived run (HDF5 and Tiled), exactly once per frame.")
+    parser.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=_NATS_HELP)
+    parser.add_argument("--tiled", metavar="URI", help="Tiled server for the derived runs (default: $TILED_URI); one that does not answer within 10 s is an error")
     parser.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
     parser.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
     parser.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived; shared with Tiled)")
     parser.add_argument("--backup", type=Path, metavar="DIR", help="JSON-lines backup of the derived runs (default: backup/ beside --directory)")
     parser.add_argument("--method", default="white-top-hat", help="default processing: classical method, model:NAME or model:PATH (a run's publisher may choose its own)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
-    parser.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
-    parser.add_argument("--geometry-frames", type=int, default=3, metavar="N", help="frames a run's geometry is estimated from (default 3)")
+    parser.add_argument("--downsample", type=at_least(1), default=1, metavar="N", help="working resolution of a classical method (default 1)")
+    parser.add_argument("--geometry-frames", type=at_least(1), default=3, metavar="N", help="frames a run's geometry is estimated from (default 3)")
     parser.add_argument("--result-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for a frame's result before it fails (default 600)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each run")
     args = parser.parse_args(argv)
     if not args.result_timeout > 0:
         return _fail(prog, f"--result-timeout must be a positive number of seconds, got {args.result_timeout:g}")
-    if args.geometry_frames < 1:
-        return _fail(prog, f"--geometry-frames must be >= 1, got {args.geometry_frames}")
     _logging(args.verbose)
     import os
 

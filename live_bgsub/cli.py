@@ -3,9 +3,14 @@
 ``process`` folds each image, subtracts the chosen background and writes, per image,
 ``DIR/<stem>.json`` (geometry, method, parameters, ROI metrics, timings) and
 ``DIR/<stem>.h5`` (float32 datasets ``folded``, ``background``, ``corrected``, and
-``count``, uint8: the detector pixels behind each fold pixel). A bad file is reported
-on one line and the batch goes on; the exit status is 1 when any image failed, 2 for a
-usage error (unknown method or parameter).
+``count``, uint8: the detector pixels behind each fold pixel). A file that cannot be
+read or processed is reported on one line and the batch goes on; the exit status is 1
+when any image failed.
+
+Every command reports a usage or connection error (an unknown option, method or
+parameter, a count below 1, a missing file, a server that cannot be reached or refuses
+the key) as one line, ``live-bgsub: error: WHAT``, and exits with status 2, before it
+starts anything (:mod:`live_bgsub.errors`).
 
 ``demo`` runs the live job on embedded defaults (:mod:`live_bgsub.demo`; ``--workers N``
 through the bus, :mod:`live_bgsub.bus`), ``replay`` sends archived runs from Tiled
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .errors import ArgumentParser, UsageError, at_least, print_error
 
 __all__ = ["SAMPLE_FRAME", "main", "process_image"]
 
@@ -228,8 +234,15 @@ def _write_outputs(out_dir: Path, stem: str, record: dict, arrays: dict) -> tupl
     return json_path, h5_path
 
 
+#: Stated in the help of every ``--tiled URI``: a server that does not answer within this
+#: is an error (``live_bgsub.tiled_server.connect``'s first request).
+TILED_CONNECT_TIMEOUT_S = 10
+
+_TILED_HELP = f"Tiled server URI (default: $TILED_URI); one that does not answer within {TILED_CONNECT_TIMEOUT_S} s is an error"
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="live-bgsub", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="live-bgsub", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"live-bgsub {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -239,7 +252,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Fold each image, subtract the background with one method, and write "
         "DIR/<stem>.json and DIR/<stem>.h5 per image.",
     )
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="detector images (TIFF, CBF, EDF, HDF5/NeXus, ...)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="detector images (TIFF, CBF, EDF, HDF5/NeXus, ...); each must exist")
     p.add_argument("--sample", action="store_true", help="also process the shipped sample frame (a real Pilatus 1M frame)")
     p.add_argument(
         "--method",
@@ -258,7 +271,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"estimate centre, rotation and beam stop on every image (default), or once from the first {RUN_GEOMETRY_FRAMES} "
         "images for all of them (images of one run; faster; recorded in each JSON)",
     )
-    p.add_argument("--frame", type=int, default=0, help="frame index in multi-frame files (default 0)")
+    p.add_argument("--frame", type=at_least(0), default=0, help="frame index in multi-frame files (default 0)")
     p.add_argument(
         "--workers",
         type=int,
@@ -298,15 +311,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "replay",
         help="replay archived runs from Tiled through the live callback, producing derived runs",
         description="Send archived raw runs' documents through the live callback; the derived runs go "
-        "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N. With --nats "
+        "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N; --query and "
+        "--last select raw runs only (a derived run, made by live_bgsub, is replayed only when named by uid). With --nats "
         "the documents go to NATS JetStream instead, for running `live-bgsub worker`s and `live-bgsub compose`.",
     )
-    p.add_argument("uids", nargs="*", metavar="UID", help="raw run uids (or unique prefixes)")
-    p.add_argument("--tiled", metavar="URI", help="Tiled server URI (default: $TILED_URI)")
+    p.add_argument("uids", nargs="*", metavar="UID", help="run uids (or unique prefixes); a derived run is replayed only when named here")
+    p.add_argument("--tiled", metavar="URI", help=_TILED_HELP)
     p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
     p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
-    p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select runs whose start metadata KEY equals VALUE (repeatable)")
-    p.add_argument("--last", type=int, metavar="N", help="the N most recent selected runs")
+    p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select raw runs whose start metadata KEY equals VALUE (repeatable)")
+    p.add_argument("--last", type=at_least(1), metavar="N", help="the N most recent selected raw runs (N >= 1)")
     p.add_argument("--fill", metavar="DERIVED_UID", help="replay only the raw frames this derived run skipped, left unprocessed or failed")
     p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
@@ -337,10 +351,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "cannot be used.",
     )
     p.add_argument("backup", type=Path, metavar="BACKUP", help="backup directory, or one <run uid>.jsonl file")
-    p.add_argument("--tiled", metavar="URI", help="Tiled server URI (default: $TILED_URI)")
+    p.add_argument("--tiled", metavar="URI", help=_TILED_HELP)
     p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
     p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
-    p.add_argument("--batch-size", type=int, default=500, metavar="N", help="events per request (default 500)")
+    p.add_argument("--batch-size", type=at_least(1), default=500, metavar="N", help="events per request (default 500)")
     p.add_argument(
         "--close-open",
         action="store_true",
@@ -381,12 +395,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve a demo directory's embedded Tiled catalog again (to read results after the demo)",
     )
     p.add_argument("dir", type=Path, help="the demo's --dir")
-    p.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    p.add_argument("--port", type=at_least(0), default=0, help="port (default: any free port)")
     return parser
 
 
 def _fail(message: str) -> None:
-    print(f"live-bgsub: error: {message}", file=sys.stderr)
+    print_error("live-bgsub", message)
 
 
 def _cmd_process(args) -> int:
@@ -432,6 +446,11 @@ def _cmd_process(args) -> int:
         images.append(str(sample_frame_path()))
     if not images:
         _fail("no IMAGE given (pass image paths, or --sample for the shipped frame)")
+        return 2
+    missing = [path for path in images if not Path(path).exists()]
+    if missing:  # a path that names nothing is a usage error: nothing is processed
+        named = ", ".join(repr(str(path)) for path in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        _fail(f"no such image file: {named} ({len(missing)} of {len(images)} IMAGE paths; nothing processed)")
         return 2
     center = tuple(args.center) if args.center else None
     run_geometry, fold_maps = None, {}
@@ -562,7 +581,33 @@ def _run_geometry(paths, frame):
     return find_run_geometry([im.data for im in images], [im.mask for im in images])
 
 
+def _check_method(method: str) -> None:
+    """Raise UsageError unless ``method`` names a classical method, a shipped model or an
+    existing ``.keras`` file; loads nothing (the command checks before it starts)."""
+    from .background import get_method
+    from .inference import MODEL_PREFIX, SHIPPED_MODELS, shipped_model_path
+
+    if not method.startswith(MODEL_PREFIX):
+        try:
+            get_method(method)
+        except ValueError as exc:
+            raise UsageError(f"--method: {exc}") from None
+        return
+    name = method[len(MODEL_PREFIX) :]
+    path = shipped_model_path(name) if name in SHIPPED_MODELS else Path(name)
+    if name not in SHIPPED_MODELS and path.suffix != ".keras":
+        raise UsageError(f"--method: unknown model {name!r}; expected {MODEL_PREFIX}NAME with NAME one of "
+                         f"{', '.join(SHIPPED_MODELS)}, or {MODEL_PREFIX}PATH of a .keras file")
+    if not path.is_file():
+        raise UsageError(f"--method: model file not found: {str(path)!r}")
+
+
 def _cmd_demo(args) -> int:
+    try:  # before anything starts (the Tiled server takes seconds)
+        _check_method(args.method)
+    except UsageError as exc:
+        _fail(str(exc))
+        return 2
     from .demo import run_demo
 
     try:
@@ -599,6 +644,8 @@ def _split_query(items) -> dict:
             query[key] = value
     return query
 
+
+_NO_MATCH = "no raw run matched the selection (a derived run is replayed only when named by its uid)"
 
 #: Default of ``replay --timeout``: seconds to wait for a derived run after its raw run's
 #: last document (with on_full="block" only a queue of frames is left by then).
@@ -690,7 +737,7 @@ def _cmd_replay(args) -> int:
         callback.close(timeout=args.timeout)
         publisher.close(timeout=120)
     if not summaries:
-        _fail("no run matched the selection")
+        _fail(_NO_MATCH)
         return 1
     for s in summaries:
         print(f"{s.raw_uid} -> {s.derived_uid}: {s.reason} ({s.exit_status})")
@@ -744,7 +791,7 @@ def _replay_bus(args, uri) -> int:
     for run in runs:
         by_uid.setdefault(run.metadata["start"]["uid"], run)
     if not by_uid:
-        _fail("no run matched the selection")
+        _fail(_NO_MATCH)
         return 1
     from .bus.jetstream import derived_uid, job_key
     from .bus.publisher import BusPublisher
@@ -805,9 +852,6 @@ def _cmd_recover(args) -> int:
     uri = args.tiled or os.environ.get("TILED_URI")
     if not uri:
         _fail("no Tiled server: pass --tiled URI or set TILED_URI")
-        return 2
-    if args.batch_size < 1:
-        _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
         return 2
     from .recover import backup_files, recover
     from .sinks.tiled import UNASSIGNED_BACKUP

@@ -11,6 +11,10 @@ off) is replayed with a stop made up here: ``exit_status`` ``"fail"`` and a
 ``reason`` saying the raw run had none (:data:`NO_STOP_REASON`), so its derived run
 finishes (with ``exit_status`` ``"fail"``) instead of waiting for a stop that never
 comes. :func:`replay_run` waits at most ``timeout`` seconds for the derived run.
+
+:func:`select_runs` picks raw runs: a derived run (one live_bgsub made: its start has
+``plan_name`` ``"live_bgsub"`` and a ``raw_uid``, :func:`is_derived`) is taken only
+when named by its uid, so ``--last N`` never replays a replay's output.
 :func:`fill_plan` tells which raw frames a derived run lacks, also when the derived
 run itself never got its stop.
 
@@ -32,7 +36,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-__all__ = ["NO_STOP_REASON", "FillPlan", "bus_done", "fill_plan", "frames_to_fill", "has_stop", "replay_run", "replay_runs", "select_runs"]
+__all__ = [
+    "DERIVED_PLAN_NAME",
+    "NO_STOP_REASON",
+    "FillPlan",
+    "bus_done",
+    "fill_plan",
+    "frames_to_fill",
+    "has_stop",
+    "is_derived",
+    "replay_run",
+    "replay_runs",
+    "select_runs",
+]
 
 logger = logging.getLogger("live_bgsub.replay")
 
@@ -41,6 +57,23 @@ NO_STOP_REASON = (
     "the archived raw run has no stop document (its acquisition or its writing to Tiled was cut off); "
     "stop made up by live-bgsub replay"
 )
+
+
+#: ``plan_name`` of the derived runs' start documents (written by the live callback).
+DERIVED_PLAN_NAME = "live_bgsub"
+
+
+def is_derived(start: dict) -> bool:
+    """True for the start document of a run live_bgsub derived from a raw run.
+
+    Examples
+    --------
+    >>> is_derived({"uid": "b", "plan_name": "live_bgsub", "raw_uid": "a"})
+    True
+    >>> is_derived({"uid": "a", "plan_name": "count"})
+    False
+    """
+    return start.get("plan_name") == DERIVED_PLAN_NAME or "raw_uid" in start
 
 
 def has_stop(run) -> bool:
@@ -57,7 +90,8 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
         A run from a Tiled catalog of Bluesky runs (anything with ``documents()``).
     callback : LiveBackgroundSubtraction
     progress : bool, optional
-        Show a progress bar over the run's documents.
+        Show a progress bar over the run's frames (the events of the callback's
+        ``stream_name``, ``"primary"`` by default).
     timeout : float, optional
         Seconds to wait for the derived run after the last document (None: no limit).
 
@@ -76,12 +110,12 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
         When the run's documents hold no start document.
     """
     raw_uid = None
-    total = _document_count(run)
+    frame_stream = getattr(callback, "stream_name", "primary")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit="doc", desc=f"replay {_short(run)}", leave=True)
+        bar = tqdm(total=_frame_count(run, frame_stream), unit="frame", desc=f"replay {_short(run)}", leave=True)
     stream_names: dict[str, str] = {}
     data_keys: dict[str, str] = {}
     events: dict[str, int] = {}  # stream name -> events sent
@@ -95,6 +129,14 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
             elif name == "event":
                 stream = stream_names.get(doc.get("descriptor"), "?")
                 events[stream] = events.get(stream, 0) + 1
+                if bar is not None and stream == frame_stream:
+                    bar.update(1)
+            elif name == "event_page":
+                stream = stream_names.get(doc.get("descriptor"), "?")
+                n = len(doc.get("seq_num", ()))
+                events[stream] = events.get(stream, 0) + n
+                if bar is not None and stream == frame_stream:
+                    bar.update(n)
             elif name == "stream_resource":
                 data_keys[doc["uid"]] = doc["data_key"]
             elif name == "stream_datum" and _empty(doc):
@@ -105,8 +147,6 @@ def replay_run(run, callback, *, progress: bool = False, timeout: float | None =
                     doc = _made_up_stop(raw_uid, events)
                 stopped = True
             callback(name, doc)
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -138,6 +178,9 @@ def _made_up_stop(raw_uid: str, events: dict[str, int]) -> dict:
 def select_runs(catalog, uids=(), *, query: dict | None = None, last: int | None = None) -> list:
     """Pick runs from a catalog: by uid (or a unique uid prefix), by metadata, or the last N.
 
+    ``query`` and ``last`` (and no selection at all: every run) pick raw runs only; a
+    derived run (:func:`is_derived`) is picked only when ``uids`` names it.
+
     Parameters
     ----------
     catalog : CatalogOfBlueskyRuns client
@@ -147,14 +190,19 @@ def select_runs(catalog, uids=(), *, query: dict | None = None, last: int | None
         ``{metadata key: value}`` pairs the start document must equal (e.g.
         ``{"plan_name": "count"}``); dotted keys reach nested metadata.
     last : int, optional
-        The ``last`` most recent matching runs.
+        The ``last`` most recent matching raw runs (at least 1).
 
     Raises
     ------
     KeyError
         A uid not in the catalog (the message names it).
+    ValueError
+        ``last`` below 1.
     """
-    from tiled.queries import Eq
+    from tiled.queries import Eq, KeyPresent
+
+    if last is not None and int(last) < 1:
+        raise ValueError(f"last must be an integer >= 1, got {last!r}")
 
     runs = []
     for uid in uids:
@@ -163,13 +211,18 @@ def select_runs(catalog, uids=(), *, query: dict | None = None, last: int | None
         except KeyError:
             raise KeyError(f"run {uid!r} is not in the catalog {catalog.uri}") from None
     if query or last is not None or not uids:
-        results = catalog
+        results = catalog.search(KeyPresent("start.raw_uid", exists=False))  # no derived run
         for key, value in (query or {}).items():
             results = results.search(Eq(f"start.{key}" if not key.startswith("start.") else key, value))
-        keys = list(results.keys())
-        if last is not None:
-            keys = keys[-int(last) :]
-        runs.extend(results[k] for k in keys)
+        picked = []
+        for key in reversed(list(results.keys())):  # newest first, until `last` are found
+            run = results[key]
+            if is_derived(run.metadata.get("start") or {}):  # the plan name, should a raw_uid be missing
+                continue
+            picked.append(run)
+            if last is not None and len(picked) == int(last):
+                break
+        runs.extend(reversed(picked))
     return runs
 
 
@@ -349,10 +402,14 @@ def _repair_stream_datum(run, doc, stream, data_key):
     return {**doc, "indices": {"start": 0, "stop": rows}, "seq_nums": {"start": 1, "stop": rows + 1}}
 
 
-def _document_count(run) -> int | None:
+def _frame_count(run, stream: str) -> int | None:
+    """The frames of a run's ``stream`` for a progress bar's total: its stop's event
+    count, else what Tiled holds; None when unknown."""
     try:
         stop = run.metadata.get("stop") or {}
-        return 2 + sum(stop.get("num_events", {}).values()) + len(stop.get("num_events", {}))
+        if stop:
+            return int((stop.get("num_events") or {}).get(stream, 0))
+        return _frames_held(run, stream) or None
     except Exception:  # noqa: BLE001 - a progress total is only a nicety
         return None
 

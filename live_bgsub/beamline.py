@@ -142,6 +142,7 @@ class Beamline:
         self._detector = detector
         self.server = None
         self.RE = self.detector = self.callback = self.publisher = self.catalog = None
+        self.prepare_s = None  # seconds the model step's compilation took at start, if done then
 
     @property
     def directory(self) -> Path:
@@ -181,6 +182,7 @@ class Beamline:
                 batch_size=cfg.batch_size,
                 stop_timeout_s=cfg.stop_timeout_s,
             )
+            self.prepare_s = self._prepare()
             self.RE = RunEngine({})
             self.RE.subscribe(self.publisher)
             self.RE.subscribe(self.callback)
@@ -188,6 +190,21 @@ class Beamline:
             self.close()
             raise
         return self
+
+    def _prepare(self) -> float | None:
+        """Compile a model step for the simulated detector's frames before the first run
+        (its shape and beam centre are known now); seconds, or None when not done.
+        An EPICS detector's runs compile at their first frames."""
+        if not self.callback.accelerate or not hasattr(self.detector, "geometry"):
+            return None
+        g = self.detector.geometry  # renders the simulated frame bank once
+        image = [key for key in self.detector.describe().values() if len(key.get("shape", ())) == 2]
+        if len(image) != 1 or "dtype_numpy" not in image[0]:
+            return None
+        seconds = self.callback.prepare(g["shape"], {"center": g["center"], "rotation_deg": g["rotation_deg"]},
+                                        dtype=image[0]["dtype_numpy"])
+        logger.info("live_bgsub: %s compiled for %s frames in %.1f s", self.config.method, g["shape"], seconds)
+        return seconds
 
     def _make_detector(self, raw_dir: Path):
         cfg = self.config

@@ -123,6 +123,7 @@ class RunSummary:
     last_bad_document: str = ""
     undelivered: str = ""  # what a publisher could not deliver (e.g. to Tiled), said at the stop
     metrics_only: int = 0  # failed frames whose corrected fold was lost but metrics kept
+    compilations: int = 0  # device-function compilations this run waited for (0: prepared or reused)
 
     def note_bad_document(self, what: str) -> None:
         """Record a document of this run that could not be understood (the first
@@ -298,6 +299,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         self.select = None if seq_nums is None else {int(s) for s in seq_nums}
         self.accelerate = self.step.batched if accelerate is None else bool(accelerate)
         self._device_cache: dict = {}  # compiled device functions, reused across runs
+        self._prepared: dict = {}  # device paths built by prepare(), each for one run
         self._engine_factory = engine_factory
         self._remote = engine_factory is not None and getattr(engine_factory, "reads_frames", True) is False
         self._derived_uid = derived_uid
@@ -351,6 +353,63 @@ class LiveBackgroundSubtraction(DocumentRouter):
             raise KeyError(f"run {raw_uid!r} was never started on this callback")
         for seq in seq_nums:
             run.summary.missing[int(seq)] = str(reason)
+
+    def prepare(self, frame_shape, geometry=None, dtype="int32", timeout: float | None = None) -> float:
+        """Load and compile a model step for runs of ``frame_shape`` before their first frame.
+
+        Call it at subscription, when the detector's frame shape (and, ideally, the beam
+        centre) are known: the device function for every batch size is compiled on the
+        worker thread now (seconds on a CPU), so a run's first frame is processed as
+        fast as its others. A run whose geometry is within a few pixels of ``geometry``
+        (its fold padded to the same device shape) and whose frames have ``dtype``
+        reuses that compilation; any other run compiles when its first frames arrive,
+        as without this call. Does nothing for a classical method (there is nothing to
+        compile).
+
+        Parameters
+        ----------
+        frame_shape : (int, int)
+            Raw frame shape (rows, columns).
+        geometry : Geometry or dict, optional
+            The expected beam centre and rotation (default: this callback's fixed
+            ``geometry``). Required for a model step.
+        dtype : numpy dtype, optional
+            The detector's frame dtype (default int32, a Pilatus/EIGER).
+        timeout : float, optional
+            Seconds to wait for the worker (default: as long as it takes).
+
+        Returns
+        -------
+        float
+            Seconds the compilation took on the worker (0 when there was nothing to do).
+
+        Raises
+        ------
+        ValueError
+            A frame shape that is not two positive integers, or no geometry for a model.
+        TimeoutError
+            The worker did not finish within ``timeout`` (it carries on).
+        """
+        shape = tuple(int(n) for n in frame_shape) if np.ndim(frame_shape) == 1 else ()
+        if len(shape) != 2 or min(shape) < 1 or shape != tuple(np.asarray(frame_shape).tolist()):
+            raise ValueError(f"frame_shape must be (rows, columns) of positive integers, got {frame_shape!r}")
+        dtype = np.dtype(dtype)
+        if not self.accelerate:
+            return 0.0
+        if geometry is None and self._fixed_geometry is None:
+            raise ValueError("prepare() needs the expected geometry {'center': (x, y), 'rotation_deg': a} for a model step")
+        geometry = self._fixed_geometry if geometry is None else _as_geometry(geometry, "geometry")
+        job = {"shape": shape, "geometry": geometry, "dtype": dtype, "done": threading.Event(), "seconds": 0.0, "error": None}
+        with self._cond:
+            if self._closed:
+                raise ValueError("prepare() on a closed callback")
+            self._items.append(("prepare", None, job))
+            self._cond.notify_all()
+        if not job["done"].wait(timeout):
+            raise TimeoutError(f"prepare({shape}) still compiling after {timeout} s (it carries on on the worker)")
+        if job["error"] is not None:
+            raise job["error"]
+        return job["seconds"]
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work and stop the worker thread."""
@@ -518,7 +577,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
             try:
                 if kind == "close":
                     return
-                if kind == "stop":
+                if kind == "prepare":
+                    self._prepare(items[0][2])
+                elif kind == "stop":
                     self._finish(run)
                 else:
                     self._frames(run, [ref for _, _, ref in items])
@@ -530,6 +591,22 @@ class LiveBackgroundSubtraction(DocumentRouter):
                     run.done.set()
                 else:
                     self._internal_failure(run, [ref for _, _, ref in items], text)
+
+    def _prepare(self, job: dict) -> None:
+        """The worker's side of :meth:`prepare`: build a device path and compile it."""
+        from .device_path import DevicePath
+
+        t = time.perf_counter()
+        try:
+            engine = Engine(self.step, job["geometry"], job["shape"], metrics=self.compute_metrics)
+            path = DevicePath.from_engine(engine, batch_size=self.batch_size, cache=self._device_cache)
+            path.warmup(job["dtype"])
+            self._prepared[_prepared_key(job["shape"], job["geometry"], job["dtype"])] = path
+        except Exception as exc:  # noqa: BLE001 - handed to prepare()'s caller
+            job["error"] = exc
+        finally:
+            job["seconds"] = time.perf_counter() - t
+            job["done"].set()
 
     def _internal_failure(self, run: _Run, refs: list[FrameRef], text: str) -> None:
         """A batch raised where nothing should: its frames not yet accounted for fail
@@ -639,17 +716,32 @@ class LiveBackgroundSubtraction(DocumentRouter):
             # The beam-stop shadow found with the geometry is no data: it stays out of the fold.
             static = None if estimate is None or estimate.beam_stop is None else ~estimate.beam_stop.mask
             quality = None if estimate is None else estimate.quality
-            if self._engine_factory is not None:
+            dtype = next((np.asarray(a).dtype for _, a in frames if a is not None), None)
+            prepared = None
+            if self.accelerate and static is None and self._engine_factory is None and dtype is not None:
+                prepared = self._prepared.pop(_prepared_key(shape, run.geometry, dtype), None)
+            if prepared is not None:  # built and compiled by prepare() for this shape and geometry
+                prepared.roi.update(roi)
+                prepared.geometry_quality = quality
+                run.engine = prepared
+            elif self._engine_factory is not None:
                 run.engine = self._engine_factory(
                     self.step, run.geometry, shape, static, run_start=run.start,
                     metrics=self.compute_metrics, geometry_quality=quality, **roi,
                 )
             else:
                 run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, geometry_quality=quality, **roi)
-            if self.accelerate:
+            if self.accelerate and prepared is None:
                 from .device_path import DevicePath
 
                 run.engine = DevicePath.from_engine(run.engine, batch_size=self.batch_size, cache=self._device_cache)
+                # Every batch size compiled now, not when a backlog first makes a bigger
+                # batch in mid-run (nothing to do when prepare() or an earlier run did it).
+                if dtype is not None:
+                    run.engine.build(dtype)  # a function from the cache counts its earlier compilations
+                    before = run.engine.compilations
+                    run.engine.warmup(dtype)
+                    run.summary.compilations += run.engine.compilations - before
         except Exception as exc:  # noqa: BLE001 - the run cannot be processed: say why
             run.summary.disabled = f"cannot set up processing: {type(exc).__name__}: {exc}"
             logger.error("live_bgsub: run %s: %s", run.uid, run.summary.disabled)
@@ -675,7 +767,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
     def _process(self, run: _Run, frames) -> None:
         arrays, seqs = [a for _, a in frames], [ref.seq_num for ref, _ in frames]
         if self.accelerate:
+            before = run.engine.compilations
             results = run.engine.results(arrays, seqs)
+            run.summary.compilations += run.engine.compilations - before
         else:
             results = run.engine.process(arrays, seqs)
         received = {ref.seq_num: ref.received for ref, _ in frames}
@@ -940,6 +1034,10 @@ class LiveBackgroundSubtraction(DocumentRouter):
                 self._errors.append(f"publish {name}: failed (see log)")
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _prepared_key(shape, geometry: Geometry, dtype) -> tuple:
+    return (tuple(shape), tuple(geometry.center), geometry.rotation_deg, np.dtype(dtype).str)
 
 
 def _primary_data_keys(fold_shape) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .demo import DEMO_METHOD
 from .errors import ArgumentParser, UsageError, at_least, print_error
 
 __all__ = ["SAMPLE_FRAME", "main", "process_image"]
@@ -293,7 +294,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("live_bgsub_demo"), help="where data, catalog and PNG go (default: ./live_bgsub_demo)")
     p.add_argument("--frames", type=int, default=30, help="frames to acquire (default 30)")
     p.add_argument("--rate", type=float, default=5.0, metavar="HZ", help="detector frame rate (default 5 Hz: what 2 CPU cores process live)")
-    p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
+    p.add_argument("--method", default=DEMO_METHOD, help=f"model:NAME, model:PATH or a classical method such as white-top-hat (default {DEMO_METHOD}: the shipped U-Net closest to its method, BENCHMARKS.md section 5)")
     p.add_argument("--preset", default="pilatus-1m", help="simulated detector: pilatus-1m (default), eiger2-9m, mar")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated frames (default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep the Tiled server up after the run (Ctrl-C stops it)")

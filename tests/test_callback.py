@@ -608,3 +608,41 @@ def test_the_error_list_keeps_the_last_errors_and_counts_them_all(tmp_path, fram
     summary = cb.summary(bundle.start_doc["uid"])
     assert summary.bad_document_count == KEEP_ERRORS + 5 and len(summary.bad_documents) == 100
     assert f"{KEEP_ERRORS + 5} document(s) not understood" in summary.reason
+
+
+@pytest.mark.slow
+def test_prepare_compiles_before_the_first_frame_and_changes_no_number(tmp_path, frames):
+    """A model step prepared at subscription compiles nothing while its runs wait, and
+    gives the numbers a run that compiled at its first frame gives."""
+    cold, cold_out = _callback(tmp_path / "cold", method="model:white-top-hat", batch_size=4)
+    uid = _run_inline(cold, frames)
+    assert cold.wait(uid, timeout=300)
+    assert cold.summary(uid).compilations >= 1  # it waited for its compilation
+
+    warm, warm_out = _callback(tmp_path / "warm", method="model:white-top-hat", batch_size=4)
+    assert warm.prepare(frames[0].shape, dtype=frames[0].dtype) > 0
+    uids = [_run_inline(warm, frames) for _ in range(2)]  # the prepared path, then one from the cache
+    assert all(warm.wait(u, timeout=300) for u in uids)
+    for u in uids:
+        assert warm.summary(u).processed == len(frames)
+        assert warm.summary(u).compilations == 0
+    first_run = [e for e in warm_out.events() if e["descriptor"] in {d["uid"] for n, d in warm_out.docs if n == "descriptor" and d["run_start"] == warm_out.start()["uid"]}]
+    cold_metrics = [_metrics(e) for e in cold_out.events()]
+    assert len(first_run) == len(cold_metrics) == len(frames)
+    for got, want in zip(first_run, cold_metrics):
+        for key, value in want.items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(_metrics(got)[key], value, rtol=1e-5, err_msg=key)
+            else:
+                assert _metrics(got)[key] == value, key
+    assert warm.errors == [] and cold.errors == []
+
+
+def test_prepare_refuses_what_it_cannot_compile(tmp_path):
+    classical, _ = _callback(tmp_path / "c")
+    assert classical.prepare((1043, 981)) == 0.0  # nothing to compile for a classical method
+    with pytest.raises(ValueError, match=r"frame_shape must be \(rows, columns\) of positive integers, got \(0, 5\)"):
+        classical.prepare((0, 5))
+    model = LiveBackgroundSubtraction(None, method="model:white-top-hat", directory=tmp_path / "m")
+    with pytest.raises(ValueError, match="needs the expected geometry"):
+        model.prepare((1043, 981))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from live_bgsub.catalog import derived_runs, metrics_table
@@ -30,7 +31,11 @@ def test_demo_runs_end_to_end(demo):
     out = proc.stdout
     raw_uid = re.search(r"raw run:\s+(\S+)\s+\(6 events in Tiled\)", out).group(1)
     derived_uid = re.search(r"derived run:\s+(\S+)\s+\(received 6, processed 6, failed 0, skipped 0", out).group(1)
-    assert re.search(r"acquisition: [0-9.]+ frames/s", out) and re.search(r"lag per frame p50 [0-9]+ ms", out)
+    assert re.search(r"acquisition: [0-9.]+ frames/s", out)
+    assert re.search(r"lag per frame: first [0-9]+ ms, p50 [0-9]+ ms, p99 [0-9]+ ms", out)
+    # The U-Net by default, compiled before the first frame.
+    assert "method model:smoothed-gaussian" in out
+    assert re.search(r"model:smoothed-gaussian: loaded and compiled in [0-9.]+ s, before the first frame", out)
     png = directory / "summary.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((directory / "raw").glob("*.h5"))) == 1 and len(list((directory / "derived").glob("*.h5"))) == 1
@@ -46,7 +51,7 @@ def test_demo_runs_end_to_end(demo):
         # `live-bgsub replay` of the demo's run gives a second derived run with the same metrics.
         proc = subprocess.run(
             [*CLI, "replay", "--tiled", server.uri, "--api-key", key, "--last", "1", "--query", "plan_name=count",
-             "--directory", str(directory / "derived"), "--no-progress"],
+             "--method", "model:smoothed-gaussian", "--directory", str(directory / "derived"), "--no-progress"],
             capture_output=True, text=True, check=False, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,8 +63,11 @@ def test_demo_runs_end_to_end(demo):
         assert proc.returncode == 0 and "processed every frame" in proc.stdout, proc.stderr[-3000:]
         live, replayed = derived_runs(catalog, raw_uid)
         a, b = metrics_table(live), metrics_table(replayed)
-        for k in ("i10", "i11", "i11_i10", "s10_px", "raw_seq_num"):
-            assert a[k].tolist() == b[k].tolist(), k
+        assert a["raw_seq_num"].tolist() == b["raw_seq_num"].tolist()
+        for k in ("i10", "i11", "i11_i10", "s10_px"):
+            # The device path: which frames share a batch depends on the live worker's
+            # timing, so float32 rounding may differ (tests/test_tiled_e2e.py).
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
 
 
 def test_replay_usage_errors():

@@ -427,12 +427,12 @@ def _derived_figures(catalog, raw_uid: str, first_raw_event_time: float) -> dict
 def run_zmq(methods, *, frames: int, period: float, repeats: int, directory: Path) -> dict:
     """``--path zmq``: RE -> Publisher -> bluesky-0MQ-proxy -> live_bgsub.serve -> Tiled."""
     from bluesky import RunEngine
-    from live_bgsub.wire import make_publisher
 
     from live_bgsub.provenance import machine_facts
     from live_bgsub.serve import read_status, wait_for_subscriber
     from live_bgsub.sim import SimDetector
     from live_bgsub.tiled_server import EmbeddedTiledServer, connect
+    from live_bgsub.wire import make_publisher
 
     raw_dir, derived_dir = (directory / "raw").resolve(), (directory / "derived").resolve()
     raw_dir.mkdir(parents=True, exist_ok=True)

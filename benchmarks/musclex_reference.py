@@ -334,8 +334,8 @@ def main(argv=None) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         import fabio
-        import numpy as np
         import musclex
+        import numpy as np
 
         center = tuple(args.center) if args.center else None
         results = []

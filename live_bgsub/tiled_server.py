@@ -242,8 +242,11 @@ class EmbeddedTiledServer:
 
     Examples
     --------
-    >>> with EmbeddedTiledServer("/tmp/tiled", readable_storage=["/data"]) as server:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp, EmbeddedTiledServer(tmp) as server:
     ...     runs = connect(server.uri, api_key=server.api_key)
+    ...     print(len(runs))
+    0
     """
 
     def __init__(

@@ -212,7 +212,7 @@ def decode(payload: bytes, key=None, *, name=None) -> tuple[str, dict]:
         raise WireError("malformed", f"unknown message kind {kind!r}")
     try:
         decoded = msgpack.unpackb(body, ext_hook=_ext_hook, raw=False, use_list=True, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types on bad input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types on bad input
         raise WireError("malformed", f"undecodable body: {type(exc).__name__}: {exc}") from None
     if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[0], str) and isinstance(decoded[1], dict)):
         raise WireError("malformed", "the body is not [name, document]")

@@ -36,8 +36,8 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
-
 from conftest import MINI
+
 from live_bgsub.callback import LiveBackgroundSubtraction
 from live_bgsub.cli import main
 from live_bgsub.procutil import free_port

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import MUSCLEX_GEOMETRY
+
 from live_bgsub import geometry as geometry_module
 from live_bgsub.errors import GeometryError
 from live_bgsub.geometry import Geometry, find_center, find_geometry, find_rotation, find_run_geometry

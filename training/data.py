@@ -188,7 +188,9 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        fix = lambda name, value: object.__setattr__(self, name, value)
+        def fix(name, value):
+            object.__setattr__(self, name, value)
+
         if isinstance(self.images, (str, Path)):
             fix("images", (str(self.images),))
         fix("images", tuple(str(p) for p in self.images))

@@ -11,8 +11,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ._common import block_mean, prepare_fold, upsample_linear
 from ._circular import check_circular_params, circularly_symmetric
+from ._common import block_mean, prepare_fold, upsample_linear
 from ._convex_hull import check_convex_hull_params, convex_hull
 from ._roving_window import check_roving_params, roving_window
 from ._smoothed import (

@@ -43,9 +43,9 @@ from ..callback import LiveBackgroundSubtraction
 from ..engine import FrameResult, ProcessingStep, make_step
 from .jetstream import (
     DOCS_STREAM,
-    PROCESSING_HEADER,
     DONE_BUCKET,
     PLANS_BUCKET,
+    PROCESSING_HEADER,
     RESULTS_STREAM,
     RunPlan,
     connect,

@@ -116,8 +116,15 @@ class EmbeddedJetStream:
 
     Examples
     --------
+    >>> import asyncio
+    >>> import nats
+    >>> async def connects(url):
+    ...     nc = await nats.connect(url)
+    ...     await nc.close()
+    ...     return nc.is_closed
     >>> with EmbeddedJetStream() as bus:
-    ...     nc = await nats.connect(bus.url)
+    ...     asyncio.run(connects(bus.url))
+    True
     """
 
     def __init__(

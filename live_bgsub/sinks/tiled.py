@@ -177,8 +177,11 @@ class TiledPublisher:
 
     Examples
     --------
+    With ``server`` an :class:`~live_bgsub.tiled_server.EmbeddedTiledServer`, ``RE`` a
+    RunEngine and ``det`` a detector:
+
     >>> with TiledPublisher.from_uri(server.uri, api_key=server.api_key,
-    ...                              backup_directory="backup") as publisher:
+    ...                              backup_directory="backup") as publisher:  # doctest: +SKIP
     ...     RE.subscribe(publisher)
     ...     RE(count([det], 10))
     ...     publisher.flush()

@@ -18,7 +18,17 @@ from bluesky.plans import count
 from conftest import MINI
 from event_model import DocumentNames, DocumentRouter, RunRouter, schema_validators
 
-from live_bgsub.sim.detector import DATASET, SimDetector
+from live_bgsub.fold import fold
+from live_bgsub.geometry import Geometry
+from live_bgsub.metrics import roi_metrics
+from live_bgsub.sim.detector import (
+    DATASET,
+    TWITCH_PEAK_I11_I10,
+    TWITCH_REST_I11_I10,
+    TWITCH_S10_CHANGE,
+    SimDetector,
+    poisson_raw,
+)
 from live_bgsub.synth import PRESETS, make_pattern
 
 N = 5
@@ -70,7 +80,7 @@ def resource_run(RE, tmp_path_factory):
 
 
 def test_stream_run_documents_come_in_order(stream_run):
-    _, docs = stream_run
+    det, docs = stream_run
     names = [n for n, _ in docs]
     assert names[:2] == ["start", "descriptor"] and names[-1] == "stop"
     assert names.count("stream_resource") == 1
@@ -84,7 +94,12 @@ def test_stream_run_documents_come_in_order(stream_run):
         elif name == "event":
             datum = datum_by_seq[doc["seq_num"]]
             assert datum["indices"] == {"start": doc["seq_num"] - 1, "stop": doc["seq_num"]}
-            assert doc["data"] == {"pil_frame_number": doc["seq_num"] - 1}
+            truth = det.bank_params[(doc["seq_num"] - 1) % det.n_patterns]
+            assert doc["data"] == {
+                "pil_frame_number": doc["seq_num"] - 1,
+                "pil_sim_true_i11_i10": truth["i11_i10"],
+                "pil_sim_true_s10_px": truth["s10_px"],
+            }
     assert _of(docs, "stop")[0]["exit_status"] == "success"
 
 
@@ -96,6 +111,8 @@ def test_stream_descriptor_describes_the_frame_and_the_geometry(stream_run):
     assert key["dtype"] == "array" and key["dtype_numpy"] == "<i4"
     assert key["external"] == "STREAM:"
     assert desc["data_keys"]["pil_frame_number"]["dtype_numpy"] == "<i8"
+    assert desc["data_keys"]["pil_sim_true_s10_px"]["units"] == "px"
+    assert desc["data_keys"]["pil_sim_true_i11_i10"]["dtype"] == "number"
     assert "pil_image" not in _of(docs, "event")[0]["data"]
 
     config = desc["configuration"]["pil"]["data"]
@@ -138,7 +155,7 @@ def test_stream_file_holds_the_bank_frames_cycled(stream_run):
         assert ds.chunks == (1, 1043, 981) and ds.maxshape == (None, 1043, 981)
         stack = ds[()]
     np.testing.assert_array_equal(stack, _expected_stack(det, N))
-    assert not np.array_equal(stack[0], stack[1])  # two different seeds
+    assert not np.array_equal(stack[0], stack[1])  # two frames of the twitch
 
     gaps = ~PRESETS["pilatus-1m"].valid_mask()
     for k, frame in enumerate(det.bank):
@@ -146,18 +163,75 @@ def test_stream_file_holds_the_bank_frames_cycled(stream_run):
         assert np.all(frame[gaps] == -1) and gaps.sum() > 0
         assert 0 < np.count_nonzero(frame == -2) <= 35
         assert frame.max() > 0
-        np.testing.assert_array_equal(make_pattern(**det.bank_kwargs[k]).raw(), frame)
-    assert [kw["seed"] for kw in det.bank_kwargs] == [7, 8]
+        # Re-created from what the detector records: the noise-free pattern, then its counts.
+        np.testing.assert_array_equal(poisson_raw(make_pattern(**det.bank_kwargs[k]), det.bank_noise_seeds[k]), frame)
+    assert [kw["seed"] for kw in det.bank_kwargs] == [7, 7]
+    assert det.bank_noise_seeds == [(7, 0), (7, 1)]
 
 
-def test_bank_frames_share_one_geometry(stream_run):
+def test_bank_frames_are_one_fiber_in_one_geometry(stream_run):
     det, _ = stream_run
     p0, p1 = det.bank_params
-    for key in ("center", "rotation_deg", "s10_px", "d10_nm", "distance_mm", "beam_stop_radius_px", "wavelength_nm"):
-        assert p1[key] == p0[key], key
-    assert p0["seed"] != p1["seed"] and p0["i10"] != p1["i10"]
+    shared = ("center", "rotation_deg", "distance_mm", "beam_stop_radius_px", "wavelength_nm", "sigma_c_px", "sigma_k",
+              "iz", "i20", "i21", "m3_intensity", "m3_px", "bg_a", "bg_b", "bg_f", "streak_amp")  # fmt: skip
+    for key in shared:
+        assert p1[key] == pytest.approx(p0[key], rel=1e-12), key
+    assert p0["i10"] + p0["i11"] == pytest.approx(p1["i10"] + p1["i11"], rel=1e-12)  # I11 gains what I10 loses
+    assert p0["i11_i10"] != p1["i11_i10"] and p0["s10_px"] != p1["s10_px"]  # the twitch
+    a, b = det.bank
+    np.testing.assert_array_equal(a < 0, b < 0)  # the same gaps and dead pixels
+    assert not np.array_equal(a, b)
     with pytest.raises(ValueError):  # the bank is read-only
         det.bank[0][0, 0] = 1
+
+
+# --------------------------------------------------------------------------- the twitch
+
+
+def test_the_truth_drifts_like_a_twitch_not_in_a_four_frame_cycle(RE, tmp_path):
+    det = SimDetector(name="tw", directory=tmp_path, preset=MINI, n_patterns=12, seed=3)
+    docs = _run(RE, det, 12)
+    events = _of(docs, "event")
+    ratio = np.array([e["data"]["tw_sim_true_i11_i10"] for e in events])
+    s10 = np.array([e["data"]["tw_sim_true_s10_px"] for e in events])
+    np.testing.assert_array_equal(ratio, det.bank_truth["i11_i10"])
+    np.testing.assert_array_equal(s10, det.bank_truth["s10_px"])
+    peak = int(np.argmax(ratio))
+    # Rest, one smooth rise to the peak, a slow relaxation back towards rest.
+    assert ratio[0] == TWITCH_REST_I11_I10 and ratio.max() == pytest.approx(TWITCH_PEAK_I11_I10, abs=0.01)
+    assert 0 < peak < 6 and np.all(np.diff(ratio[: peak + 1]) >= 0) and np.all(np.diff(ratio[peak:]) < 0)
+    assert ratio[-1] < TWITCH_REST_I11_I10 + 0.1 * (TWITCH_PEAK_I11_I10 - TWITCH_REST_I11_I10)
+    assert np.max(np.abs(ratio[4:] - ratio[:-4])) > 0.3  # not period 4
+    # S10 falls by 3 % at the peak, with I11/I10.
+    assert s10.min() / s10[0] == pytest.approx(1 + TWITCH_S10_CHANGE, abs=0.002) and int(np.argmin(s10)) == peak
+    # Frames before the stimulus share the truth, not the counting noise.
+    assert ratio[1] == ratio[0] and not np.array_equal(det.bank[0], det.bank[1])
+    # The file records the bank's truth too.
+    with h5py.File(det.file_path, "r") as f:
+        np.testing.assert_array_equal(f[DATASET].attrs["sim_true_i11_i10"], det.bank_truth["i11_i10"])
+
+
+def test_the_recorded_truth_is_what_the_frames_were_built_from(stream_run):
+    """Metrics measured on each bank frame's noise-free signal give back the truth its events carry."""
+    det, docs = stream_run
+    recorded = {e["seq_num"] - 1: e["data"] for e in _of(docs, "event")}
+    g = det.geometry
+    for k in range(det.n_patterns):
+        pattern = make_pattern(**det.bank_kwargs[k])
+        truth = recorded[k]
+        assert pattern.params["i11_i10"] == truth["pil_sim_true_i11_i10"]
+        assert pattern.params["s10_px"] == truth["pil_sim_true_s10_px"]
+        folded, count = fold(pattern.signal, Geometry(g["center"], g["rotation_deg"]), pattern.mask)
+        measured = roi_metrics(folded, mask=count > 0)
+        assert measured["i11_i10"] == pytest.approx(truth["pil_sim_true_i11_i10"], rel=0.01)
+        assert measured["s10_px"] == pytest.approx(truth["pil_sim_true_s10_px"], abs=0.1)
+    assert recorded[0]["pil_sim_true_i11_i10"] != recorded[1]["pil_sim_true_i11_i10"]
+
+
+def test_the_default_bank_is_one_twitch_of_25_frames_within_256_mb(tmp_path):
+    assert SimDetector(name="a", directory=tmp_path).n_patterns == 25
+    assert SimDetector(name="b", directory=tmp_path, preset="eiger2-9m").n_patterns == 6  # 40 MB frames
+    assert SimDetector(name="c", directory=tmp_path, n_patterns=4).n_patterns == 4
 
 
 # --------------------------------------------------------------------------- resource documents
@@ -463,7 +537,7 @@ def test_trigger_before_stage_is_refused(tmp_path):
         ({"period_s": -0.1}, r"period_s must be a finite number of seconds >= 0, got -0.1"),
         ({"period_s": float("nan")}, r"period_s must be .* got nan"),
         ({"asset_docs": "bogus"}, r"asset_docs must be one of \['stream', 'resource'\], got 'bogus'"),
-        ({"n_patterns": 0}, r"n_patterns must be an integer >= 1, got 0"),
+        ({"n_patterns": 0}, r"n_patterns must be an integer >= 1 or None, got 0"),
         ({"counts": 0}, r"counts must be a finite number > 0, got 0"),
         ({"seed": -3}, r"seed must be an integer >= 0 or None, got -3"),
         ({"center": (1.0,)}, r"center must be a pair \(x, y\).*got \(1.0,\)"),

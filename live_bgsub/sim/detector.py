@@ -9,20 +9,40 @@ SWMR mode, so a reader in another thread or process sees the frame at once), and
 copying) or with the legacy area-detector Resource/Datum documents
 (``asset_docs="resource"``, spec ``AD_HDF5``). ``unstage`` closes the file.
 
-Frames
-------
+Frames: a twitch in slow motion
+-------------------------------
 The frames come from :func:`live_bgsub.synth.make_pattern`. Rendering one costs about
 0.1 s on a Pilatus 1M and 1-2 s on an EIGER2 9M, far slower than a detector running
 at tens to hundreds of Hz, so the detector renders a *bank* of ``n_patterns`` raw
 frames once (at the first stage, or on first use of :attr:`SimDetector.geometry`) and
-trigger ``i`` writes bank frame ``i % n_patterns``. The bank frames share what a real
-fiber on a fixed beamline shares: the beam centre, the equator rotation, the lattice
-(``s10_px``, ``d10_nm``, hence the camera length ``distance_mm``) and the beam-stop
-radius; they differ by seed (``seed, seed + 1, ...``) in reflection intensities and
-widths, background, dead pixels and counting noise.
-:attr:`SimDetector.bank_kwargs` holds the exact :func:`make_pattern` arguments of
-each bank frame, so ``make_pattern(**det.bank_kwargs[k]).raw()`` re-creates
-``det.bank[k]``.
+trigger ``i`` writes bank frame ``i % n_patterns``.
+
+The bank is one muscle twitch: bank frame ``k`` is the pattern at activation
+``a_k = twitch_activation(k, n_patterns)`` (0 at rest, 1 at the peak; an alpha
+function that starts a tenth of the way into the bank, peaks at a quarter and has
+relaxed to about 5 % by its end). As a contracting muscle's, its equator changes:
+I11/I10 rises from :data:`TWITCH_REST_I11_I10` (0.4) to :data:`TWITCH_PEAK_I11_I10`
+(1.2) with ``I10 + I11`` held (mass moves from the thick to the thin filaments), and
+S10 changes by :data:`TWITCH_S10_CHANGE` (-3 %: the lattice swells as the sarcomeres
+shorten), then both relax. A run longer than the bank repeats the twitch (a train of
+twitches, one every ``n_patterns`` frames).
+
+Time runs at the bank's pace: the default 25 frames take 5 s at the demo's 5 Hz, where
+a real twitch lasts 0.1-0.2 s. Everything else is the rest pattern's: one seed draws
+the fiber (reflection widths, the other equatorial and the meridional reflections'
+intensities, background, dead pixels, beam-stop radius; the layer lines, which
+:func:`make_pattern` draws in proportion to I10, follow I10) and the beam centre and
+equator rotation, and the camera length is fixed (``d10`` follows
+S10, so ``distance_mm`` is the same for every frame). Each bank frame's counts are an
+independent Poisson draw (:func:`poisson_raw`, seed ``(seed, k)``) around its
+noise-free pattern ``make_pattern(**det.bank_kwargs[k])``; so
+``poisson_raw(make_pattern(**det.bank_kwargs[k]), det.bank_noise_seeds[k])``
+re-creates ``det.bank[k]``, and :attr:`SimDetector.bank_params` holds each frame's
+truth.
+
+The truth of every frame is recorded in the run: the events carry
+``{name}_sim_true_i11_i10`` and ``{name}_sim_true_s10_px`` (pixels), the values the
+written frame was built from (leave them out with ``read_attrs``).
 
 Timing
 ------
@@ -36,6 +56,7 @@ simulated exposure runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -56,9 +77,18 @@ from ophyd.status import DeviceStatus
 
 from ..frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
 from ..sinks.hdf5 import append_frame, register_in_process_writer, unregister_in_process_writer
-from ..synth import PRESETS, DetectorPreset, make_pattern
+from ..synth import PRESETS, DetectorPreset, SyntheticPattern, make_pattern
 
-__all__ = ["DATASET", "HDF5_MIMETYPE", "SimDetector"]
+__all__ = [
+    "DATASET",
+    "HDF5_MIMETYPE",
+    "TWITCH_PEAK_I11_I10",
+    "TWITCH_REST_I11_I10",
+    "TWITCH_S10_CHANGE",
+    "SimDetector",
+    "poisson_raw",
+    "twitch_activation",
+]
 
 #: Path of the frame stack inside every file the detector writes.
 DATASET = "/entry/data/data"
@@ -67,8 +97,20 @@ HDF5_MIMETYPE = "application/x-hdf5"
 
 _ASSET_DOCS = ("stream", "resource")
 _FRAME_DTYPE = np.dtype("<i4")  # Pilatus/EIGER int32 counts, -1 gaps, -2 dead pixels
-# Truth shared by all frames of the bank besides centre and rotation (see module doc).
-_SHARED_PARAMS = ("s10_px", "d10_nm", "beam_stop_radius_px")
+
+#: I11/I10 of the simulated muscle at rest and at the peak of its twitch.
+TWITCH_REST_I11_I10 = 0.4
+TWITCH_PEAK_I11_I10 = 1.2
+#: Relative change of S10 at the peak of the twitch (the lattice swells: S10 falls).
+TWITCH_S10_CHANGE = -0.03
+_TWITCH_ONSET = 0.1  # stimulus, as a fraction of the bank
+_TWITCH_TIME_TO_PEAK = 0.15  # onset to peak, as a fraction of the bank
+#: Bank size by default: one twitch in 25 frames (5 s at the demo's 5 Hz) ...
+DEFAULT_N_PATTERNS = 25
+#: ... or fewer, so that the bank stays within this many bytes (6 frames on an EIGER2 9M).
+BANK_BYTES = 256 * 2**20
+# Reflection intensities held at their rest values through the twitch.
+_HELD_INTENSITIES = ("iz", "i20", "i21", "m3_intensity", "m6_intensity")
 
 
 def _key(dtype: str, dtype_numpy: str | None = None, units: str | None = None) -> dict:
@@ -84,14 +126,52 @@ _FLOAT = np.dtype("<f8").str
 _INT = np.dtype("<i8").str
 
 
+def twitch_activation(k: int, n: int) -> float:
+    """Activation (0 at rest, 1 at the peak) of bank frame ``k`` of ``n``: one twitch per bank.
+
+    An alpha function of the phase ``t = k / n``: 0 before the stimulus at
+    ``t0 = 0.1``, then ``x * exp(1 - x)`` with ``x = (t - t0) / 0.15``, which peaks at
+    ``t = 0.25`` and has fallen to about 5 % by the bank's end.
+
+    Examples
+    --------
+    >>> [round(twitch_activation(k, 20), 2) for k in range(0, 20, 3)]
+    [0.0, 0.65, 0.96, 0.62, 0.32, 0.15, 0.07]
+    """
+    x = (k / n - _TWITCH_ONSET) / _TWITCH_TIME_TO_PEAK
+    return x * math.exp(1.0 - x) if x > 0 else 0.0
+
+
+def poisson_raw(pattern: SyntheticPattern, noise_seed) -> np.ndarray:
+    """The frame a detector writes for a noise-free pattern: Poisson counts, then its response.
+
+    Parameters
+    ----------
+    pattern : SyntheticPattern
+        A pattern drawn with ``noise=False`` (its ``frame`` is the expected counts).
+    noise_seed : int or sequence of int
+        Seed of the ``numpy.random.Generator`` that draws the counts.
+
+    Returns
+    -------
+    ndarray
+        ``pattern.raw()`` with the frame replaced by Poisson draws at its valid pixels
+        (int32 with -1 gaps and -2 dead pixels on a photon-counting detector).
+    """
+    expected = pattern.frame
+    counts = np.zeros(expected.shape, np.float32)
+    counts[pattern.mask] = np.random.default_rng(noise_seed).poisson(expected[pattern.mask])
+    return dataclasses.replace(pattern, frame=counts).raw()
+
+
 class SimDetector(FrameStreamMixin, Device):
     """Simulated Pilatus 1M / EIGER2 9M writing synthetic fiber frames to HDF5.
 
     A synchronous ophyd Device for a bluesky RunEngine: ``stage`` opens
     ``directory/{name}_{uuid}.h5`` (SWMR), each ``trigger`` appends one int32 frame to
     ``/entry/data/data`` and flushes it, ``read`` + ``collect_asset_docs`` announce it,
-    ``unstage`` closes the file. See the module docstring for the pattern bank and
-    the timing model.
+    ``unstage`` closes the file. See the module docstring for the pattern bank (one
+    muscle twitch), the truth each event records and the timing model.
 
     Parameters
     ----------
@@ -107,16 +187,19 @@ class SimDetector(FrameStreamMixin, Device):
         Also the ``{name}_acquire_period`` configuration signal, which a plan may set
         between frames.
     seed : int or None, optional
-        Seed of the first bank frame; bank frame ``k`` uses ``seed + k``. None draws a
-        fresh seed (recorded in :attr:`bank_kwargs`).
+        Seed of the fiber (every bank frame's :func:`make_pattern` seed); bank frame
+        ``k``'s counting noise uses ``(seed, k)``. None draws a fresh seed (recorded in
+        :attr:`bank_kwargs`).
     center : (float, float), optional
         Beam centre ``(x, y)`` in pixels; default: drawn by :func:`make_pattern`.
     rotation_deg : float, optional
         Equator rotation (degrees); default: drawn by :func:`make_pattern`.
     counts : float, optional
         Count scale passed to :func:`make_pattern` (1 = photon-starved BioCAT frames).
-    n_patterns : int, optional
-        Number of distinct frames in the bank (>= 1), cycled through per trigger.
+    n_patterns : int or None, optional
+        Number of distinct frames in the bank (>= 1), cycled through per trigger: the
+        frames of one twitch. Default :data:`DEFAULT_N_PATTERNS` (25), fewer where
+        the bank would pass :data:`BANK_BYTES` (256 MB; 6 on an EIGER2 9M).
     asset_docs : {"stream", "resource"}, optional
         ``"stream"``: one StreamResource per stage and one StreamDatum per frame, the
         data key marked ``external="STREAM:"`` and absent from the events.
@@ -135,16 +218,19 @@ class SimDetector(FrameStreamMixin, Device):
 
     Notes
     -----
-    Readings: ``{name}_image`` (see ``asset_docs``) and ``{name}_frame_number`` (index
-    of the frame in the file). Configuration (lands in the event descriptor):
+    Readings: ``{name}_image`` (see ``asset_docs``), ``{name}_frame_number`` (index
+    of the frame in the file) and the truth the frame was built from,
+    ``{name}_sim_true_i11_i10`` and ``{name}_sim_true_s10_px`` (px). Configuration (lands in the event descriptor):
     ``{name}_preset``, ``{name}_center_x``, ``{name}_center_y`` (px),
     ``{name}_rotation_deg``, ``{name}_pixel_size_mm``, ``{name}_wavelength_nm``,
     ``{name}_distance_mm`` and ``{name}_acquire_period`` (s); reading the
     configuration renders the bank if needed.
 
-    Cost: the bank is rendered once per detector object (``n_patterns`` calls of
-    :func:`make_pattern`, ~0.1 s each on a Pilatus 1M, 1-2 s on an EIGER2 9M) and
-    kept as int32 frames (4 MB each on a Pilatus 1M, 40 MB on an EIGER2 9M).
+    Cost: the bank is rendered once per detector object (``n_patterns + 1`` noise-free
+    :func:`make_pattern` calls and ``n_patterns`` Poisson draws, ~0.1 s a frame on a
+    Pilatus 1M, 1-2 s on an EIGER2 9M) and kept as int32 frames (4 MB each on a
+    Pilatus 1M, 40 MB on an EIGER2 9M). A trigger only copies a bank frame into the
+    file, on the writer thread.
 
     Examples
     --------
@@ -159,6 +245,8 @@ class SimDetector(FrameStreamMixin, Device):
 
     image = Cpt(ImageSignal, value="", kind=Kind.normal)
     frame_number = Cpt(KeyedSignal, key=_key("integer", _INT), value=-1, kind=Kind.normal)
+    sim_true_i11_i10 = Cpt(KeyedSignal, key=_key("number", _FLOAT), value=math.nan, kind=Kind.normal)
+    sim_true_s10_px = Cpt(KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.normal)
 
     preset = Cpt(KeyedSignal, key=_key("string"), value="", kind=Kind.config)
     center_x = Cpt(KeyedSignal, key=_key("number", _FLOAT, "px"), value=math.nan, kind=Kind.config)
@@ -180,7 +268,7 @@ class SimDetector(FrameStreamMixin, Device):
         center: tuple[float, float] | None = None,
         rotation_deg: float | None = None,
         counts: float = 1.0,
-        n_patterns: int = 4,
+        n_patterns: int | None = None,
         asset_docs: str = "stream",
         **kwargs,
     ):
@@ -188,8 +276,11 @@ class SimDetector(FrameStreamMixin, Device):
         period_s = _check_period(period_s)
         if asset_docs not in _ASSET_DOCS:
             raise ValueError(f"asset_docs must be one of {list(_ASSET_DOCS)}, got {asset_docs!r}")
+        if n_patterns is None:
+            rows, cols = det_preset.shape
+            n_patterns = max(1, min(DEFAULT_N_PATTERNS, BANK_BYTES // (rows * cols * _FRAME_DTYPE.itemsize)))
         if isinstance(n_patterns, bool) or not isinstance(n_patterns, numbers.Integral) or n_patterns < 1:
-            raise ValueError(f"n_patterns must be an integer >= 1, got {n_patterns!r}")
+            raise ValueError(f"n_patterns must be an integer >= 1 or None, got {n_patterns!r}")
         counts = _check_counts(counts)
         seed = _check_seed(seed)
         center = _check_center(center)
@@ -209,6 +300,7 @@ class SimDetector(FrameStreamMixin, Device):
         self._bank: tuple[np.ndarray, ...] | None = None
         self._bank_kwargs: list[dict] = []
         self._bank_params: list[dict] = []
+        self._bank_noise_seeds: list[tuple[int, int]] = []
         self._bank_lock = threading.Lock()
 
         # Per-stage state.
@@ -247,15 +339,32 @@ class SimDetector(FrameStreamMixin, Device):
 
     @property
     def bank_kwargs(self) -> list[dict]:
-        """:func:`make_pattern` keyword arguments of each bank frame (rendered on first use)."""
+        """:func:`make_pattern` keyword arguments of each bank frame's noise-free pattern (rendered on first use)."""
         self._ensure_bank()
         return [dict(kw) for kw in self._bank_kwargs]
+
+    @property
+    def bank_noise_seeds(self) -> list[tuple[int, int]]:
+        """Seed of each bank frame's counting noise (:func:`poisson_raw`): ``(seed, k)``."""
+        self._ensure_bank()
+        return list(self._bank_noise_seeds)
 
     @property
     def bank_params(self) -> list[dict]:
         """The truth (``SyntheticPattern.params``) of each bank frame; frame ``i`` is ``i % n_patterns``."""
         self._ensure_bank()
         return self._bank_params
+
+    @property
+    def bank_truth(self) -> dict:
+        """Per bank frame: ``activation``, ``i11_i10`` and ``s10_px`` (arrays of ``n_patterns``)."""
+        self._ensure_bank()
+        n = self.n_patterns
+        return {
+            "activation": np.array([twitch_activation(k, n) for k in range(n)]),
+            "i11_i10": np.array([p["i11_i10"] for p in self._bank_params]),
+            "s10_px": np.array([p["s10_px"] for p in self._bank_params]),
+        }
 
     @property
     def geometry(self) -> dict:
@@ -287,31 +396,26 @@ class SimDetector(FrameStreamMixin, Device):
     # ------------------------------------------------------------------ bank
 
     def _ensure_bank(self) -> None:
-        """Render the pattern bank once (``n_patterns`` frames of one geometry)."""
+        """Render the pattern bank once: one twitch in ``n_patterns`` frames of one fiber."""
         if self._bank is not None:
             return
         with self._bank_lock:
             if self._bank is not None:
                 return
-            preset = self.detector_preset
-            first = make_pattern(
-                preset, seed=self._seed, center=self._center, rotation_deg=self._rotation, counts=self._counts
+            kwargs = _twitch_kwargs(
+                self.detector_preset, self.n_patterns, seed=self._seed, center=self._center,
+                rotation_deg=self._rotation, counts=self._counts,
             )
-            p0 = first.params
-            shared = {"center": tuple(p0["center"]), "rotation_deg": p0["rotation_deg"]}
-            shared.update({k: p0[k] for k in _SHARED_PARAMS})
-            kwargs = [
-                {"preset": preset, "seed": self._seed + k, "counts": self._counts, **shared}
-                for k in range(self.n_patterns)
-            ]
-            patterns = [first] + [make_pattern(**kw) for kw in kwargs[1:]]
-            frames = []
-            for pat in patterns:
-                raw = np.ascontiguousarray(pat.raw(), dtype=_FRAME_DTYPE)
+            frames, params, noise_seeds = [], [], []
+            for k, kw in enumerate(kwargs):
+                pattern = make_pattern(**kw)
+                noise_seeds.append((self._seed, k))
+                raw = np.ascontiguousarray(poisson_raw(pattern, noise_seeds[-1]), dtype=_FRAME_DTYPE)
                 raw.flags.writeable = False
                 frames.append(raw)
-            self._bank_kwargs = kwargs
-            self._bank_params = [pat.params for pat in patterns]
+                params.append(pattern.params)
+            self._bank_kwargs, self._bank_params, self._bank_noise_seeds = kwargs, params, noise_seeds
+            p0 = params[0]
             self.center_x.put(float(p0["center"][0]))
             self.center_y.put(float(p0["center"][1]))
             self.rotation_deg.put(float(p0["rotation_deg"]))
@@ -392,6 +496,9 @@ class SimDetector(FrameStreamMixin, Device):
         for key in ("preset", "center", "rotation_deg", "pixel_size_mm", "wavelength_nm", "distance_mm"):
             ds.attrs[f"sim_{key}"] = g[key]
         ds.attrs["sim_seeds"] = [kw["seed"] for kw in self._bank_kwargs]
+        ds.attrs["sim_noise_seeds"] = np.asarray(self._bank_noise_seeds, np.int64)
+        ds.attrs["sim_true_i11_i10"] = [p["i11_i10"] for p in self._bank_params]
+        ds.attrs["sim_true_s10_px"] = [p["s10_px"] for p in self._bank_params]
         f.swmr_mode = True  # after every object is created: readers may open it now
         self._dataset = ds
         # Readers in this process (the callback) read through this handle, not a second one.
@@ -473,12 +580,43 @@ class SimDetector(FrameStreamMixin, Device):
                 raise OSError(f"{self._file_path}: writing frame {index} failed: {exc}") from exc
 
     def _frame_ready(self, index: int) -> None:
+        truth = self._bank_params[index % self.n_patterns]
+        self.sim_true_i11_i10.put(float(truth["i11_i10"]))
+        self.sim_true_s10_px.put(float(truth["s10_px"]))
         self.frame_number.put(index)
         if self._datum_factory is not None:
             datum = self._datum_factory({"point_number": index})
             self._asset_docs_cache.append(("datum", datum))
             self.image.put(datum["datum_id"])
         self._frames_done = index + 1
+
+
+# --------------------------------------------------------------------------- the twitch
+
+
+def _twitch_kwargs(preset: DetectorPreset, n: int, *, seed: int, center, rotation_deg, counts: float) -> list[dict]:
+    """:func:`make_pattern` arguments (noise-free) of the ``n`` frames of one twitch.
+
+    The rest pattern of ``seed`` gives what the twitch does not change; I10 and I11
+    share ``I10 + I11`` of the rest pattern at :data:`TWITCH_REST_I11_I10`, the other
+    reflections keep their rest intensities, and ``d10`` follows S10 at a fixed camera
+    length. Intensities go in at ``counts = 1`` (make_pattern multiplies them).
+    """
+    rest = make_pattern(preset, seed=seed, center=center, rotation_deg=rotation_deg, counts=counts, noise=False).params
+    s10, d10 = rest["s10_px"], rest["d10_nm"]
+    total = rest["i10"] / counts * (1.0 + TWITCH_REST_I11_I10)
+    shared = {
+        "preset": preset, "seed": seed, "counts": counts, "noise": False,
+        "center": tuple(rest["center"]), "rotation_deg": rest["rotation_deg"],
+        **{key: rest[key] / counts for key in _HELD_INTENSITIES},
+    }  # fmt: skip
+    kwargs = []
+    for k in range(n):
+        a = twitch_activation(k, n)
+        ratio = TWITCH_REST_I11_I10 + (TWITCH_PEAK_I11_I10 - TWITCH_REST_I11_I10) * a
+        s10_k = s10 * (1.0 + TWITCH_S10_CHANGE * a)
+        kwargs.append({**shared, "i10": total / (1.0 + ratio), "i11_i10": ratio, "s10_px": s10_k, "d10_nm": d10 * s10 / s10_k})
+    return kwargs
 
 
 # --------------------------------------------------------------------------- validation

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .summary import plot_summary  # the figure: live_bgsub/summary.py
+
 __all__ = ["DEMO_METHOD", "plot_summary", "run_demo"]
 
 #: The demo's processing step: the U-Net this project exists for, the shipped model that
@@ -452,42 +454,6 @@ def _table(run) -> dict:
     from .catalog import metrics_table
 
     return metrics_table(run)
-
-
-def plot_summary(catalog, raw_uid: str, derived_uid: str, path) -> Path:
-    """Write a PNG: the first raw frame, its corrected fold, and I11/I10 over the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    raw = catalog[raw_uid]["primary"]
-    derived = catalog[derived_uid]
-    image_key = next(k for k in raw if k.endswith("_image"))
-    frame = np.asarray(raw[image_key][0], float)
-    corrected = np.asarray(derived["primary"]["corrected"][0], float)
-    table = _table(derived)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    shown = np.where(frame >= 0, frame, np.nan)
-    axes[0].imshow(np.log1p(shown), cmap="magma", origin="upper")
-    axes[0].set_title(f"raw frame 1 ({frame.shape[1]}x{frame.shape[0]}, log)")
-    axes[1].imshow(np.log1p(np.clip(corrected, 0, None)), cmap="magma", origin="upper")
-    axes[1].set_title("corrected fold, frame 1 (log; beam centre top-left)")
-    seq = np.asarray(table.get("raw_seq_num", []))
-    axes[2].plot(seq, table.get("i11_i10", []), "o-", ms=3)
-    axes[2].set_xlabel("raw frame (seq_num)")
-    axes[2].set_ylabel("I11 / I10")
-    axes[2].set_title("I11/I10 over the run")
-    for ax in axes[:2]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    method = derived.metadata["start"].get("processing", {}).get("method", "")
-    fig.suptitle(f"live_bgsub demo: raw {raw_uid[:8]} -> derived {derived_uid[:8]} ({method})")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def _report(print, bl, raw_uid, summary, f) -> None:

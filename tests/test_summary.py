@@ -12,18 +12,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from bluesky import RunEngine  # noqa: E402
-from bluesky.plans import count  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky.plans import count
 
-from live_bgsub.callback import LiveBackgroundSubtraction  # noqa: E402
-from live_bgsub.catalog import frames, metrics_table  # noqa: E402
-from live_bgsub.sim import SimDetector  # noqa: E402
-from live_bgsub.sinks.tiled import TiledPublisher  # noqa: E402
-from live_bgsub.summary import PANELS, TRUTH_LABEL, plot_summary, summary_figure  # noqa: E402
-from live_bgsub.tiled_server import EmbeddedTiledServer, connect  # noqa: E402
+from live_bgsub.callback import LiveBackgroundSubtraction
+from live_bgsub.catalog import frames, metrics_table
+from live_bgsub.sim import SimDetector
+from live_bgsub.sinks.tiled import TiledPublisher
+from live_bgsub.summary import PANELS, TRUTH_LABEL, plot_summary, summary_figure
+from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
 TWITCH = 8  # frames of the run with truth: one whole twitch
 

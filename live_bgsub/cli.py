@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .demo import DEMO_METHOD
 from .errors import ArgumentParser, UsageError, at_least, print_error
+from .logs import quiet_libraries, verbose_requested
 
 __all__ = ["SAMPLE_FRAME", "main", "process_image"]
 
@@ -911,7 +912,8 @@ def _cmd_tiled_server(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose, argv = verbose_requested(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose)  # -v: every library log line (TensorFlow's start-up among them)
     if argv[:1] == ["sim-ioc"]:  # its options belong to live_bgsub.sim.ioc (imports caproto)
         from .sim.ioc import main as sim_ioc_main
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -234,3 +235,22 @@ def test_out_of_range_parameters_are_a_usage_error(tmp_path, capsys, argv, said)
     err = capsys.readouterr().err.strip()
     assert err == f"live-bgsub: error: {said}"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_start_up_lines_only_with_verbose(tmp_path, verbose):
+    """A model run prints none of TensorFlow's start-up lines (absl, oneDNN, CPU, XLA)
+    unless asked with -v; what the command itself says still reaches stderr."""
+    from live_bgsub.logs import NOISE, VERBOSE_ENV
+
+    exe = [sys.executable, "-m", "live_bgsub.cli"] + (["-v"] if verbose else [])
+    env = {k: v for k, v in os.environ.items() if k not in (VERBOSE_ENV, "TF_CPP_MIN_LOG_LEVEL")}
+    res = subprocess.run(exe + ["process", "--sample", "--method", "model:white-top-hat", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    noise = [line for line in res.stderr.splitlines() if any(p.search(line) for p in NOISE)]
+    assert bool(noise) == verbose, res.stderr[-2000:]
+    assert json.loads((tmp_path / "P40_1_3_00000.json").read_text())["method"] == "model:white-top-hat"
+    bad = subprocess.run(exe + ["process", str(tmp_path / "missing.tif"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.tif" in bad.stderr

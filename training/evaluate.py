@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from live_bgsub.errors import ArgumentParser, at_least, usage_exit
+from live_bgsub.logs import quiet_libraries, verbose_requested
 from training.data import (
     PAPER_METHODS,
     SYNTHETIC_TRUTH,
@@ -488,6 +489,8 @@ def evaluate(args, *, log=print) -> dict:
 
 
 def main(argv=None) -> int:
+    verbose, argv = verbose_requested(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose)  # -v: TensorFlow's start-up lines too
     args = build_parser().parse_args(argv)
     evaluate(args)
     return 0

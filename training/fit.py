@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from live_bgsub.errors import ArgumentParser, at_least, usage_exit
+from live_bgsub.logs import quiet_libraries, verbose_requested
 from training.data import PAPER_METHODS, SYNTHETIC_TRUTH, DataConfig, build_dataset
 
 PROG = "python -m training.fit"
@@ -660,6 +661,8 @@ def _keras_name(name: str) -> str:
 
 
 def main(argv=None) -> int:
+    verbose, argv = verbose_requested(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose)  # -v: TensorFlow's start-up lines too
     config, fresh = resolve_config(argv)
     fit(config, fresh=fresh)
     return 0

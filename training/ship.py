@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from live_bgsub.errors import ArgumentParser, usage_exit
 from live_bgsub.inference import SHIPPED_MODELS, BackgroundModel
+from live_bgsub.logs import quiet_libraries, verbose_requested
 
 PROG = "python -m training.ship"
 
@@ -41,6 +43,8 @@ def ship(run_dir, name: str, models_dir: Path = MODELS_DIR) -> Path:
 
 
 def main(argv=None) -> int:
+    verbose, argv = verbose_requested(sys.argv[1:] if argv is None else argv)
+    quiet_libraries(verbose)  # -v: TensorFlow's start-up lines too
     ap = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", help="the --out directory of a finished training.fit run")
     ap.add_argument("name", choices=SHIPPED_MODELS)

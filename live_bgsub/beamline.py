@@ -143,6 +143,7 @@ class Beamline:
         self.server = None
         self.RE = self.detector = self.callback = self.publisher = self.catalog = None
         self.prepare_s = None  # seconds the model step's compilation took at start, if done then
+        self._repeater = None  # caproto's CA repeater, when this beamline started one
 
     @property
     def directory(self) -> Path:
@@ -192,25 +193,31 @@ class Beamline:
         return self
 
     def _prepare(self) -> float | None:
-        """Compile a model step for the simulated detector's frames before the first run
-        (its shape and beam centre are known now); seconds, or None when not done.
-        An EPICS detector's runs compile at their first frames."""
-        if not self.callback.accelerate or not hasattr(self.detector, "geometry"):
+        """Compile a model step for the detector's frames before the first run, when its
+        description gives the frame shape and dtype and its configuration the beam
+        centre and rotation (the simulated detector; an IOC that publishes them);
+        seconds, or None when not done (the runs then compile at their first frames)."""
+        from .callback import geometry_from_configuration
+
+        if not self.callback.accelerate:
             return None
-        g = self.detector.geometry  # renders the simulated frame bank once
-        image = [key for key in self.detector.describe().values() if len(key.get("shape", ())) == 2]
-        if len(image) != 1 or "dtype_numpy" not in image[0]:
+        images = [key for key in self.detector.describe().values() if len(key.get("shape") or ()) == 2]
+        config = {k: v.get("value") for k, v in self.detector.read_configuration().items()}
+        geometry = geometry_from_configuration(config)
+        if len(images) != 1 or "dtype_numpy" not in images[0] or geometry is None:
+            logger.info("live_bgsub: %s not compiled ahead: the detector gives no frame shape, dtype or geometry", self.config.method)
             return None
-        seconds = self.callback.prepare(g["shape"], {"center": g["center"], "rotation_deg": g["rotation_deg"]},
-                                        dtype=image[0]["dtype_numpy"])
-        logger.info("live_bgsub: %s compiled for %s frames in %.1f s", self.config.method, g["shape"], seconds)
+        shape = tuple(int(n) for n in images[0]["shape"])
+        seconds = self.callback.prepare(shape, geometry, dtype=images[0]["dtype_numpy"])
+        logger.info("live_bgsub: %s compiled for %s frames in %.1f s", self.config.method, shape, seconds)
         return seconds
 
     def _make_detector(self, raw_dir: Path):
         cfg = self.config
         if cfg.detector == "epics":
-            from .devices import EpicsPilatus
+            from .devices import EpicsPilatus, start_ca_repeater
 
+            self._repeater = start_ca_repeater()  # before libca starts: no caRepeater warning
             detector = EpicsPilatus(cfg.epics_prefix, name="det", write_path=str(raw_dir))
             # Fail here, with the prefix and the PVs named, rather than at the first plan.
             detector.wait_for_connection(timeout=cfg.connection_timeout_s)
@@ -232,6 +239,12 @@ class Beamline:
             self.publisher.close(timeout=60)
         if self.server is not None:
             self.server.stop()
+        if self.detector is not None and self._detector is None and self.config.detector == "epics":
+            self.detector.destroy()  # its channels closed before its IOC goes: no "Virtual circuit disconnect"
+        if self._repeater is not None:
+            self._repeater.terminate()
+            self._repeater.wait()
+            self._repeater = None
 
     def __enter__(self):
         return self.start()

@@ -72,7 +72,7 @@ from .io import mask_invalid
 from .routing import RunIndex
 from .sinks.hdf5 import DATASET, FoldWriter
 
-__all__ = ["LiveBackgroundSubtraction", "RunSummary"]
+__all__ = ["LiveBackgroundSubtraction", "RunSummary", "geometry_from_configuration"]
 
 logger = logging.getLogger("live_bgsub.callback")
 
@@ -1106,9 +1106,28 @@ def _geometry_from(md: dict, where: str):
     return None
 
 
+def geometry_from_configuration(config: dict) -> Geometry | None:
+    """The geometry a detector's configuration gives, or None.
+
+    ``config`` maps configuration keys to values (a descriptor's ``configuration``
+    data, or ``{k: v["value"] for k, v in device.read_configuration().items()}``): the
+    geometry is ``*_center`` (x, y), or ``*_center_x`` and ``*_center_y``, with
+    ``*_rotation_deg``, exactly one key of each; a malformed one is logged and ignored.
+
+    Examples
+    --------
+    >>> geometry_from_configuration({"det_center_x": 410.0, "det_center_y": 520.0, "det_rotation_deg": 3.0})
+    Geometry(center=(410.0, 520.0), rotation_deg=3.0)
+    >>> geometry_from_configuration({"det_center_x": 410.0}) is None
+    True
+    """
+    found = _geometry_from_config(config)
+    return None if found is None else found[0]
+
+
 def _geometry_from_config(config: dict):
-    """Geometry in a detector's configuration: ``*_center`` (x, y) or ``*_center_x`` and
-    ``*_center_y``, with ``*_rotation_deg`` (exactly one of each)."""
+    """``(geometry, "configuration")`` from a detector's configuration, or None
+    (:func:`geometry_from_configuration`)."""
 
     def one(suffix):
         found = [v for k, v in config.items() if k.endswith(suffix)]

@@ -115,6 +115,7 @@ def _run_epics(directory, *, frames, rate_hz, method, preset, seed, keep_serving
     import secrets
 
     from .beamline import BeamlineConfig
+    from .devices import ca_repeater
     from .sim.ioc import run_ioc_subprocess, use_loopback_ca
 
     use_loopback_ca()
@@ -132,7 +133,9 @@ def _run_epics(directory, *, frames, rate_hz, method, preset, seed, keep_serving
     print(f"live-bgsub demo --epics: {frames} frames at {rate_hz:g} Hz from a simulated {preset} IOC "
           f"(prefix {prefix}) over Channel Access, method {method}")
     period = 1.0 / rate_hz
-    with run_ioc_subprocess(prefix, directory=raw_dir, preset=preset, seed=seed, acquire_time=period, acquire_period=period):
+    # A CA repeater before pyepics starts (libca warns when it cannot spawn caRepeater).
+    with ca_repeater(), run_ioc_subprocess(prefix, directory=raw_dir, preset=preset, seed=seed,
+                                           acquire_time=period, acquire_period=period):
         return _acquire(config, frames, keep_serving, print)
 
 

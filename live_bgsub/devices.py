@@ -19,6 +19,7 @@ being taken: the trigger's status fails and with it the run (exit status ``fail`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from .errors import LiveBgsubError
 from .frame_stream import FrameStreamMixin, ImageSignal, KeyedSignal
 from .sim.detector import DATASET, HDF5_MIMETYPE
 
-__all__ = ["AcquisitionError", "EpicsConnectionError", "EpicsPilatus"]
+__all__ = ["CA_REPEATER_PORT", "AcquisitionError", "EpicsConnectionError", "EpicsPilatus", "ca_repeater", "start_ca_repeater"]
 
 logger = logging.getLogger("live_bgsub.devices")
 
@@ -499,3 +500,71 @@ def _pvnames(signal) -> list[str]:
     if setpoint and setpoint != signal.pvname:
         names.append(setpoint)
     return names
+
+
+#: Where Channel Access clients find the CA repeater (EPICS' default port).
+CA_REPEATER_PORT = 5065
+
+
+def start_ca_repeater(timeout: float = 5.0):
+    """Make sure a Channel Access repeater answers before libca starts; return what was started.
+
+    libca (pyepics, ophyd's control layer) spawns the ``caRepeater`` executable when no
+    repeater holds its UDP port, and prints a four-line warning when that executable
+    is not on ``PATH`` (the pip-installed libca ships none). CA works without a
+    repeater (it relays beacons), so the warning is noise: when the port is free and
+    ``caRepeater`` is missing, caproto's repeater is started instead, as a child process
+    that the caller stops (``terminate()``) when done. Nothing is started when a
+    repeater already runs or ``caRepeater`` is on ``PATH``; a repeater that does not
+    come up within ``timeout`` is stopped and libca's warning is let through.
+
+    Returns
+    -------
+    subprocess.Popen or None
+    """
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from .procutil import DeadlinePassed, wait_until
+
+    port = int(os.environ.get("EPICS_CA_REPEATER_PORT", CA_REPEATER_PORT))
+
+    def taken() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                return True
+            return False
+
+    if taken() or shutil.which("caRepeater"):
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from caproto.commandline.repeater import main; main()", "-q"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "EPICS_CA_REPEATER_PORT": str(port)},
+    )
+    try:
+        wait_until(lambda: proc.poll() is not None or taken(), timeout, what=f"caproto's CA repeater on UDP port {port}")
+    except DeadlinePassed:
+        pass
+    if proc.poll() is None and taken():
+        return proc
+    proc.kill()
+    proc.wait()
+    logger.info("live_bgsub: no CA repeater could be started on UDP port %d", port)
+    return None
+
+
+@contextlib.contextmanager
+def ca_repeater():
+    """:func:`start_ca_repeater` for the block: what it started is stopped on leaving."""
+    proc = start_ca_repeater()
+    try:
+        yield proc
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()

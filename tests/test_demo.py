@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from live_bgsub.catalog import derived_runs, metrics_table
+from live_bgsub.logs import NOISE
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
 CLI = [sys.executable, "-m", "live_bgsub.cli"]
@@ -36,6 +37,7 @@ def test_demo_runs_end_to_end(demo):
     # The U-Net by default, compiled before the first frame.
     assert "method model:smoothed-gaussian" in out
     assert re.search(r"model:smoothed-gaussian: loaded and compiled in [0-9.]+ s, before the first frame", out)
+    assert not [line for line in proc.stderr.splitlines() if any(p.search(line) for p in NOISE)]  # no TensorFlow start-up
     png = directory / "summary.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((directory / "raw").glob("*.h5"))) == 1 and len(list((directory / "derived").glob("*.h5"))) == 1
@@ -86,6 +88,8 @@ def test_demo_through_the_epics_ioc(tmp_path):
     assert re.search(r"from a simulated pilatus-1m IOC \(prefix LBDEMO[0-9A-F]{6}:\) over Channel Access", proc.stdout)
     assert re.search(r"raw run:\s+\S+\s+\(4 events in Tiled\)", proc.stdout)
     assert "received 4, processed 4, failed 0, skipped 0" in proc.stdout
+    assert "caRepeater" not in proc.stderr  # a CA repeater was found or started: libca says nothing
+    assert "CA.Client.Exception" not in proc.stderr  # the detector closed its channels before its IOC stopped
 
 
 def test_sim_ioc_lists_its_pvs():

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .options import DEFAULT_METHOD, ProcessingOptions
+
 __all__ = ["Beamline", "BeamlineConfig", "load_config", "persistent_key"]
 
 logger = logging.getLogger("live_bgsub.beamline")
@@ -68,7 +70,7 @@ class BeamlineConfig:
     tiled_uri: str | None = None
     tiled_api_key: str | None = None
     catalog: str = "runs"
-    method: str = "white-top-hat"
+    method: str = DEFAULT_METHOD
     params: dict = field(default_factory=dict)
     downsample: int = 1
     detector: str = "sim"
@@ -83,12 +85,19 @@ class BeamlineConfig:
     connection_timeout_s: float = 5.0
 
     def __post_init__(self):
+        self.processing  # a bad method, parameter or downsample fails here, in one line
         if self.detector not in ("sim", "epics"):
             raise ValueError(f"detector must be 'sim' or 'epics', got {self.detector!r}")
         if self.detector == "epics" and not self.epics_prefix:
             raise ValueError("detector 'epics' needs epics_prefix (e.g. '13PIL1:')")
         if not self.period_s >= 0:
             raise ValueError(f"period_s must be >= 0, got {self.period_s!r}")
+
+
+    @property
+    def processing(self) -> ProcessingOptions:
+        """``method``, ``params`` and ``downsample`` as the one options type of every entry point."""
+        return ProcessingOptions(self.method, dict(self.params), self.downsample)
 
 
 def load_config(path=None, **overrides) -> BeamlineConfig:
@@ -174,9 +183,7 @@ class Beamline:
             self.detector = self._detector or self._make_detector(raw_dir)
             self.callback = LiveBackgroundSubtraction(
                 self.publisher,
-                method=cfg.method,
-                params=cfg.params,
-                downsample=cfg.downsample,
+                **cfg.processing.callback_kwargs(),
                 directory=derived_dir,
                 on_full=cfg.on_full,
                 queue_size=cfg.queue_size,

@@ -39,6 +39,7 @@ from . import __version__
 from .demo import DEMO_METHOD
 from .errors import ArgumentParser, UsageError, at_least, print_error
 from .logs import quiet_libraries, verbose_requested
+from .options import ProcessingOptions, processing_arguments
 
 __all__ = ["SAMPLE_FRAME", "main", "process_image"]
 
@@ -316,6 +317,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "to the same catalog. Select runs by uid, by metadata (--query KEY=VALUE) or --last N; --query and "
         "--last select raw runs only (a derived run, made by live_bgsub, is replayed only when named by uid). With --nats "
         "the documents go to NATS JetStream instead, for running `live-bgsub worker`s and `live-bgsub compose`.",
+        parents=[processing_arguments()],
     )
     p.add_argument("uids", nargs="*", metavar="UID", help="run uids (or unique prefixes); a derived run is replayed only when named here")
     p.add_argument("--tiled", metavar="URI", help=_TILED_HELP)
@@ -324,9 +326,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select raw runs whose start metadata KEY equals VALUE (repeatable)")
     p.add_argument("--last", type=at_least(1), metavar="N", help="the N most recent selected raw runs (N >= 1)")
     p.add_argument("--fill", metavar="DERIVED_UID", help="replay only the raw frames this derived run skipped, left unprocessed or failed")
-    p.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
-    p.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
     p.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
     p.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the server must be able to read it")
     p.add_argument("--backup", type=Path, metavar="DIR", help="JSON-lines backup of the derived runs' documents (default: backup/ beside --directory)")
@@ -684,14 +683,12 @@ def _cmd_replay(args) -> int:
     if args.nats:
         return _replay_bus(args, uri)
     try:
-        from .background import parse_params
         from .callback import LiveBackgroundSubtraction
-        from .inference import MODEL_PREFIX
         from .sinks.tiled import TiledPublisher
         from .tiled_server import connect
 
         query = _split_query(args.query)
-        params = {} if args.method.startswith(MODEL_PREFIX) else parse_params(args.method, args.param)
+        options = ProcessingOptions.from_args(args)
         catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
         seq_nums = None
         if args.fill:
@@ -712,9 +709,7 @@ def _cmd_replay(args) -> int:
         publisher = TiledPublisher(catalog, backup_directory=_replay_backup(args))
         callback = LiveBackgroundSubtraction(
             publisher,
-            method=args.method,
-            params=params,
-            downsample=args.downsample,
+            **options.callback_kwargs(),
             data_key=args.data_key,
             directory=args.directory,
             on_full="block",
@@ -773,17 +768,13 @@ def _replay_bus(args, uri) -> int:
     """``replay --nats``: publish the selected runs' documents for the bus's workers and
     composer, then wait until the composer has recorded each run as done."""
     try:
-        from .background import parse_params
-        from .engine import make_step
-        from .inference import MODEL_PREFIX
         from .replay import select_runs
         from .tiled_server import connect
 
         query = _split_query(args.query)
-        params = {}
-        if not args.method.startswith(MODEL_PREFIX):  # a model is found on the workers' hosts
-            params = parse_params(args.method, args.param)
-            make_step(args.method, params, downsample=args.downsample)
+        options = ProcessingOptions.from_args(args)
+        if not options.is_model:  # a model is found on the workers' hosts
+            options.step()
         catalog = connect(uri, api_key=args.api_key, catalog=args.catalog, create=False)
         runs = select_runs(catalog, args.uids, query=query, last=args.last)
     except (ValueError, KeyError, OSError) as exc:  # OSError: ConnectionError (no server, a refused key)
@@ -799,7 +790,7 @@ def _replay_bus(args, uri) -> int:
     from .bus.publisher import BusPublisher
     from .replay import bus_done, replay_run
 
-    processing = {"method": args.method, "params": params, "downsample": args.downsample}
+    processing = options.describe()
     expected = {uid: derived_uid(job_key(uid, processing), processing) for uid in by_uid}
     try:
         before = bus_done(args.nats, list(by_uid), processing=processing)

@@ -44,6 +44,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ArgumentParser
+from .options import ProcessingOptions, add_processing_arguments
 from .transport import GapDetector
 from .wire import KEY_ENV, WireError, as_key, decode, load_key
 
@@ -553,9 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--key-file", type=Path, metavar="PATH",
         help=f"shared key: accept only messages signed with it (default: ${KEY_ENV}; neither: unsigned msgpack, never pickle)",
     )  # fmt: skip
-    parser.add_argument("--method", default="white-top-hat", help="classical method, model:NAME or model:PATH (default white-top-hat)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
-    parser.add_argument("--downsample", type=int, default=1, metavar="N", help="working resolution of a classical method (default 1)")
+    add_processing_arguments(parser)
     parser.add_argument("--data-key", help="data key of the frames (default: the stream's one 2-D key)")
     parser.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived); the Tiled server must be able to read it")
     parser.add_argument("--pv-prefix", metavar="PREFIX", help="serve the live metrics as EPICS PVs PREFIX* (docs/pvs.md)")
@@ -582,10 +582,7 @@ def run_from_args(args) -> int:
         print(f"live-bgsub serve: error: the 0MQ key: {exc}", file=sys.stderr)
         return 2
     try:
-        from .background import parse_params
-        from .inference import MODEL_PREFIX
-
-        params = {} if args.method.startswith(MODEL_PREFIX) else parse_params(args.method, args.param)
+        options = ProcessingOptions.from_args(args)
         server = RemoteServer.from_options(
             args.zmq,
             tiled=tiled,
@@ -599,9 +596,7 @@ def run_from_args(args) -> int:
             status_path=args.status_file,
             on_full=args.on_full,
             queue_size=args.queue_size,
-            method=args.method,
-            params=params,
-            downsample=args.downsample,
+            **options.callback_kwargs(),
             data_key=args.data_key,
             directory=args.directory,
         )
@@ -638,7 +633,7 @@ def run_from_args(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m live_bgsub.serve`` (the ``live-bgsub serve`` subcommand)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="live-bgsub serve",
         description="Run the live background subtraction on documents from a bluesky 0MQ proxy.",
     )

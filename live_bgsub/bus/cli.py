@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ArgumentParser, at_least, print_error
+from ..options import DEFAULT_METHOD, ProcessingOptions, add_processing_arguments
 
 __all__ = ["compose_main", "worker_main"]
 
@@ -81,9 +82,8 @@ def compose_main(argv=None) -> int:
     parser.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
     parser.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived; shared with Tiled)")
     parser.add_argument("--backup", type=Path, metavar="DIR", help="JSON-lines backup of the derived runs (default: backup/ beside --directory)")
-    parser.add_argument("--method", default="white-top-hat", help="default processing: classical method, model:NAME or model:PATH (a run's publisher may choose its own)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
-    parser.add_argument("--downsample", type=at_least(1), default=1, metavar="N", help="working resolution of a classical method (default 1)")
+    add_processing_arguments(parser, method_help="default processing: classical method, model:NAME or model:PATH "
+                             f"(default {DEFAULT_METHOD}; a run's publisher may choose its own)")
     parser.add_argument("--geometry-frames", type=at_least(1), default=3, metavar="N", help="frames a run's geometry is estimated from (default 3)")
     parser.add_argument("--result-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for a frame's result before it fails (default 600)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each run")
@@ -100,15 +100,11 @@ def compose_main(argv=None) -> int:
         return _fail(prog, "no Tiled server: pass --tiled URI or set TILED_URI")
     backup = args.backup or args.directory.parent / "backup"
     try:
-        from ..background import parse_params
-        from ..inference import MODEL_PREFIX
-
-        params = {} if args.method.startswith(MODEL_PREFIX) else parse_params(args.method, args.param)
         from ..sinks.tiled import TiledPublisher
 
+        options = ProcessingOptions.from_args(args)
         publishers = [TiledPublisher.from_uri(uri, api_key=args.api_key, catalog=args.catalog, backup_directory=backup)]
-        composer = Composer(args.nats, publishers, method=args.method, params=params, downsample=args.downsample,
-                            directory=args.directory, result_timeout_s=args.result_timeout, geometry_frames=args.geometry_frames)
+        composer = Composer(args.nats, publishers, **options.callback_kwargs(), directory=args.directory, result_timeout_s=args.result_timeout, geometry_frames=args.geometry_frames)
     except (ValueError, OSError) as exc:
         return _fail(prog, str(exc))
     stop = _stop_on_signals()

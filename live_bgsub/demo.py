@@ -17,6 +17,7 @@ one ``live-bgsub compose`` subprocesses, and the RunEngine with a
 from __future__ import annotations
 
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -469,7 +470,9 @@ def _report(print, bl, raw_uid, summary, f) -> None:
     print(f"I11/I10 median over the run: {f['i11_i10_median']:.3f}")
     print(f"summary PNG: {f['png']}")
     print(f"data: raw HDF5 in {bl.directory / 'raw'}, corrected folds in {bl.directory / 'derived'}, catalog in {bl.directory / 'tiled'}")
-    print("Read the results back (restart the server with `live-bgsub tiled-server DIR` after the demo exits):")
+    port = urllib.parse.urlsplit(uri).port
+    again = f"live-bgsub tiled-server {bl.directory}" + (f" --port {port}" if port else "")
+    print(f"Read the results back (after the demo exits, serve them again on the same port: `{again}`):")
     print("    from tiled.client import from_uri")
     print(f"    catalog = from_uri({uri!r}, api_key=open({str(bl.directory / 'tiled' / 'api_key')!r}).read().strip())[{bl.config.catalog!r}]")
     print(f"    derived = catalog[{summary.derived_uid!r}]")

@@ -41,9 +41,13 @@ def test_demo_runs_end_to_end(demo):
     png = directory / "summary.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((directory / "raw").glob("*.h5"))) == 1 and len(list((directory / "derived").glob("*.h5"))) == 1
-    # The data stay: serve the directory again and read both runs back.
+    # The data stay: serve the directory again, on the port the read-back snippet names, and read both runs back.
+    uri = re.search(r"from_uri\('(http://127\.0\.0\.1:([0-9]+)/api/v1)'", out)
+    assert f"`live-bgsub tiled-server {directory} --port {uri.group(2)}`" in out
     key = (directory / "tiled" / "api_key").read_text().strip()
-    with EmbeddedTiledServer(directory / "tiled", readable_storage=[directory / "raw", directory / "derived"], api_key=key) as server:
+    with EmbeddedTiledServer(directory / "tiled", readable_storage=[directory / "raw", directory / "derived"], api_key=key,
+                             port=int(uri.group(2))) as server:
+        assert server.uri == uri.group(1)
         catalog = connect(server.uri, api_key=key, create=False)
         assert catalog[raw_uid].metadata["stop"]["num_events"]["primary"] == 6
         [derived] = derived_runs(catalog, raw_uid)

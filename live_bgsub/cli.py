@@ -245,7 +245,14 @@ _TILED_HELP = f"Tiled server URI (default: $TILED_URI); one that does not answer
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="live-bgsub", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(
+        prog="live-bgsub",
+        description="Live background subtraction for muscle fiber X-ray diffraction frames: process images, "
+        "run the live demo, replay archived runs from Tiled, or serve the live callback.",
+        epilog="Usage and connection errors print one line and exit 2. -v before the command "
+        "(or LIVE_BGSUB_VERBOSE=1) also shows the libraries' start-up logs (TensorFlow's).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="the libraries' start-up logs too (give it before COMMAND)")
     parser.add_argument("--version", action="version", version=f"live-bgsub {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

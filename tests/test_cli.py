@@ -254,3 +254,12 @@ def test_library_start_up_lines_only_with_verbose(tmp_path, verbose):
     bad = subprocess.run(exe + ["process", str(tmp_path / "missing.tif"), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.tif" in bad.stderr
+
+
+def test_top_level_help_reads_as_text(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":mod:" not in out  # no raw reST from the module docstring
+    assert "Live background subtraction" in out and "-v, --verbose" in out

@@ -2,7 +2,7 @@
 
 For each preset (synthetic frames of one "run": fixed geometry and lattice, varying
 intensities and noise; int32 with the detector's sentinels) it writes the frames to an
-HDF5 file, builds a :class:`live_bgsub.device_path.DevicePath` for the shipped model
+HDF5 file, builds a :class:`live_bgsub.device.DevicePath` for the shipped model
 (``white-top-hat``, f=8, downsample 2; ``--model f16`` for an untrained f=16) and
 measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm-up):
 
@@ -11,7 +11,7 @@ measures, per batch of ``--batch`` frames (medians over ``--repeats`` after warm
   (the default on a CPU), the host's test of each frame's invalid pixels against the
   run's reference (:meth:`DevicePath.process` does both);
 - ``upload``: host -> device (on TensorFlow a DLPack view of the aligned buffer, what
-  :func:`live_bgsub.device_path.compiled_function` passes: no copy on the CPU; elsewhere
+  :func:`live_bgsub.device.compiled_function` passes: no copy on the CPU; elsewhere
   ``keras.ops.convert_to_tensor``);
 - ``fold``: the device fold alone (the pixel-major table, the 16-tap gather with the
   quadrant mean; the device's validity test where it makes it);
@@ -107,7 +107,7 @@ def device_peaks(precisions, repeats: int = 5) -> dict:
     accelerator's figure is its own and not the host link's."""
     import keras
 
-    from live_bgsub.device_path import accelerator_present
+    from live_bgsub.device import accelerator_present
 
     n = 8192 if accelerator_present() else 2048
     rng = np.random.default_rng(0)
@@ -135,10 +135,10 @@ def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
 
 def _stage_models(path):
     """Compiled functions running one part of the pipeline each (share its variables), called
-    like the pipeline itself (:func:`live_bgsub.device_path.compiled_function`)."""
+    like the pipeline itself (:func:`live_bgsub.device.compiled_function`)."""
     import keras
 
-    from live_bgsub.device_path import compiled_function
+    from live_bgsub.device import compiled_function
 
     class Fold(keras.Model):
         def __init__(self, pipeline):
@@ -177,7 +177,7 @@ def bench_preset(preset, args, model_spec, precision, peak) -> dict:
     import keras
     from event_model import compose_run
 
-    from live_bgsub.device_path import (
+    from live_bgsub.device import (
         METRIC_NAMES,
         DevicePath,
         compiled_function,

@@ -226,7 +226,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
     seq_nums : iterable of int, optional
         Process only these raw frames (a replay filling in skipped frames).
     accelerate : bool or None, optional
-        Run a model step on the device path (:class:`live_bgsub.device_path.DevicePath`:
+        Run a model step on the device path (:class:`live_bgsub.device.DevicePath`:
         fold, U-Net and metrics compiled as one function per batch shape; the metrics
         are window integrals frozen from ``roi_metrics`` on the run's first frame with
         an equator, see docs/device.md). None (default): on for a model step, off for
@@ -594,7 +594,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
 
     def _prepare(self, job: dict) -> None:
         """The worker's side of :meth:`prepare`: build a device path and compile it."""
-        from .device_path import DevicePath
+        from .device import DevicePath
 
         t = time.perf_counter()
         try:
@@ -732,7 +732,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
             else:
                 run.engine = Engine(self.step, run.geometry, shape, static, metrics=self.compute_metrics, geometry_quality=quality, **roi)
             if self.accelerate and prepared is None:
-                from .device_path import DevicePath
+                from .device import DevicePath
 
                 run.engine = DevicePath.from_engine(run.engine, batch_size=self.batch_size, cache=self._device_cache)
                 # Every batch size compiled now, not when a backlog first makes a bigger

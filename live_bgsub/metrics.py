@@ -359,7 +359,7 @@ def roi_metrics(
     has the model, the S10 search and fit, the acceptance tests and the M3 search):
     :func:`~live_bgsub.reflections.analyse_equator`, then
     :func:`~live_bgsub.reflections.analyse_m3`. The device path's window metrics
-    (:func:`live_bgsub.device_path.fit_windows`) freeze the same model.
+    (:func:`live_bgsub.device.fit_windows`) freeze the same model.
 
     Intensities are counted inside the sectors: for arcs wider than a few degrees, a
     larger ``sector_deg`` is needed to capture them fully (the ratio I11/I10 does not

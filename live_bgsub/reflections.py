@@ -2,7 +2,7 @@
 equator search and fit, and the M3 fit.
 
 Both metric paths read reflections with this one model: :func:`live_bgsub.metrics.roi_metrics`
-(numpy, every frame) and :func:`live_bgsub.device_path.fit_windows`, which fits it on a run's
+(numpy, every frame) and :func:`live_bgsub.device.fit_windows`, which fits it on a run's
 reference frame and freezes its linear part into window weights for the device. Pure
 numpy/scipy. A fold has the beam centre at ``[0, 0]``, axis 1 along the equator and axis 0
 along the meridian (``docs/conventions.md``).

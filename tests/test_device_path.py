@@ -1,4 +1,4 @@
-"""The device path (live_bgsub.device_path + live_bgsub.model.pipeline) against the numpy reference path.
+"""The device path (live_bgsub.device + live_bgsub.model.pipeline) against the numpy reference path.
 
 Tolerances (measured values and reasons in docs/device.md), relative to the fold's
 maximum |value|:
@@ -24,7 +24,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from live_bgsub import reflections as rf
-from live_bgsub.device_path import (
+from live_bgsub.device import (
     METRIC_NAMES,
     DevicePath,
     choose_batch_size,
@@ -170,9 +170,9 @@ def test_eiger_style_unsigned_frames(model, dtype):
 @pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.float32])
 def test_host_validity_test_is_the_device_rule(dtype):
     """The host's fast test equals the float32 rule the device applies, at the sentinel's edge too."""
-    from live_bgsub.device_path import _upload_dtype
+    from live_bgsub.device import upload_dtype
 
-    _, sentinel = _upload_dtype(dtype)
+    _, sentinel = upload_dtype(dtype)
     if np.dtype(dtype).kind in "iu":
         top = int(np.iinfo(dtype).max)
         values = [0, 1, top - 200, top - 128, top - 65, top - 64, top - 63, top - 1, top]
@@ -234,7 +234,7 @@ def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
 def test_host_validity_finds_a_change_in_any_block(model, monkeypatch):
     """The host tests the validity in blocks of rows (and with a static mask): a changed
     pixel in the first, a boundary or the last block sends the batch to the general path."""
-    from live_bgsub import device_path
+    from live_bgsub.device import path as device_path
 
     frames = _small_frames(2)
     rows, cols = frames[0].shape
@@ -262,19 +262,19 @@ def test_tf_view_aliases_aligned_arrays_only():
     """On TensorFlow the upload buffer goes to the compiled function as a view, not a copy."""
     if keras.backend.backend() != "tensorflow":
         pytest.skip("a TensorFlow upload")
-    from live_bgsub.device_path import _aligned_zeros, tf_view
+    from live_bgsub.device import aligned_zeros, tf_view
 
-    buf = _aligned_zeros((2, 3, 5), np.int32)
+    buf = aligned_zeros((2, 3, 5), np.int32)
     view = tf_view(buf)
     buf[1, 2, 4] = 77
     assert int(view[1, 2, 4]) == 77  # the tensor reads the buffer's memory
     raw = np.zeros(4 * 16 + 64, np.uint8)
     misaligned = raw[(-raw.ctypes.data % 64) + 4 :][: 4 * 15].view(np.int32)
     assert tf_view(misaligned) is misaligned  # left to tf.function, which copies it
-    frozen = _aligned_zeros((2, 3), np.float32)
+    frozen = aligned_zeros((2, 3), np.float32)
     frozen.flags.writeable = False
     assert tf_view(frozen) is frozen  # aligned but read-only (left to tf.function's copy)
-    strided = _aligned_zeros((4, 6), np.float32)[:, ::2]
+    strided = aligned_zeros((4, 6), np.float32)[:, ::2]
     assert tf_view(strided) is strided  # aligned but strided (likewise)
     listed = [1, 2]
     assert tf_view(listed) is listed
@@ -283,7 +283,7 @@ def test_tf_view_aliases_aligned_arrays_only():
 def test_compiled_function_can_leave_outputs_on_the_device(model):
     """``to_numpy=False``: the backend's tensors (what the benchmark times a stage with), the
     same values as the numpy outputs, one trace between the two functions' models."""
-    from live_bgsub.device_path import compiled_function
+    from live_bgsub.device import compiled_function
     from live_bgsub.model.pipeline import background_head
 
     head = background_head(model.model)
@@ -519,7 +519,7 @@ def test_bad_arguments_are_named(model):
 
 
 def test_import_does_not_load_keras():
-    code = "import sys, live_bgsub.device_path; assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
+    code = "import sys, live_bgsub.device; assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -534,7 +534,7 @@ def test_other_backends_give_the_same_fold(tmp_path, backend):
     np.save(tmp_path / "frames.npy", frames)
     code = (
         "import sys, numpy as np\n"
-        "from live_bgsub.device_path import DevicePath\n"
+        "from live_bgsub.device import DevicePath\n"
         "from live_bgsub.geometry import Geometry\n"
         f"frames = np.load({str(tmp_path / 'frames.npy')!r})\n"
         f"path = DevicePath('model:white-top-hat', Geometry({SMALL_GEOMETRY.center!r}, {SMALL_GEOMETRY.rotation_deg!r}), "
@@ -551,7 +551,7 @@ def test_other_backends_give_the_same_fold(tmp_path, backend):
 
 
 def test_the_model_floor_restates_the_metric_layout():
-    from live_bgsub.device_path import METRIC_NAMES, WINDOW_COLUMNS
+    from live_bgsub.device import METRIC_NAMES, WINDOW_COLUMNS
     from live_bgsub.engine import METRIC_KEYS
     from live_bgsub.model import pipeline
 
@@ -562,7 +562,7 @@ def test_the_model_floor_restates_the_metric_layout():
 def test_window_metrics_of_the_sector_pixels_equal_the_dense_product():
     """The device's gathered sector pixels times their weights give the host twin's
     metrics from the dense window matrix, for a pair and for a batch of 8."""
-    from live_bgsub.device_path import _metrics_from_coef, window_support
+    from live_bgsub.device import metrics_from_coef, window_support
     from live_bgsub.model.pipeline import DevicePipeline
 
     inputs = keras.Input((None, None, 1))
@@ -586,7 +586,7 @@ def test_window_metrics_of_the_sector_pixels_equal_the_dense_product():
     coef = flat @ matrix.T.astype(np.float64)
     tdi = flat @ radial.ravel()
     bg = background.reshape(8, -1).astype(np.float64) @ radial.ravel()
-    expected = _metrics_from_coef(coef, tdi, bg, reference)
+    expected = metrics_from_coef(coef, tdi, bg, reference)
     for n in (2, 8):
         out = keras.ops.convert_to_numpy(pipe.window_metrics(corrected[:n], background[:n]))
         for i, name in enumerate(METRIC_NAMES):
@@ -594,7 +594,7 @@ def test_window_metrics_of_the_sector_pixels_equal_the_dense_product():
 
 
 def test_window_support_holds_the_fitted_weights(pilatus_run):
-    from live_bgsub.device_path import window_support
+    from live_bgsub.device import window_support
 
     path = pilatus_run["path"]
     hm, wm = path.window_shape
@@ -622,7 +622,7 @@ def test_a_second_run_reuses_the_compiled_function(tmp_path):
     # Two runs whose geometries differ by a few pixels, so that their folds differ in shape
     # but not once padded to whole U-Net blocks: one compilation, and the second run's
     # results equal a device path built from scratch for it, and the engine's.
-    from live_bgsub.device_path import DevicePath
+    from live_bgsub.device import DevicePath
     from live_bgsub.engine import Engine, make_step
     from live_bgsub.fold import FoldMap
     from live_bgsub.geometry import Geometry

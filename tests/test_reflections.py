@@ -1,11 +1,11 @@
 """The reflection model (live_bgsub.reflections) and the two metric paths that share it.
 
 ``roi_metrics`` (numpy, every frame) and the device path's window metrics
-(``device_path.fit_windows`` frozen into weights, read by one product per frame) must give
+(``device.fit_windows`` frozen into weights, read by one product per frame) must give
 the same S10, I10, I11 and M3 on the same corrected fold. Here the fold is the reference
 fold itself: a noisy synthetic Pilatus frame folded with its true geometry, minus its
 folded true background. The device's last step is evaluated by its host twin
-(``device_path._metrics_from_coef``, float64, on the float32 window weights the device
+(``device.metrics_from_coef``, float64, on the float32 window weights the device
 holds); ``test_device_path.test_window_metrics_on_device_equal_host_twin`` checks the
 compiled device function against that twin (rtol 1e-4).
 
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from live_bgsub import reflections as rf
-from live_bgsub.device_path import WINDOW_COLUMNS, _metrics_from_coef, fit_windows
+from live_bgsub.device import WINDOW_COLUMNS, fit_windows, metrics_from_coef
 from live_bgsub.fold import fold
 from live_bgsub.geometry import Geometry
 from live_bgsub.metrics import roi_metrics
@@ -60,7 +60,7 @@ def _window_metrics(corrected, fit, geometry):
     hm, wm = fit.shape
     coef = corrected[None, :hm, :wm].reshape(1, -1).astype(np.float64) @ fit.matrix.astype(np.float64)
     reference = (fit.s10_px, fit.m3_px if fit.m3_found else 0.0, geometry, float(fit.equator_found), float(fit.m3_found))
-    return {k: float(v[0]) for k, v in _metrics_from_coef(coef, [0.0], [0.0], reference).items()}
+    return {k: float(v[0]) for k, v in metrics_from_coef(coef, [0.0], [0.0], reference).items()}
 
 
 @pytest.mark.parametrize("seed, with_geometry", [(4, True), (12, False)])

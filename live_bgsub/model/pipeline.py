@@ -4,7 +4,7 @@ One :class:`DevicePipeline` is a ``keras.Model`` whose input is a batch of raw d
 frames ``(n, rows, cols)`` and whose outputs are the corrected folds, the per-pixel
 quadrant counts and a metric vector per frame. Every step runs inside the one function
 that the backend traces and compiles per input shape
-(:func:`live_bgsub.device_path.compiled_function`: ``tf.function``, ``jax.jit``, or
+(:func:`live_bgsub.device.compiled_function`: ``tf.function``, ``jax.jit``, or
 ``torch.compile``):
 
 1. validity (negative, non-finite and sentinel pixels are invalid): whether the batch
@@ -20,11 +20,11 @@ that the backend traces and compiles per input shape
    ``2**depth``, the U-Net's background head, restore to detector units and bilinear
    upsampling normalised by validity; ``corrected = fold - background``;
 4. the window metrics: radial totals, and one product of the corrected fold's sector
-   pixels with fixed per-run window weights (:func:`live_bgsub.device_path.fit_windows`).
+   pixels with fixed per-run window weights (:func:`live_bgsub.device.fit_windows`).
 
 Only ``keras.ops`` are used (no ``tf.*``): the same code runs on TensorFlow, JAX and
 PyTorch. The constant tensors (tap indices and weights, reference validity, window
-weights) are non-trainable variables, filled by :class:`live_bgsub.device_path.DevicePath`;
+weights) are non-trainable variables, filled by :class:`live_bgsub.device.DevicePath`;
 assigning new values does not recompile. Contract and measurements: ``docs/device.md``.
 """
 
@@ -38,9 +38,9 @@ from keras import ops
 
 #: Metric columns of the output, in order. The model floor imports nothing of the
 #: package above it, so these restate ``live_bgsub.engine.METRIC_KEYS`` and
-#: ``live_bgsub.device_path.WINDOW_COLUMNS`` (tests/test_device_path.py checks they agree).
+#: ``live_bgsub.device.WINDOW_COLUMNS`` (tests/test_device_path.py checks they agree).
 METRIC_NAMES = ("i10", "i11", "i11_i10", "s10_px", "m3_px", "m3_intensity", "tdi", "background_sum", "d10_nm")
-#: Columns of the window matrix filled by ``live_bgsub.device_path.fit_windows``.
+#: Columns of the window matrix filled by ``live_bgsub.device.fit_windows``.
 WINDOW_COLUMNS = ("i10", "i11", "d10", "m3", "dm3")
 
 __all__ = [
@@ -115,8 +115,8 @@ class FoldGather(keras.layers.Layer):
     contiguous row of ``n`` frames), built outside the branches so that it is
     materialised once: fused into the gather, the transpose would turn every tap into
     ``n`` scattered reads. The tap variables (filled by
-    :func:`live_bgsub.device_path.fold_taps` and
-    :func:`live_bgsub.device_path.reference_taps`) are ``(16, fh * fw)``, row
+    :func:`live_bgsub.device.fold_taps` and
+    :func:`live_bgsub.device.reference_taps`) are ``(16, fh * fw)``, row
     ``4 * q + t`` for tap ``t`` of quadrant ``q``'s sample: ``tap_index`` (int32) is
     the flat frame index, taps carrying no weight point at the sample's first tap.
     While no reference is set (all zeros), only all-invalid frames take the reference
@@ -311,7 +311,7 @@ class DevicePipeline(keras.Model):
         ``(rows, cols)`` of the top-left part of the fold that the window metrics cover.
     window_support : int
         Pixels of that window that the window weights may weight (the two sectors of
-        :func:`live_bgsub.device_path.window_support`).
+        :func:`live_bgsub.device.window_support`).
     edge, sentinel, static_mask
         As :class:`FoldGather`.
     with_background : bool, optional
@@ -337,7 +337,7 @@ class DevicePipeline(keras.Model):
     ``wavelength * distance / pixel`` or NaN, equator found, M3 found).
 
     ``traces`` counts the compilations of this model by
-    :func:`live_bgsub.device_path.compiled_function`, which counts where the backend
+    :func:`live_bgsub.device.compiled_function`, which counts where the backend
     traces or compiles (the ``tf.function`` or ``jax.jit`` body, the ``torch.compile``
     backend); called eagerly, it counts calls. The count is kept out of :meth:`call`:
     ``torch.compile`` guards on attributes that ``call`` changes and would recompile on

@@ -1,621 +1,37 @@
-"""The device-resident processing path: one compiled function per batch shape from raw frames to
-corrected folds and window metrics, built for one run's fixed geometry.
+"""The device path of one run: :class:`DevicePath`, raw frames to corrected folds and window metrics
+in one compiled function per batch size.
 
-:class:`DevicePath` is the numpy side: it turns a run's :class:`~live_bgsub.fold.FoldMap`
-and a :class:`~live_bgsub.inference.BackgroundModel` into the constant tensors of a
-:class:`live_bgsub.model.pipeline.DevicePipeline` (fold taps :func:`fold_taps`, the
-reference frame's validity :func:`reference_taps`, the window weights), pads
-micro-batches to a few fixed batch sizes so that the pipeline compiles once per size,
-and fits the window metrics once per run on a reference frame (:func:`fit_windows`, on
-the CPU with :mod:`live_bgsub.reflections`, the model of
-:func:`live_bgsub.metrics.roi_metrics`). Design, accuracy and measurements:
-``docs/device.md``.
-
-Keras (and the backend) is imported when a :class:`DevicePath` is built, never by
-``import live_bgsub.device_path``.
-
-Examples
---------
->>> from live_bgsub.device_path import DevicePath                      # doctest: +SKIP
->>> path = DevicePath("model:white-top-hat", geometry, frame.shape, batch_size=8)
->>> corrected, metrics = path.process(frames)                     # (n, fh, fw), {name: (n,)}
->>> path.compilations                                             # 1 per batch size used
+It turns a run's :class:`~live_bgsub.fold.FoldMap` and a
+:class:`~live_bgsub.inference.BackgroundModel` into the constant tensors of a
+:class:`live_bgsub.model.pipeline.DevicePipeline` (the fold taps and the reference
+frame's validity of :mod:`live_bgsub.device.taps`, the window weights of
+:mod:`live_bgsub.device.windows`), pads micro-batches to the sizes of
+:func:`~live_bgsub.device.batching.compiled_batch_sizes` so that the pipeline compiles
+once per size (:mod:`live_bgsub.device.backend`), and fits the window metrics once per
+run on a reference frame. Keras (and the backend) is imported when a :class:`DevicePath`
+is built.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import METRIC_KEYS, new_results
-from .errors import ProcessingError
-from .fold import FoldMap
-from .geometry import Geometry
+from ..engine import new_results
+from ..errors import ProcessingError
+from ..fold import FoldMap
+from ..geometry import Geometry
+from .backend import accelerator_present, aligned_zeros, compiled_function, upload_dtype
+from .batching import compiled_batch_sizes
+from .taps import fold_taps, frame_validity, reference_taps, validity_test
+from .windows import METRIC_NAMES, WindowFit, fit_windows, metrics_from_coef, window_support
 
-__all__ = [
-    "METRIC_NAMES",
-    "WINDOW_COLUMNS",
-    "DevicePath",
-    "WindowFit",
-    "choose_batch_size",
-    "compiled_function",
-    "fit_windows",
-    "fold_taps",
-    "frame_validity",
-    "reference_taps",
-    "tf_view",
-    "validity_test",
-    "window_support",
-]
-
-#: Metric columns of the device pipeline's output, in order (the callback's metric keys).
-METRIC_NAMES = METRIC_KEYS
-
-#: Columns of the window matrix (``live_bgsub.model.pipeline`` reads them in this order).
-WINDOW_COLUMNS = ("i10", "i11", "d10", "m3", "dm3")
+__all__ = ["DevicePath"]
 
 #: Pixels per block of the host's validity test (:meth:`DevicePath._same`).
 _VALIDITY_BLOCK = 1 << 18
-
-#: Frame dtypes uploaded as they are (cast to float32 on the device); others are cast on the host.
-NATIVE_DTYPES = ("float32", "int16", "uint16", "int32")
-
-
-# ---------------------------------------------------------------------- fold taps
-
-
-def fold_taps(fold_map: FoldMap) -> tuple[np.ndarray, np.ndarray]:
-    """The fold map as a fixed 16-tap gather: ``(tap_index, tap_weight)``, each ``(16, fh * fw)``.
-
-    Tap ``t`` of quadrant ``q``'s sample for fold pixel ``k`` sits at ``[4 * q + t, k]``
-    (each row walks its quadrant's part of the frame in order, which keeps the gather
-    cache-friendly; the weighted sum over taps is one reduction over the rows). Taps
-    are the bilinear corners
-    ``(0, 0), (0, 1), (1, 0), (1, 1)`` (``base + 0, 1, w, w + 1``) with the bilinear
-    weights of :meth:`FoldMap.taps <live_bgsub.fold.FoldMap.taps>` (without the quadrant
-    mean, :attr:`~live_bgsub.fold.FoldTaps.scale`). A tap that carries no weight
-    points at the sample's first tap (which always carries weight), so that a NaN
-    (unusable) pixel there only invalidates a sample whose own footprint is unusable,
-    exactly as the fold map's footprint test. Samples off the detector get NaN weights
-    (and index 0): they are never valid.
-    """
-    h, w = fold_map.shape
-    if h * w + w + 1 >= 2**31:
-        raise ProcessingError(f"frames of {h} x {w} pixels are too large for int32 tap indices")
-    taps = fold_map.taps()
-    base = taps.base.T  # (4, n_fold) int32: top-left tap of each quadrant sample
-    fx, fy = taps.fx.T, taps.fy.T
-    gx, gy = 1 - fx, 1 - fy
-    weight = np.empty(base.shape + (4,), np.float32)
-    for t, (wy, wx) in enumerate(((gy, gx), (gy, fx), (fy, gx), (fy, fx))):
-        np.multiply(wy, wx, out=weight[:, :, t])  # = the fold matrix's wy * wx
-    index = np.empty(base.shape + (4,), np.int32)
-    for t, offset in enumerate((0, 1, w, w + 1)):
-        tap = np.minimum(base + np.int32(offset), np.int32(h * w - 1))
-        index[:, :, t] = np.where(weight[:, :, t] > 0, tap, base)
-    outside = ~taps.inside.T
-    index[outside] = 0
-    weight[outside] = np.nan
-    return _tap_major(index), _tap_major(weight)
-
-
-def _tap_major(taps: np.ndarray) -> np.ndarray:
-    """``(4 quadrants, n_fold, 4 taps)`` -> ``(16, n_fold)``, row ``4 * q + t``."""
-    q, n_fold, t = taps.shape
-    return np.ascontiguousarray(taps.transpose(0, 2, 1).reshape(q * t, n_fold))
-
-
-def frame_validity(frame, sentinel: float, static_mask=None) -> np.ndarray:
-    """The device's validity rule on the host: float32 value >= 0, below ``sentinel``, not NaN."""
-    x = np.asarray(frame).astype(np.float32, copy=False)
-    with np.errstate(invalid="ignore"):
-        valid = (x >= 0) & (x < np.float32(sentinel))
-    if static_mask is not None:
-        valid &= static_mask
-    return valid
-
-
-def validity_test(dtype, sentinel: float, static_mask=None):
-    """A fast host twin of :func:`frame_validity` for frames of ``dtype``: ``test(frame) -> valid``,
-    or ``test(block, rows)`` for the rows ``rows`` (a slice) of a frame.
-
-    Integer frames are compared with the exact integer threshold of the float32 rule
-    (``float32(x) < sentinel``; for int32 the values from ``2**31 - 64`` up round to the
-    sentinel), negative values by their unsigned view: one comparison per pixel, no
-    float cast (0.1 ms per Pilatus 1M frame here against 0.2 ms for the two-sided test).
-    """
-    dtype = np.dtype(dtype)
-
-    def mask(rows):
-        return None if static_mask is None else static_mask[rows]
-
-    if dtype.kind not in "iu":
-        return lambda frame, rows=slice(None): frame_validity(frame, sentinel, mask(rows))
-    info = np.iinfo(dtype)
-    lo, hi = 0, int(info.max) + 1  # smallest v >= 0 with float32(v) >= sentinel, in [0, max + 1]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if float(np.float32(mid)) >= sentinel:
-            hi = mid
-        else:
-            lo = mid + 1
-    unsigned = np.dtype(f"u{dtype.itemsize}")
-    if lo > np.iinfo(unsigned).max:
-        return lambda frame, rows=slice(None): frame_validity(frame, sentinel, mask(rows))
-    threshold = unsigned.type(lo)  # <= 2**(bits - 1) for signed dtypes: negatives wrap above it
-
-    def test(frame, rows=slice(None)):
-        valid = np.asarray(frame).view(unsigned) < threshold
-        if static_mask is not None:
-            valid &= static_mask[rows]
-        return valid
-
-    return test
-
-
-def reference_taps(fold_map: FoldMap, valid, tap_weight=None) -> tuple[np.ndarray, np.ndarray]:
-    """Fold weights for frames whose validity is ``valid``: ``(tap_weight_reference, reference_count)``.
-
-    The bilinear weights of :func:`fold_taps` (``tap_weight``, computed when not given)
-    times the quadrant mean's ``1 / count`` for the samples that the fold map counts for
-    this validity (``edge`` erosion and footprint test, ``FoldMap.usable_from`` and
-    ``FoldMap.sample_ok``), 0 for the others; ``reference_count`` is the count
-    ``(fh, fw)`` as float32. Same layout as :func:`fold_taps`.
-    """
-    ok = fold_map.sample_ok(fold_map.usable_from(np.asarray(valid, bool) & fold_map.mask))  # (n_fold, 4)
-    count = ok.sum(axis=1)
-    scale = np.where(ok, 1.0 / np.maximum(count, 1)[:, None], 0.0).astype(np.float32).T[:, None, :]  # (4, 1, n_fold)
-    if tap_weight is None:
-        tap_weight = fold_taps(fold_map)[1]
-    weight = tap_weight.reshape(4, 4, -1) * scale
-    weight[np.broadcast_to(scale == 0, weight.shape)] = 0.0  # off the detector: NaN * 0
-    return weight.reshape(16, -1), count.reshape(fold_map.fold_shape).astype(np.float32)
-
-
-# ---------------------------------------------------------------------- window metrics
-
-
-@dataclass
-class WindowFit:
-    """Fixed per-run window weights for the device metrics, fitted on a reference frame.
-
-    Attributes
-    ----------
-    matrix : ndarray of float32, ``(hm * wm, 5)``
-        Columns :data:`WINDOW_COLUMNS` over the top-left ``(hm, wm)`` of the fold:
-        ``corrected[:hm, :wm].ravel() @ matrix`` gives the intensities ``i10``, ``i11``,
-        ``m3`` and the position-derivative coefficients ``d10``, ``dm3`` (intensity x
-        shift: ``S10 = s10_px + d10 / i10``, ``M3 = m3_px + dm3 / m3``).
-    shape : (int, int)
-        ``(hm, wm)``.
-    s10_px, m3_px : float
-        Positions of the reference fit (NaN for M3 when it was not found).
-    equator_found, m3_found : bool
-    params : dict
-        The reference fit: ``roi_metrics`` output and the equatorial model parameters.
-    """
-
-    matrix: np.ndarray
-    shape: tuple
-    s10_px: float
-    m3_px: float
-    equator_found: bool
-    m3_found: bool
-    params: dict = field(default_factory=dict)
-
-
-def _profile_operator(valid, *, axis, lo_deg, hi_deg, rmax, min_coverage=0.7):
-    """The linear map fold -> radial profile of :class:`live_bgsub.reflections.SectorProfile`.
-
-    Returns ``(rows, cols, pix_weight_low, pix_weight_high, k0, scale, ok, var)``: fold
-    pixels ``(rows, cols)`` of the sector add ``pix_weight_low * value`` to bin ``k0``
-    and ``pix_weight_high * value`` to bin ``k0 + 1``; bin values are then multiplied by
-    ``scale`` (coverage); ``ok`` and ``var`` as the profile's.
-    """
-    from .reflections import sector_bins
-
-    b = sector_bins(valid, axis=axis, lo_deg=lo_deg, hi_deg=hi_deg, rmax=rmax, min_coverage=min_coverage)
-    return b.rows, b.cols, b.w * (1 - b.f), b.w * b.f, b.k0, b.scale, b.ok, b.var
-
-
-def _pixel_weights(op, q, shape):
-    """Fold-pixel weights ``(hm * wm, n_coef)`` of coefficients ``q @ profile``; ``q``: (n_coef, n_bins)."""
-    rows, cols, low, high, k0, scale, _, _ = op
-    qs = q * scale[None, :]
-    out = np.zeros((shape[0] * shape[1], q.shape[0]))
-    np.add.at(out, rows * shape[1] + cols, low[:, None] * qs[:, k0].T + high[:, None] * qs[:, k0 + 1].T)
-    return out
-
-
-def _solver(columns, var):
-    """Weighted least squares ``(A^T W A)^-1 A^T W``: (n_columns, n_bins)."""
-    a = np.column_stack(columns)
-    wt = 1.0 / var
-    g = a.T @ (a * wt[:, None])
-    return np.linalg.pinv(g) @ (a * wt[:, None]).T
-
-
-def _bin_solver(op, sel, columns, n_bins):
-    q = np.zeros((len(columns), n_bins))
-    q[:, sel] = _solver(columns, op[7][sel])
-    return q
-
-
-def fit_windows(
-    corrected,
-    valid,
-    *,
-    background=None,
-    sector_deg: float = 15.0,
-    rmax: float | None = None,
-    shape=None,
-    wavelength_nm: float | None = None,
-    distance_mm: float | None = None,
-    pixel_size_mm: float | None = None,
-) -> WindowFit:
-    """Fit :func:`~live_bgsub.metrics.roi_metrics` on a reference fold and freeze its model into window weights.
-
-    Parameters
-    ----------
-    corrected : ndarray, (fh, fw)
-        A corrected fold of the run (the first frame).
-    valid : ndarray of bool
-        Its validity (``count > 0``); the coverage correction of the profiles is frozen
-        with it.
-    background : ndarray, optional
-        Passed to ``roi_metrics`` (recorded in ``params``).
-    sector_deg, rmax, wavelength_nm, distance_mm, pixel_size_mm
-        As :func:`~live_bgsub.metrics.roi_metrics`.
-    shape : (int, int), optional
-        ``(hm, wm)`` of the window matrix (default: the smallest that holds both sectors).
-
-    Returns
-    -------
-    WindowFit
-        With ``equator_found`` False (and a zero matrix) when ``roi_metrics`` finds no
-        fiber equator on the reference.
-
-    Notes
-    -----
-    ``roi_metrics`` fits four arced peaks at ``S10 * (1, z, sqrt(3), 2)`` plus a quadratic
-    baseline to the equatorial sector's radial profile. With the non-linear parameters
-    (S10, widths, Z position) frozen at the reference fit, the intensities are a linear
-    least-squares solution, hence a linear function of the fold: one weight map per
-    coefficient. Peaks move during a run (S10 by ~1 %, M3 with it), and a peak frozen
-    at the reference position under-reads a moved one (-36 % for M3 moved by one
-    width in the tests). So the 1,0 and 1,1 (and M3) columns come with their first and
-    second derivatives with respect to the position (a second-order Taylor expansion
-    of ``I p(r; c + delta)``): the intensity is read off unbiased to second order in
-    ``delta / sigma`` and ``d / I = delta`` is the position shift. M3: one arced peak,
-    linear baseline and the two derivatives over the meridional profile. The model,
-    its search, fit and windows are :mod:`live_bgsub.reflections`' public API, the one
-    ``roi_metrics`` calls: the two paths share one reflection model.
-    """
-    from . import reflections as rf
-    from .metrics import roi_metrics
-
-    corrected = np.asarray(corrected, np.float64)
-    valid = np.asarray(valid, bool) & np.isfinite(corrected)
-    fh, fw = corrected.shape
-    rmax = float(min(corrected.shape) - 1) if rmax is None else float(rmax)
-    nr = math.floor(rmax) + 2
-    if shape is None:
-        shape = (min(fh, nr), min(fw, nr))
-    shape = tuple(int(s) for s in shape)
-    geometry = None
-    if wavelength_nm is not None and distance_mm is not None and pixel_size_mm is not None:
-        geometry = float(wavelength_nm) * float(distance_mm) / float(pixel_size_mm)
-    reference = roi_metrics(
-        corrected,
-        mask=valid,
-        background=background,
-        wavelength_nm=wavelength_nm,
-        distance_mm=distance_mm,
-        pixel_size_mm=pixel_size_mm,
-        rmax=rmax,
-        sector_deg=sector_deg,
-    )
-    empty = WindowFit(
-        np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)), np.float32), shape, math.nan, math.nan, False, False,
-        {"roi_metrics": reference},
-    )
-    if not reference["equator_found"]:
-        return empty
-    img0 = np.where(valid, corrected, 0.0)
-
-    # Equator: the model roi_metrics accepted (the same analysis), its linear part frozen.
-    eq_sector = rf.sector("equator", sector_deg)
-    equator, _ = rf.analyse_equator(img0, valid, rmax, None, sector_deg, **rf.ACCEPTANCE)
-    if equator is None or equator.s10_px != reference["s10_px"]:  # roi_metrics' defaults: the same answer
-        raise RuntimeError("fit_windows: the equator analysis disagrees with roi_metrics on the same fold")
-    p = equator.params
-    op = _profile_operator(valid, rmax=rmax, **eq_sector)
-    n_bins = nr + 1
-    r_bins = np.arange(n_bins, dtype=np.float64)
-    lo, hi = equator.window  # the window roi_metrics fitted over
-    sel = op[6] & (r_bins >= lo) & (r_bins <= hi)
-    r = r_bins[sel]
-    positions, sigmas = rf.equator_positions(*p[:5])
-    # I10, IZ, I11, I20, b0, b1 (and b2 where the fit kept it), then d/dS and d2/dS2 of
-    # the 1,0 and the 1,1 peaks.
-    columns = rf.equator_columns(r, *p[:5])[: 4 + rf.baseline_terms(p)]
-    shift_10 = len(columns)  # the column of d/dS of the 1,0
-    columns += rf.arced_peak_derivatives(r, positions[0], sigmas[0])
-    columns += rf.arced_peak_derivatives(r, positions[2], sigmas[2])
-    q = _bin_solver(op, sel, columns, n_bins)
-    matrix = np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)))
-    matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[shift_10]]), shape)
-
-    # M3: the arced peak roi_metrics found, plus its linear baseline and derivatives.
-    m3_px = math.nan
-    m3_found = bool(np.isfinite(reference["m3_px"]))
-    params = {"roi_metrics": reference, "equator": [float(v) for v in p], "equator_window": [float(lo), float(hi)]}
-    if m3_found:
-        mer_sector = rf.sector("meridian", sector_deg)
-        mer = rf.SectorProfile(img0, valid, rmax=rmax, **mer_sector)
-        # roi_metrics' search range for M3 (it may pin M3 at its bound), narrowed around its answer.
-        m_lo, m_hi, margin = rf.m3_search_range(reference["s10_px"], geometry)
-        lo_m3, hi_m3 = max(m_lo, reference["m3_px"] - 1.0), min(m_hi, reference["m3_px"] + 1.0)
-        fit = rf.fit_single_peak(mer, lo_m3, hi_m3, margin)
-        if fit is None:
-            m3_found = False
-        else:
-            c, _, _, sig = fit
-            half = max(margin, 6.0 * sig)
-            mop = _profile_operator(valid, rmax=rmax, **mer_sector)
-            msel = mop[6] & (r_bins >= c - half) & (r_bins <= c + half)
-            rm = r_bins[msel]
-            mcols = [rf.arced_peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + rf.arced_peak_derivatives(rm, c, sig)
-            mq = _bin_solver(mop, msel, mcols, n_bins)
-            matrix[:, 3:] = _pixel_weights(mop, np.stack([mq[0], mq[3]]), shape)
-            m3_px = float(c)
-            params["m3"] = [float(c), float(sig)]
-            params["m3_window"] = [float(c - half), float(c + half)]
-    return WindowFit(matrix.astype(np.float32), shape, float(p[0]), m3_px, True, m3_found, params)
-
-
-def window_support(shape, sector_deg: float = 15.0) -> np.ndarray:
-    """Flat indices of the pixels of a ``shape`` window that :func:`fit_windows` may weight.
-
-    Its weights come from the equatorial sector (azimuth 0 to ``sector_deg`` from the
-    fold's axis 1) and the meridional one (``90 - sector_deg`` to 90), computed as
-    :func:`live_bgsub.reflections.sector_bins` computes them; without a radius limit, so that
-    the support depends on the window shape and the sector only (a compiled function
-    serves every run whose window pads to the same shape). About a quarter of the
-    window for 15 degree sectors; the fitted weights themselves cover ~1 % of it.
-    """
-    ii, jj = np.indices(tuple(int(v) for v in shape))
-    phi = np.degrees(np.arctan2(ii, jj))
-    return np.flatnonzero((phi <= sector_deg) | (phi >= 90.0 - sector_deg)).astype(np.int32)
-
-
-def _metrics_from_coef(coef, tdi, background_sum, reference):
-    """Host twin of ``DevicePipeline.window_metrics``'s last step: ``{name: (n,) float64}``."""
-    coef = np.asarray(coef, np.float64)
-    s10_ref, m3_ref, d10_factor, has_eq, has_m3 = (float(v) for v in reference)
-    i10, i11, d10, m3, dm3 = coef.T
-    nan = np.full(len(coef), np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s10 = s10_ref + d10 / i10
-        values = {
-            "i10": i10,
-            "i11": i11,
-            "i11_i10": i11 / i10,
-            "s10_px": s10,
-            "m3_px": m3_ref + dm3 / m3,
-            "m3_intensity": m3,
-            "d10_nm": d10_factor / s10,
-        }
-    out = {}
-    for name in METRIC_NAMES:
-        if name == "tdi":
-            out[name] = np.asarray(tdi, np.float64)
-        elif name == "background_sum":
-            out[name] = np.asarray(background_sum, np.float64)
-        elif name in ("m3_px", "m3_intensity"):
-            out[name] = values[name] if (has_eq and has_m3) else nan.copy()
-        else:
-            out[name] = values[name] if has_eq else nan.copy()
-    return out
-
-
-# ---------------------------------------------------------------------- batch sizing
-
-
-def choose_batch_size(batch_times_s: dict, latency_budget_s: float, frame_period_s: float = 0.0) -> int:
-    """The largest batch size whose worst frame latency fits a budget.
-
-    Parameters
-    ----------
-    batch_times_s : dict
-        Measured seconds per batch, by batch size (:meth:`DevicePath.measure_batch_times`).
-    latency_budget_s : float
-        Most seconds from a frame's arrival to its result.
-    frame_period_s : float, optional
-        Seconds between frames. The first frame of a batch of ``b`` waits ``(b - 1)``
-        periods for the batch to fill, then the batch time: worst latency
-        ``(b - 1) * period + t(b)``. Default 0 (frames already queued: latency ``t(b)``).
-
-    Returns
-    -------
-    int
-        The largest ``b`` meeting the budget (larger batches have more frames/s on every
-        backend measured); the smallest measured size when none does.
-
-    Examples
-    --------
-    >>> choose_batch_size({1: 0.04, 4: 0.12, 8: 0.22}, 0.15)
-    4
-    >>> choose_batch_size({1: 0.04, 4: 0.12, 8: 0.22}, 0.15, frame_period_s=0.02)
-    1
-    """
-    if not batch_times_s:
-        raise ValueError("batch_times_s is empty: measure at least one batch size")
-    if not latency_budget_s > 0:
-        raise ValueError(f"latency_budget_s must be positive, got {latency_budget_s!r}")
-    fits = [b for b, t in batch_times_s.items() if (b - 1) * frame_period_s + t <= latency_budget_s]
-    return int(max(fits)) if fits else int(min(batch_times_s))
-
-
-def _buckets(batch_size: int) -> tuple[int, ...]:
-    """Batch sizes the pipeline is compiled for: powers of two below ``batch_size``, and it."""
-    sizes = {batch_size}
-    b = 1
-    while b < batch_size:
-        sizes.add(b)
-        b *= 2
-    return tuple(sorted(sizes))
-
-
-def _upload_dtype(dtype) -> tuple[np.dtype, float]:
-    """(dtype the frames are uploaded in, sentinel: values >= it are invalid)."""
-    dtype = np.dtype(dtype)
-    sentinel = float(np.float32(np.iinfo(dtype).max)) if dtype.kind in "iu" else math.inf
-    upload = dtype if dtype.name in NATIVE_DTYPES else np.dtype(np.float32)
-    return upload, sentinel
-
-
-def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-    """A zeroed C-contiguous array whose data starts on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(nbytes + align, np.uint8)
-    offset = -raw.ctypes.data % align
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def compiled_function(model, jit: bool = True, *, to_numpy: bool = True):
-    """``inputs -> tuple of numpy arrays``: ``model``'s inference call compiled on the Keras backend.
-
-    With ``to_numpy=False`` the outputs stay the backend's tensors on the device (for
-    timing a stage without its download, or chaining calls).
-
-    What ``model.predict_on_batch`` runs, without its per-call machinery (~10 ms a call
-    with TensorFlow here, measured: 1.2 ms per frame in batches of 8; a GPU would do
-    the whole batch in less). One trace per input shape, like Keras':
-
-    - TensorFlow: ``tf.function`` (XLA with ``jit``);
-    - JAX: ``jax.jit`` of ``stateless_call`` with the variables' current values passed
-      in, so that assigning a variable (a new run's constants) needs no new trace;
-    - PyTorch: ``torch.compile`` with ``jit``, else the eager call; under ``no_grad``.
-
-    ``model.traces`` (when the model has it) counts the traces or compilations: in the
-    traced body (TensorFlow, JAX), in the ``torch.compile`` backend, or per call when
-    eager.
-    """
-    import keras
-
-    def count():
-        if hasattr(model, "traces"):
-            model.traces += 1
-
-    def numpy(out):
-        if not to_numpy:
-            return tuple(keras.tree.flatten(out))
-        return tuple(keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(out))
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        def body(x):
-            count()  # Python: runs once per trace
-            return model(x, training=False)
-
-        # reduce_retracing, as Keras' own predict function: from the second input shape on,
-        # one shape-relaxed trace (XLA still compiles an executable per concrete shape
-        # beneath it), and no retracing warnings from a long-running callback.
-        fn = tf.function(body, jit_compile=bool(jit), autograph=False, reduce_retracing=True)
-        # In and out without copies on the CPU: tf.function copies a numpy argument (an
-        # EIGER2 9M pair: 40 ms), a DLPack view of an aligned one is free; EagerTensor.numpy()
-        # shares the tensor's memory where np.array() (Keras' convert_to_numpy) copies.
-        def call(x):
-            out = tf.nest.flatten(fn(tf.nest.map_structure(tf_view, x)))
-            return tuple(t.numpy() for t in out) if to_numpy else tuple(out)
-
-        return call
-    if backend == "jax":
-        import jax
-
-        def pure(trainable, non_trainable, x):
-            count()  # Python: runs once per trace under jit, per call without
-            return model.stateless_call(trainable, non_trainable, x)[0]
-
-        fn = jax.jit(pure) if jit else pure
-
-        return lambda x: numpy(
-            fn([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], x)
-        )
-    if backend == "torch" and jit:
-        import torch
-        from torch._inductor.compile_fx import compile_fx
-
-        def counting_backend(graph, example_inputs):
-            count()  # runs once per graph compiled
-            return compile_fx(graph, example_inputs)
-
-        forward = torch.compile(lambda x: model(x, training=False), backend=counting_backend)
-
-        def call(x):
-            with torch.no_grad():
-                return numpy(forward(x))
-
-        return call
-
-    def eager(x):
-        count()
-        if backend == "torch":
-            import torch
-
-            with torch.no_grad():
-                return numpy(model(x, training=False))
-        return numpy(model(x, training=False))
-
-    return eager
-
-
-def tf_view(x):
-    """A TensorFlow tensor viewing ``x`` without a copy (DLPack) where ``x`` is a writable,
-    C-contiguous numpy array aligned to 64 bytes (TensorFlow's and XLA's alignment);
-    anything else is returned as it is (``tf.function`` then converts it, with a copy).
-
-    The tensor aliases ``x``: ``x`` must not change while a computation reads it (a
-    synchronous call on the CPU, as :func:`compiled_function` makes, is over on return).
-    """
-    if not (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.ctypes.data % 64 == 0):
-        return x
-    import tensorflow as tf
-
-    try:
-        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
-    except (BufferError, TypeError, ValueError, tf.errors.InvalidArgumentError):  # a dtype DLPack or TF lacks
-        return x
-
-
-def accelerator_present() -> bool:
-    """Whether the Keras backend runs on an accelerator (a GPU), not the CPU."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_logical_devices("GPU"))
-    return False
-
-
-# ---------------------------------------------------------------------- the path
 
 
 class DevicePath:
@@ -720,7 +136,7 @@ class DevicePath:
         cache: dict | None = None,
         geometry_quality=None,
     ):
-        from .inference import BackgroundModel
+        from ..inference import BackgroundModel
 
         if hasattr(model, "model") and isinstance(model.model, BackgroundModel):
             model = model.model  # the engine's model step
@@ -750,7 +166,7 @@ class DevicePath:
         self.fold_map = fold_map
         self.fold_shape = tuple(fold_map.fold_shape)
         self.batch_size = int(batch_size)
-        self.batch_sizes = _buckets(self.batch_size)
+        self.batch_sizes = compiled_batch_sizes(self.batch_size)
         self.precision = precision
         self.jit_compile = jit_compile
         self.compute_metrics = bool(metrics)
@@ -809,9 +225,9 @@ class DevicePath:
         """Build the device function for frames of ``dtype`` (done by the first :meth:`process`)."""
         import keras
 
-        from .model.pipeline import DevicePipeline, background_head
+        from ..model.pipeline import DevicePipeline, background_head
 
-        upload, sentinel = _upload_dtype(dtype)
+        upload, sentinel = upload_dtype(dtype)
         fm = self.fold_map
         self._support = window_support(self.device_window_shape, self.sector_deg)
         static = not bool(fm.mask.all())
@@ -918,14 +334,14 @@ class DevicePath:
         elif np.dtype(dtype) != self.frame_dtype:
             raise ProcessingError(f"warmup({np.dtype(dtype)}): this device path was built for {self.frame_dtype} frames")
         if self.compute_metrics:
-            from . import reflections  # noqa: F401 - the first frame's reference fit imports scipy.optimize (~0.25 s)
+            from .. import reflections  # noqa: F401 - the first frame's reference fit imports scipy.optimize (~0.25 s)
         cold = [int(b) for b in (batch_sizes or self.batch_sizes) if int(b) not in self.pipeline.warm_sizes]
         for b in cold:
             self._call(self._buffer(b), False)
         return len(cold)
 
     def measure_batch_times(self, batch_sizes=None, repeats: int = 5, frames=None, dtype=np.float32) -> dict:
-        """Median seconds of one device call per batch size, for :func:`choose_batch_size`.
+        """Median seconds of one device call per batch size, for :func:`~live_bgsub.device.batching.choose_batch_size`.
 
         ``frames`` (default: zero frames with the run's reference invalid pixels, so
         that the fold takes its usual path) are tiled to each batch size.
@@ -981,7 +397,7 @@ class DevicePath:
         array without copying it (0.2 against 0.6 ms per Pilatus 1M frame here)."""
         buf = self._staging.get(size)
         if buf is None:
-            buf = self._staging[size] = _aligned_zeros((size, *self.shape), self.upload_dtype)
+            buf = self._staging[size] = aligned_zeros((size, *self.shape), self.upload_dtype)
         return buf
 
     def _same(self, frames) -> bool:
@@ -1148,7 +564,7 @@ class DevicePath:
         coef = corrected[:, :hm, :wm].reshape(len(corrected), -1).astype(np.float64) @ self.windows.matrix.astype(np.float64)
         tdi = values[:, METRIC_NAMES.index("tdi")]
         bg = values[:, METRIC_NAMES.index("background_sum")]
-        return _metrics_from_coef(coef, tdi, bg, self._reference_vector(self.windows))
+        return metrics_from_coef(coef, tdi, bg, self._reference_vector(self.windows))
 
     def results(self, frames, seq_nums=None) -> list:
         """Like :meth:`live_bgsub.engine.Engine.process`: one FrameResult per frame, never raising for a bad frame.
@@ -1225,7 +641,7 @@ class DevicePath:
 
     def describe(self) -> dict:
         """Provenance, as :meth:`live_bgsub.engine.Engine.describe` plus ``"device"`` (goes into the derived run's start)."""
-        from .engine import make_step
+        from ..engine import make_step
 
         device = {
             "backend": self.backend,

@@ -23,7 +23,7 @@ from .resample import block_mean, upsample_linear
 
 __all__ = ["BackgroundModel", "ModelError", "SHIPPED_MODELS", "shipped_model_path", "MODEL_PREFIX"]
 
-#: Names of the models shipped in ``live_bgsub/models/``.
+#: Names of the models shipped in ``live_bgsub/weights/`` (their weights, cards and training histories).
 SHIPPED_MODELS = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian", "mixed", "synthetic-truth")
 
 #: Method names of the form ``model:NAME`` or ``model:PATH`` select a model.
@@ -36,7 +36,7 @@ class ModelError(LiveBgsubError, ValueError):
 
 def shipped_model_path(name: str) -> Path:
     """Path of a shipped model's ``.keras`` file."""
-    return Path(str(resources.files("live_bgsub") / "models" / f"{name}.keras"))
+    return Path(str(resources.files("live_bgsub") / "weights" / f"{name}.keras"))
 
 
 def _resolve(name_or_path) -> Path:

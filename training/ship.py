@@ -1,7 +1,7 @@
 """Install a trained run as a shipped model: ``python -m training.ship RUN_DIR NAME``.
 
 Copies ``RUN_DIR/model.keras``, ``model.json`` (the card, its ``name`` set to NAME) and
-``history.json`` to ``live_bgsub/models/NAME.keras``, ``NAME.json`` and
+``history.json`` to ``live_bgsub/weights/NAME.keras``, ``NAME.json`` and
 ``NAME.history.json``, after checking that the model loads with ``safe_mode=True`` and
 that NAME is one of the shipped names. A RUN_DIR that is not a finished run, or whose
 model does not load, is one line, ``python -m training.ship: error: WHAT``, and exit
@@ -21,10 +21,10 @@ from live_bgsub.logs import quiet_libraries, verbose_requested
 
 PROG = "python -m training.ship"
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "live_bgsub" / "models"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "live_bgsub" / "weights"
 
 
-def ship(run_dir, name: str, models_dir: Path = MODELS_DIR) -> Path:
+def ship(run_dir, name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     run_dir = Path(run_dir)
     if name not in SHIPPED_MODELS:
         raise ValueError(f"{name!r} is not a shipped model name; expected one of {', '.join(SHIPPED_MODELS)}")
@@ -32,13 +32,13 @@ def ship(run_dir, name: str, models_dir: Path = MODELS_DIR) -> Path:
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} is missing: is {run_dir} a finished training.fit run?")
     BackgroundModel.load(run_dir / "model.keras")  # loads with safe_mode, or raises
-    models_dir.mkdir(parents=True, exist_ok=True)
-    target = models_dir / f"{name}.keras"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    target = weights_dir / f"{name}.keras"
     shutil.copyfile(run_dir / "model.keras", target)
     card = json.loads((run_dir / "model.json").read_text())
     card["name"] = name
     target.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    shutil.copyfile(run_dir / "history.json", models_dir / f"{name}.history.json")
+    shutil.copyfile(run_dir / "history.json", weights_dir / f"{name}.history.json")
     return target
 
 

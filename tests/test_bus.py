@@ -36,7 +36,7 @@ from live_bgsub.catalog import frames, metrics_table
 from live_bgsub.sim import SimDetector
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
-pytestmark = [pytest.mark.service]
+pytestmark = [pytest.mark.service, pytest.mark.slow]  # a NATS server, workers and a composer per test: 10-40 s each
 
 REPO = Path(__file__).resolve().parents[1]
 # Frames of the MINI detector whose centre keeps the equator off the module gap.

@@ -21,7 +21,7 @@ from live_bgsub.bus.jetstream import derived_uid, job_key
 from live_bgsub.catalog import derived_runs, metrics_table
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
-pytestmark = [pytest.mark.service]
+pytestmark = [pytest.mark.service, pytest.mark.slow]  # the demo on the bus and replay through it: 35-80 s each
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "live_bgsub.cli"]

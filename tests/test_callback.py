@@ -501,6 +501,7 @@ def test_engine_batches_match_single_frames(frames):
         assert single.metrics["i11_i10"] == batch[i].metrics["i11_i10"]
 
 
+@pytest.mark.slow  # compiles the device path: about 15 s
 def test_model_step_micro_batches(tmp_path, frames, raw_file):
     from live_bgsub.inference import BackgroundModel
 

@@ -109,6 +109,7 @@ def test_an_output_that_cannot_be_written_fails_its_image_only(synthetic_tif, tm
     assert (out / "a.json").exists() and (out / "c.json").exists() and not (out / "b.json").exists()
 
 
+@pytest.mark.slow  # several Pilatus frames: about 5 s
 def test_images_processed_at_once_give_the_same_outputs_in_order(tmp_path, capsys):
     """--workers 3 against --workers 1: the same numbers, lines in image order."""
     images = []
@@ -186,6 +187,7 @@ def test_powder_frame_reports_no_equator(real_data, tmp_path):
     assert m["tdi"] is not None
 
 
+@pytest.mark.slow  # several Pilatus frames: about 5 s
 def test_per_run_geometry_and_quality_in_the_json(tmp_path, capsys):
     """Three frames of one run: ``--geometry per-run`` estimates once (from all three)
     and every JSON records that geometry and the verdicts behind the numbers."""
@@ -238,6 +240,7 @@ def test_out_of_range_parameters_are_a_usage_error(tmp_path, capsys, argv, said)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.slow  # loads TensorFlow in a subprocess: about 15 s each
 def test_library_start_up_lines_only_with_verbose(tmp_path, verbose):
     """A model run prints none of TensorFlow's start-up lines (absl, oneDNN, CPU, XLA)
     unless asked with -v; what the command itself says still reaches stderr."""

@@ -127,6 +127,7 @@ def tiled(tmp_path_factory):
         yield server, catalog, root, raw_uid, derived_uid
 
 
+@pytest.mark.slow  # a Tiled server
 def test_a_refused_key_and_a_bad_catalog_are_one_line_and_exit_2(tiled):
     server, _, root, _, _ = tiled
     wrong = ["--tiled", server.uri, "--api-key", "wrongkey"]
@@ -142,12 +143,14 @@ def test_a_refused_key_and_a_bad_catalog_are_one_line_and_exit_2(tiled):
     assert not (root / "fit").exists() and not (root / "d").exists()
 
 
+@pytest.mark.slow  # a Tiled server
 def test_compose_with_no_nats_server_is_one_line_and_exit_2(tiled):
     server, _, root, _, _ = tiled
     args = ["compose", "--nats", NO_NATS, "--tiled", server.uri, "--api-key", server.api_key, "--directory", root / "composed" / "derived"]
     assert f"cannot connect to NATS at {NO_NATS}" in one_line_exit_2(LIVE, args, prog="live-bgsub compose")
 
 
+@pytest.mark.slow  # a Tiled server
 def test_replay_last_takes_the_raw_run_not_its_derived_run(tiled):
     server, catalog, root, raw_uid, derived_uid = tiled
     derived = catalog[derived_uid].metadata["start"]

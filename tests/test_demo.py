@@ -13,6 +13,8 @@ from live_bgsub.catalog import derived_runs, metrics_table
 from live_bgsub.logs import NOISE
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
+pytestmark = pytest.mark.slow  # each demo starts Tiled, a detector and the U-Net: 35-100 s
+
 CLI = [sys.executable, "-m", "live_bgsub.cli"]
 
 

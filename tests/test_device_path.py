@@ -152,6 +152,7 @@ def test_fold_of_float_frames_with_nan():
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.slow  # compiles for several shapes: about 4-5 s
 def test_eiger_style_unsigned_frames(model, dtype):
     """Gaps and dead pixels at the dtype's maximum (EIGER); uint32 is cast to float32 on the host."""
     frames = []
@@ -194,6 +195,7 @@ def test_host_validity_test_is_the_device_rule(dtype):
 
 
 @pytest.mark.parametrize("check", ["host", "device"])
+@pytest.mark.slow  # compiles for several shapes: about 4-5 s
 def test_frames_with_other_invalid_pixels_take_the_general_path(model, check):
     """A new dead pixel and a dead pixel that came back: exact folds on the general path,
     then the run's reference validity is refitted after ``validity_refit`` batches."""
@@ -326,6 +328,7 @@ def test_totals_match_roi_metrics(small_run):
             assert small_run["metrics"][key][i] == pytest.approx(ref, rel=1e-5, abs=1e-5 * abs(ref) + 1e-3)
 
 
+@pytest.mark.slow  # compiles for several shapes: about 4-5 s
 def test_compilations_once_per_batch_size(model):
     frames = _small_frames(4)
     path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=4, metrics=False)
@@ -364,6 +367,7 @@ def test_frames_read_into_the_upload_buffer(model):
         path.upload_buffer(3)
 
 
+@pytest.mark.slow  # compiles for several shapes: about 4-5 s
 def test_bfloat16_within_stated_tolerance(small_run, model):
     frames = small_run["frames"]
     path = DevicePath.from_engine(small_run["engine"], batch_size=4, precision="bfloat16")
@@ -400,6 +404,7 @@ def pilatus_run(model):
     return {"reference": reference, "corrected": corrected, "first": first, "metrics": metrics, "path": path}
 
 
+@pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
 def test_pilatus_corrected_matches_engine(pilatus_run):
     for i, result in enumerate(pilatus_run["reference"]):
         peak = _peak(result.corrected + result.background)
@@ -407,6 +412,7 @@ def test_pilatus_corrected_matches_engine(pilatus_run):
     assert pilatus_run["path"].compilations == 1
 
 
+@pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
 def test_window_metrics_on_device_equal_host_twin(pilatus_run):
     for key in METRIC_NAMES:
         np.testing.assert_allclose(pilatus_run["metrics"][key], pilatus_run["first"][key], rtol=1e-4, err_msg=key)
@@ -417,6 +423,7 @@ def _widths_grow(metrics) -> bool:
     return metrics["quality"]["evidence"]["growth_inflation"] <= rf.MAX_GROWTH_INFLATION
 
 
+@pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
 def test_window_metrics_agree_with_roi_metrics(pilatus_run):
     """The windows are fitted on the run's first frame and frozen. ``roi_metrics`` chooses
     each frame's widths (growing or common) anew: where a frame's choice is the first
@@ -441,6 +448,7 @@ def test_window_metrics_agree_with_roi_metrics(pilatus_run):
     assert set(METRIC_NAMES) == set(METRIC_KEYS)
 
 
+@pytest.mark.slow  # compiles for several shapes: about 4-5 s
 def test_real_frame(model):
     h5py = pytest.importorskip("h5py")
     from live_bgsub.geometry import find_run_geometry
@@ -525,6 +533,7 @@ def test_import_does_not_load_keras():
 
 @pytest.mark.backend
 @pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.slow  # a child interpreter loads JAX or PyTorch: 10-25 s
 def test_other_backends_give_the_same_fold(tmp_path, backend):
     """Where JAX or PyTorch is installed (the GPU hosts have both, not TensorFlow): the same
     .keras model and code under KERAS_BACKEND, TensorFlow never imported. JAX compiles
@@ -593,6 +602,7 @@ def test_window_metrics_of_the_sector_pixels_equal_the_dense_product():
             np.testing.assert_allclose(out[:, i], expected[name][:n], rtol=2e-4, err_msg=f"{name}, batch {n}")
 
 
+@pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
 def test_window_support_holds_the_fitted_weights(pilatus_run):
     from live_bgsub.device import window_support
 
@@ -607,6 +617,7 @@ def test_window_support_holds_the_fitted_weights(pilatus_run):
     assert path.pipeline.window_index.shape[0] < 0.3 * hd * wd
 
 
+@pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
 def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
     import dataclasses
 
@@ -618,6 +629,7 @@ def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
         path._assign_windows(dataclasses.replace(path.windows, matrix=matrix))
 
 
+@pytest.mark.slow  # two callback runs: about 10 s
 def test_a_second_run_reuses_the_compiled_function(tmp_path):
     # Two runs whose geometries differ by a few pixels, so that their folds differ in shape
     # but not once padded to whole U-Net blocks: one compilation, and the second run's

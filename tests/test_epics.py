@@ -38,6 +38,8 @@ from live_bgsub.sim.ioc import main as ioc_main
 from live_bgsub.sinks.tiled import TiledPublisher
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
+pytestmark = pytest.mark.slow  # IOC subprocesses and Channel Access timeouts
+
 N = 5
 SEED, PATTERNS = 7, 3
 _TOKEN = secrets.token_hex(3).upper()
@@ -226,7 +228,6 @@ def test_a_frame_that_never_reaches_the_file_times_out(ioc, tmp_path):
     # geometry=False: no geometry keys in the configuration (the callback estimates it).
     assert not any(k.endswith(("center_x", "center_y", "rotation_deg")) for k in det.read_configuration())
 
-@pytest.mark.slow  # starts a Tiled server: 10-13 s
 def test_count_into_tiled(ioc, bank, tmp_path):
     raw_dir, derived_dir = tmp_path / "raw", tmp_path / "derived"
     raw_dir.mkdir()

@@ -46,6 +46,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow  # about 11 s
 def test_a_full_disk_fails_frames_once_keeps_their_metrics_and_replay_fills_them(tmp_path, small_disk, caplog):
     det = SimDetector(name="det", directory=tmp_path / "raw", preset=MINI, n_patterns=4, seed=5)
     raw, derived = Collector(), Collector()

@@ -295,6 +295,7 @@ def test_metrics_average_over_folds_and_round_trip():
 # --------------------------------------------------------------------------- saving, training
 
 
+@pytest.mark.slow  # about 6 s
 def test_save_load_round_trip_with_compiled_loss_and_metrics(tmp_path):
     keras.utils.set_random_seed(6)
     model = build_unet(depth=2, base_filters=4, dilation_rate=2)
@@ -320,6 +321,7 @@ def test_save_load_round_trip_with_compiled_loss_and_metrics(tmp_path):
         assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # about 5 s
 def test_twenty_training_steps_lower_the_loss():
     keras.utils.set_random_seed(7)
     folds, peaks = synthetic_folds(8, seed=7)

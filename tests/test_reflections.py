@@ -484,6 +484,7 @@ def test_overlapping_peaks_are_measured_with_a_linear_baseline():
     assert good.sum() >= 7 and errors[good].max() < 0.05  # no confident wrong ratio
 
 
+@pytest.mark.slow  # about 11 s
 def test_broad_reflections_at_small_s10_are_fitted_at_their_width():
     """A wide beam against a small S10 (MAR 225, 73 um pixels, S10 = 26 px): the lattice
     peaks are 4.3 px wide (0.16 S10) and the Z line 4.3 px (0.17 S10). With the widths
@@ -528,6 +529,7 @@ def _fit_alone(corrected, valid, s10, widths):
     return rf.fit_equator(eq, s10, 4.0, np.zeros(7), r_first, rmax, baseline="linear", widths=widths)[0]
 
 
+@pytest.mark.slow  # about 3-4 s
 def test_widths_held_common_where_their_growth_trades_intensity():
     """MAR 225 at S10 = 31 px (the rounded conditions of ``benchmarks.robustness --seed 2``'s
     mar225 #30): the peaks are 6 px wide, the 1,1 two widths from the Z line and the

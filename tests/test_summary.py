@@ -25,6 +25,8 @@ from live_bgsub.sinks.tiled import TiledPublisher
 from live_bgsub.summary import PANELS, TRUTH_LABEL, plot_summary, summary_figure
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
+pytestmark = pytest.mark.slow  # one Tiled server and two live runs for the module: about 30 s
+
 TWITCH = 8  # frames of the run with truth: one whole twitch
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
@@ -123,18 +122,16 @@ def test_preset_shapes_and_dtypes(name):
 
 
 @pytest.mark.slow
-def test_eiger_preset_shape_gaps_and_speed():
-    make_pattern("eiger2-9m", seed=0)  # warm-up
-    t0 = time.perf_counter()
+def test_eiger_preset_shape_and_gaps():
+    # What a pattern costs per preset: python -m benchmarks.synth (BENCHMARKS.md,
+    # "Costs the tests no longer bound").
     pat = make_pattern("eiger2-9m", seed=1)
-    elapsed = time.perf_counter() - t0
     assert pat.frame.shape == (3262, 3108) and pat.frame.dtype == np.float32
     valid = PRESETS["eiger2-9m"].valid_mask()
     # 3 x 6 modules of 1028 x 512 px, gaps of 12 (columns) and 38 (rows) px.
     assert not valid[512:550].any() and not valid[:, 1028:1040].any()
     assert valid[:512, :513].all()
     assert not valid[:, 513:515].any()  # modelled chip seam
-    assert elapsed < 5.0
 
 
 def test_pilatus_gaps_are_masked_and_sentinels(pilatus):
@@ -281,14 +278,6 @@ def test_background_is_strongest_at_the_centre_and_along_the_equator(pilatus):
 
     assert at(40, 0) > at(0, 40) * 2  # equatorial streak
     assert at(0, 40) > at(0, 150) > at(0, 300)  # decays with radius
-
-
-def test_pilatus_generation_is_fast():
-    make_pattern(seed=0)
-    t0 = time.perf_counter()
-    for seed in range(3):
-        make_pattern(seed=seed)
-    assert (time.perf_counter() - t0) / 3 < 0.5
 
 
 # --------------------------------------------------------------------------- powder

@@ -33,6 +33,8 @@ from live_bgsub.tiled_server import (
     temporary_postgres_database,
 )
 
+pytestmark = pytest.mark.slow  # Tiled servers (SQLite, PostgreSQL) and live runs: 10-40 s each
+
 N = 4
 POSTGRES_ADMIN_DSN = os.environ.get("LIVE_BGSUB_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 METRICS = ("i10", "i11", "i11_i10", "s10_px", "m3_px", "m3_intensity", "tdi", "background_sum", "equator_found", "raw_seq_num")

@@ -202,6 +202,7 @@ def assert_hdf5_run(catalog, docs, frames):
 # -- embedded server and catalog ----------------------------------------------------
 
 
+@pytest.mark.slow  # a Tiled server
 def test_server_attributes_and_config(sqlite_server, hdf5_frames):
     server = sqlite_server
     assert server.running and server.uri.startswith("http://127.0.0.1:") and server.uri.endswith("/api/v1")
@@ -238,6 +239,7 @@ def test_unreachable_postgres_is_a_clear_connection_error():
         pass
 
 
+@pytest.mark.slow  # a Tiled server
 def test_connect_refuses_a_container_without_the_catalog_spec(sqlite_server):
     from tiled.client import from_uri
 
@@ -249,6 +251,7 @@ def test_connect_refuses_a_container_without_the_catalog_spec(sqlite_server):
         connect(sqlite_server.uri, api_key=sqlite_server.api_key, catalog="missing", create=False)
 
 
+@pytest.mark.slow  # a Tiled server
 def test_connect_takes_the_key_from_the_environment(sqlite_server, monkeypatch):
     monkeypatch.setenv("TILED_API_KEY", sqlite_server.api_key)
     catalog = connect(sqlite_server.uri, catalog="from-env")
@@ -259,6 +262,7 @@ def test_connect_takes_the_key_from_the_environment(sqlite_server, monkeypatch):
 # -- writing and reading back -------------------------------------------------------
 
 
+@pytest.mark.slow  # a Tiled server
 def test_publisher_writes_inline_and_hdf5_runs(sqlite_catalog, hdf5_frames, tmp_path):
     h5_path, frames = hdf5_frames
     scalar_docs = compose_scalar_run(6, label="inline")
@@ -279,6 +283,7 @@ def test_publisher_writes_inline_and_hdf5_runs(sqlite_catalog, hdf5_frames, tmp_
     assert [name for name, _ in backup] == [name for name, _ in hdf5_docs]
 
 
+@pytest.mark.slow  # a Tiled server
 def test_documents_replay_order(sqlite_server, sqlite_catalog, hdf5_frames):
     """What ``run.documents()`` (the json-seq exporter) gives back.
 
@@ -340,16 +345,19 @@ def check_raw_and_derived_through_one_publisher(catalog, server, hdf5_frames):
     assert "database is locked" not in server.log_path.read_text()
 
 
+@pytest.mark.slow  # a Tiled server
 def test_raw_and_derived_runs_at_once_sqlite(sqlite_catalog, sqlite_server, hdf5_frames):
     check_raw_and_derived_through_one_publisher(sqlite_catalog, sqlite_server, hdf5_frames)
 
 
 @pytest.mark.service
+@pytest.mark.slow  # a Tiled server
 def test_raw_and_derived_runs_at_once_postgres(postgres_catalog, postgres_server, hdf5_frames):
     check_raw_and_derived_through_one_publisher(postgres_catalog, postgres_server, hdf5_frames)
 
 
 @pytest.mark.service
+@pytest.mark.slow  # a Tiled server
 def test_two_independent_writers_at_once_postgres(postgres_server, hdf5_frames):
     """The production configuration with PostgreSQL: each writer its own TiledWriter."""
     from bluesky_tiled_plugins import TiledWriter
@@ -371,6 +379,7 @@ def test_two_independent_writers_at_once_postgres(postgres_server, hdf5_frames):
 
 
 @pytest.mark.filterwarnings("ignore:The callback .* when RunRouter passed it:UserWarning")
+@pytest.mark.slow  # a Tiled server
 def test_stopped_server_records_errors_and_backup_keeps_everything(
     tmp_path, hdf5_frames, sqlite_catalog, monkeypatch
 ):
@@ -411,6 +420,7 @@ def test_stopped_server_records_errors_and_backup_keeps_everything(
     assert_hdf5_run(sqlite_catalog, runs[1], frames)
 
 
+@pytest.mark.slow  # a Tiled server
 def test_publisher_rejects_bad_arguments(sqlite_catalog):
     with pytest.raises(ValueError, match="batch_size must be a positive integer.*got 0"):
         TiledPublisher(sqlite_catalog, batch_size=0)
@@ -475,6 +485,7 @@ def write_backup(path, docs):
     return path
 
 
+@pytest.mark.slow  # a Tiled server
 def test_recover_completes_runs_written_in_part(sqlite_catalog, hdf5_frames, tmp_path):
     """Runs cut off mid-way (no stop in Tiled) are completed from their backup, once."""
     from live_bgsub.recover import recover, recover_run
@@ -507,6 +518,7 @@ def test_recover_completes_runs_written_in_part(sqlite_catalog, hdf5_frames, tmp
     assert "written 0 document(s), skipped 16 already held" in again.line()
 
 
+@pytest.mark.slow  # a Tiled server
 def test_recover_close_open_gives_a_run_cut_off_in_its_backup_a_failing_stop(sqlite_server, sqlite_catalog, tmp_path):
     """A writer killed mid-run (a serve) leaves a backup without a stop: `recover
     --close-open` completes the run and closes it with a stop that says so; again: nothing."""
@@ -531,6 +543,7 @@ def test_recover_close_open_gives_a_run_cut_off_in_its_backup_a_failing_stop(sql
 
 
 @pytest.mark.parametrize("command", ["replay", "serve", "recover"])
+@pytest.mark.slow  # a Tiled server
 def test_a_bad_server_key_uri_or_catalog_is_one_line_and_exit_2(sqlite_server, tmp_path, capsys, command):
     """No server, not a URI, a refused API key, a catalog path with '..': one line
     naming the value, exit 2, no traceback (and no container made for '../runs')."""

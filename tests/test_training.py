@@ -3,7 +3,6 @@
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +176,7 @@ def test_tiled_source_without_the_client_names_the_package(monkeypatch):
         D.collect_tiled_folds("http://localhost:8000/api", ["uid"])
 
 
+@pytest.mark.slow  # a Tiled server
 def test_tiled_runs_from_an_in_process_server():
     """Runs served by a real in-process Tiled server (skipped without ``tiled[server]``)."""
     import hashlib
@@ -288,22 +288,20 @@ def tiny_run(tmp_path_factory):
     from training import fit
 
     out = tmp_path_factory.mktemp("tiny")
-    t = time.perf_counter()
     fit.main([*TINY, "--epochs", "1", "--out", str(out)])
-    first_seconds = time.perf_counter() - t
     first = json.loads((out / "history.json").read_text())
     first_card = json.loads((out / "model.json").read_text())
     fit.main([*TINY, "--epochs", "2", "--out", str(out)])
-    return {"out": out, "first_seconds": first_seconds, "first_history": first, "first_card": first_card}
+    return {"out": out, "first_history": first, "first_card": first_card}
 
 
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_fit_end_to_end_writes_a_loadable_model_and_card(tiny_run):
     import keras
 
     import live_bgsub.model  # noqa: F401
 
     out = tiny_run["out"]
-    assert tiny_run["first_seconds"] < 60
     model = keras.saving.load_model(out / "model.keras", safe_mode=True)
     card = json.loads((out / "model.json").read_text())
     assert set(card) >= {"name", "architecture", "target", "methods", "normalization", "input_size", "downsample", "loss", "training", "data", "validation", "versions"}
@@ -332,6 +330,7 @@ def test_fit_end_to_end_writes_a_loadable_model_and_card(tiny_run):
         assert card["validation"][k] == pytest.approx(expected[k], rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_fit_resumes_instead_of_restarting(tiny_run):
     out = tiny_run["out"]
     history = json.loads((out / "history.json").read_text())
@@ -345,6 +344,7 @@ def test_fit_resumes_instead_of_restarting(tiny_run):
     assert (out / "logs" / "training.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_fit_refuses_to_resume_another_configuration(tiny_run):
     from training import fit
 
@@ -356,6 +356,7 @@ def test_fit_refuses_to_resume_another_configuration(tiny_run):
 # --------------------------------------------------------------------------- evaluate
 
 
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, capsys):
     from training import evaluate
 
@@ -379,6 +380,7 @@ def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, ca
     assert report["truth"]["n"] == 2
 
 
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_evaluate_refuses_real_frames_for_a_truth_model(tiny_run, tmp_path):
     from training import evaluate
 

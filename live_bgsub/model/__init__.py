@@ -6,8 +6,8 @@ custom objects (``live_bgsub>BackgroundUNet``, ``>BackgroundLoss``, ``>MAE``, ``
 live_bgsub`` alone never imports it.
 """
 
+from live_bgsub.model.keras_metrics import MAE, PSNR, SSIM
 from live_bgsub.model.losses import SMOOTH_ON, BackgroundLoss
-from live_bgsub.model.metrics import MAE, PSNR, SSIM
 from live_bgsub.model.preprocessing import (
     NORMALIZATIONS,
     padded_shape,

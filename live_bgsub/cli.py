@@ -103,7 +103,7 @@ def process_image(
     from .background import subtract_background, validate_params
     from .errors import ProcessingError
     from .fold import FoldMap
-    from .geometry import Geometry, find_run_geometry, find_rotation
+    from .geometry import Geometry, find_rotation, find_run_geometry
     from .io import read_image
     from .metrics import roi_metrics
 

@@ -62,6 +62,8 @@ from caproto import AccessRights, ChannelInteger, ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
 from caproto.server.server import get_pv_pair_wrapper
 
+from ..errors import ArgumentParser
+from ..procutil import watch_parent
 from ..sinks.hdf5 import append_frame
 from ..synth import PRESETS
 
@@ -616,7 +618,7 @@ async def _serve(ioc: PilatusIOC, interfaces: list[str] | None, watch_stdin: boo
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, main_task.cancel)
     if watch_stdin:
-        threading.Thread(target=_watch_stdin, args=(loop, main_task), name="stdin-watchdog", daemon=True).start()
+        watch_parent(lambda: loop.call_soon_threadsafe(main_task.cancel))  # stdin closed: the parent has gone
     await ioc.initialise()
     context = Context(ioc.pvdb, interfaces)
 
@@ -627,18 +629,6 @@ async def _serve(ioc: PilatusIOC, interfaces: list[str] | None, watch_stdin: boo
         await context.run(startup_hook=announce)
     finally:
         await ioc.shutdown()
-
-
-def _watch_stdin(loop, task) -> None:
-    """Stop the IOC when stdin closes: the parent that started it has gone (even killed)."""
-    try:
-        while os.read(0, 65536):
-            pass
-    except OSError:
-        pass
-    loop.call_soon_threadsafe(task.cancel)
-    time.sleep(10)
-    os._exit(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -673,7 +663,7 @@ def main(argv=None) -> int:
     int
         0 on a clean exit, 2 for bad arguments.
     """
-    parser = add_arguments(argparse.ArgumentParser(prog="live-bgsub sim-ioc", description=__doc__.splitlines()[0]))
+    parser = add_arguments(ArgumentParser(prog="live-bgsub sim-ioc", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
         prefix = _check_prefix(args.prefix)

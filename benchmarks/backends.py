@@ -116,7 +116,10 @@ for line in sys.stdin:
             geometry = Geometry(tuple(pat.params["center"]), float(pat.params["rotation_deg"]))
             batch = np.stack([frame] * cmd["batch_size"])
             t0 = time.perf_counter()
-            from live_bgsub.device_path import DevicePath
+            try:
+                from live_bgsub.device import DevicePath  # the package (issue 17)
+            except ImportError:
+                from live_bgsub.device_path import DevicePath  # before it
             dp = DevicePath(cmd["model"], geometry, frame.shape, batch_size=cmd["batch_size"])
             t1 = time.perf_counter()
             dp.process([frame])

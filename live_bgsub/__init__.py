@@ -2,9 +2,14 @@
 
 Importing the package stays light: the science core (``io``, ``geometry``, ``fold``,
 ``background``, ``synth``, ``metrics``) is imported on demand, and nothing here imports
-bluesky, tiled or keras.
+bluesky, tiled or keras; it only sets ``KERAS_BACKEND`` where TensorFlow is absent and
+no backend was chosen (:mod:`live_bgsub.backends`).
 """
 
 __version__ = "0.1.0"
+
+from .backends import choose_keras_backend as _choose_keras_backend  # noqa: E402
+
+_choose_keras_backend()  # Keras' backend: the installed one when none is chosen (live_bgsub.backends)
 
 __all__ = ["__version__"]

@@ -113,7 +113,12 @@ class BackgroundModel:
             When the name is unknown, the file is missing or does not load.
         """
         path = _resolve(name_or_path)
-        import keras
+        try:
+            import keras
+        except ModuleNotFoundError as exc:  # keras, or the backend it was told to use
+            from .backends import NO_BACKEND
+
+            raise ModelError(f"{NO_BACKEND} ({exc})") from None
 
         from . import model as _registered  # noqa: F401  (registers the custom objects)
 

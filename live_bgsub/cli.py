@@ -39,7 +39,7 @@ from . import __version__
 from .demo import DEMO_METHOD
 from .errors import ArgumentParser, UsageError, at_least, print_error
 from .logs import quiet_libraries, verbose_requested
-from .options import ProcessingOptions, processing_arguments
+from .options import ProcessingOptions, add_tiled_arguments, processing_arguments
 
 __all__ = ["SAMPLE_FRAME", "main", "process_image"]
 
@@ -327,9 +327,7 @@ def _build_parser() -> argparse.ArgumentParser:
         parents=[processing_arguments()],
     )
     p.add_argument("uids", nargs="*", metavar="UID", help="run uids (or unique prefixes); a derived run is replayed only when named here")
-    p.add_argument("--tiled", metavar="URI", help=_TILED_HELP)
-    p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
-    p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
+    add_tiled_arguments(p, tiled_help=_TILED_HELP)
     p.add_argument("--query", action="append", default=[], metavar="KEY=VALUE", help="select raw runs whose start metadata KEY equals VALUE (repeatable)")
     p.add_argument("--last", type=at_least(1), metavar="N", help="the N most recent selected raw runs (N >= 1)")
     p.add_argument("--fill", metavar="DERIVED_UID", help="replay only the raw frames this derived run skipped, left unprocessed or failed")
@@ -359,9 +357,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "cannot be used.",
     )
     p.add_argument("backup", type=Path, metavar="BACKUP", help="backup directory, or one <run uid>.jsonl file")
-    p.add_argument("--tiled", metavar="URI", help=_TILED_HELP)
-    p.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
-    p.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
+    add_tiled_arguments(p, tiled_help=_TILED_HELP)
     p.add_argument("--batch-size", type=at_least(1), default=500, metavar="N", help="events per request (default 500)")
     p.add_argument(
         "--close-open",

@@ -3,7 +3,9 @@
 One :class:`ProcessingOptions` (method, its parameters, working resolution) is what the
 command lines (``replay``, ``serve``, ``compose``), the :class:`~live_bgsub.beamline.BeamlineConfig`
 and the live callback's keywords are made of; :func:`processing_arguments` is the
-argparse parent that declares ``--method``, ``--param`` and ``--downsample`` once.
+argparse parent that declares ``--method``, ``--param`` and ``--downsample`` once, and
+:func:`add_tiled_arguments` declares where the runs are (``--tiled``, ``--api-key``,
+``--catalog``) for every command that talks to Tiled.
 
 >>> from live_bgsub.options import ProcessingOptions
 >>> ProcessingOptions.parse("white-top-hat", ["tophat=12"]).describe()
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_METHOD", "ProcessingOptions", "add_processing_arguments", "processing_arguments"]
+__all__ = ["DEFAULT_METHOD", "ProcessingOptions", "add_processing_arguments", "add_tiled_arguments", "processing_arguments"]
 
 #: The processing of every entry point that names none (the demo runs a U-Net instead).
 DEFAULT_METHOD = "white-top-hat"
@@ -122,3 +124,13 @@ def processing_arguments(default_method: str = DEFAULT_METHOD, *, method_help: s
     """An argparse parent with :func:`add_processing_arguments`'s options:
     ``ArgumentParser(parents=[processing_arguments()])``."""
     return add_processing_arguments(argparse.ArgumentParser(add_help=False), default_method, method_help=method_help)
+
+
+def add_tiled_arguments(parser: argparse.ArgumentParser, *, tiled_help: str) -> argparse.ArgumentParser:
+    """Declare ``--tiled URI`` (``tiled_help`` says what it is for and its default),
+    ``--api-key`` (default ``$TILED_API_KEY``) and ``--catalog`` (default ``runs``)."""
+    group = parser.add_argument_group("Tiled")
+    group.add_argument("--tiled", metavar="URI", help=tiled_help)
+    group.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
+    group.add_argument("--catalog", default="runs", help="catalog path on the Tiled server (default: runs)")
+    return parser

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ArgumentParser
-from .options import ProcessingOptions, add_processing_arguments
+from .options import ProcessingOptions, add_processing_arguments, add_tiled_arguments
 from .transport import GapDetector
 from .wire import KEY_ENV, WireError, as_key, decode, load_key
 
@@ -545,9 +545,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options to ``parser`` (also used by ``live-bgsub serve``)."""
     parser.add_argument("--zmq", required=True, metavar="HOST:PORT", help="the 0MQ proxy's OUT port (bluesky-0MQ-proxy IN OUT)")
     parser.add_argument("--zmq-prefix", default="", help="listen only to the publisher with this 0MQ prefix")
-    parser.add_argument("--tiled", metavar="URI", help="Tiled server for the derived runs (default: $TILED_URI; none: no Tiled)")
-    parser.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
-    parser.add_argument("--catalog", default="runs", help="catalog path on the Tiled server (default: runs)")
+    add_tiled_arguments(parser, tiled_help="Tiled server for the derived runs (default: $TILED_URI; none: no Tiled)")
     backup = parser.add_mutually_exclusive_group()
     backup.add_argument("--backup", type=Path, metavar="DIR", help="with --tiled, also append every derived document to DIR/<uid>.jsonl (default: DIRECTORY/backup)")
     backup.add_argument("--no-backup", action="store_true", help="keep no JSON-lines backup of the derived documents")

@@ -58,3 +58,18 @@ def test_every_entry_point_declares_the_options_once(entry, argv, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("--downsample: expected an integer >= 1, got 0"), err
+
+
+@pytest.mark.parametrize(
+    "entry, argv",
+    [(main, ["replay"]), (main, ["recover"]), (serve_main, []), (compose_main, [])],
+    ids=["replay", "recover", "serve", "compose"],
+)
+def test_every_tiled_command_declares_where_the_runs_are_once(entry, argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        entry([*argv, "--help"])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    tiled = out[out.index("\nTiled:\n"):]
+    for option in ("--tiled URI", "--api-key API_KEY", "--catalog CATALOG"):
+        assert option in tiled, (option, out)

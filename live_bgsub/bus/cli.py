@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ArgumentParser, at_least, print_error
-from ..options import DEFAULT_METHOD, ProcessingOptions, add_processing_arguments
+from ..options import DEFAULT_METHOD, ProcessingOptions, add_processing_arguments, add_tiled_arguments
 
 __all__ = ["compose_main", "worker_main"]
 
@@ -77,9 +77,7 @@ def compose_main(argv=None) -> int:
     prog = "live-bgsub compose"
     parser = ArgumentParser(prog=prog, description="Order the workers' results by frame and write each raw run's derived run (HDF5 and Tiled), exactly once per frame.")
     parser.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=_NATS_HELP)
-    parser.add_argument("--tiled", metavar="URI", help="Tiled server for the derived runs (default: $TILED_URI); one that does not answer within 10 s is an error")
-    parser.add_argument("--api-key", help="Tiled API key (default: $TILED_API_KEY)")
-    parser.add_argument("--catalog", default="runs", help="catalog path on the server (default: runs)")
+    add_tiled_arguments(parser, tiled_help="Tiled server for the derived runs (default: $TILED_URI); one that does not answer within 10 s is an error")
     parser.add_argument("--directory", type=Path, default=Path("derived"), help="where derived HDF5 files go (default ./derived; shared with Tiled)")
     parser.add_argument("--backup", type=Path, metavar="DIR", help="JSON-lines backup of the derived runs (default: backup/ beside --directory)")
     add_processing_arguments(parser, method_help="default processing: classical method, model:NAME or model:PATH "

@@ -5,7 +5,9 @@ frames to HDF5 at a chosen rate (StreamResource/StreamDatum), and a RunEngine ru
 ``count`` with the live callback subscribed. Raw and derived runs go to Tiled; the
 demo reads both back, prints the run uids, the acquisition and processing rates, the
 per-frame lag, and how to read the results with the Tiled client, and writes a PNG
-summary (a raw frame, its corrected fold, I11/I10 over the run). Everything stays under
+summary (:mod:`live_bgsub.summary`: raw fold, background and corrected fold of one
+frame; I11/I10 and S10 over the run beside the simulator's truth). It runs the U-Net
+:data:`DEMO_METHOD` by default, compiled before the first frame. Everything stays under
 the chosen directory.
 
 ``--workers N`` runs the scale-out path on embedded defaults instead: a NATS JetStream

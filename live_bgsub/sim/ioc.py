@@ -145,9 +145,9 @@ def render_bank(preset: str = "pilatus-1m", *, seed: int = 0, n_patterns: int = 
     preset : str, optional
         A key of :data:`live_bgsub.synth.PRESETS`.
     seed : int, optional
-        Seed of bank frame 0; frame ``k`` uses ``seed + k``.
+        Seed of the simulated fiber (one fiber and geometry for the whole bank).
     n_patterns : int, optional
-        Number of distinct frames (>= 1).
+        Frames of the bank: one muscle twitch (:class:`~live_bgsub.sim.detector.SimDetector`), >= 1.
     counts : float, optional
         Count scale of :func:`~live_bgsub.synth.make_pattern`.
 
@@ -635,8 +635,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``sim-ioc`` options to ``parser`` (``live-bgsub sim-ioc`` and this module's main)."""
     parser.add_argument("--prefix", required=True, help="PV prefix, e.g. SIM:PIL1: (PVs are PREFIX cam1:Acquire, ...)")
     parser.add_argument("--preset", default="pilatus-1m", choices=sorted(PRESETS), help="detector layout (default pilatus-1m)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of bank frame 0; frame k uses seed + k (default 0)")
-    parser.add_argument("--n-patterns", type=int, default=4, help="distinct synthetic frames, cycled (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated fiber (default 0)")
+    parser.add_argument("--n-patterns", type=int, default=4, help="frames of the bank, one muscle twitch, cycled (default 4)")
     parser.add_argument("--counts", type=float, default=1.0, help="count scale of the synthetic frames (default 1)")
     parser.add_argument("--directory", default=None, help="initial HDF1:FilePath (default: unset; clients set it)")
     parser.add_argument("--acquire-time", type=float, default=0.1, help="initial cam1:AcquireTime in s (default 0.1)")

@@ -363,8 +363,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
         fast as its others. A run whose geometry is within a few pixels of ``geometry``
         (its fold padded to the same device shape) and whose frames have ``dtype``
         reuses that compilation; any other run compiles when its first frames arrive,
-        as without this call. Does nothing for a classical method (there is nothing to
-        compile).
+        as without this call. The first run with exactly ``geometry`` and ``dtype`` also
+        takes the fold tables built here; the first run to start drops what it did not
+        take. Does nothing for a classical method (there is nothing to compile).
 
         Parameters
         ----------
@@ -720,6 +721,9 @@ class LiveBackgroundSubtraction(DocumentRouter):
             prepared = None
             if self.accelerate and static is None and self._engine_factory is None and dtype is not None:
                 prepared = self._prepared.pop(_prepared_key(shape, run.geometry, dtype), None)
+                # The next runs reuse the compilation through the cache; a prepared path
+                # this run did not take (another geometry) would only hold its memory.
+                self._prepared.clear()
             if prepared is not None:  # built and compiled by prepare() for this shape and geometry
                 prepared.roi.update(roi)
                 prepared.geometry_quality = quality

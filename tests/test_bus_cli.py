@@ -57,7 +57,8 @@ def demo(tmp_path_factory):
     directory = tmp_path_factory.mktemp("demo-workers")
     _needs_nats_server(directory)
     proc = subprocess.run(
-        [*CLI, "demo", "--workers", "2", "--dir", str(directory), "--frames", str(FRAMES), "--rate", "20"],
+        # The classical method: this tests the bus, and each worker would compile the U-Net.
+        [*CLI, "demo", "--workers", "2", "--dir", str(directory), "--frames", str(FRAMES), "--rate", "20", "--method", "white-top-hat"],
         cwd=REPO, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     return directory, proc
@@ -185,7 +186,8 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
     _needs_nats_server(tmp_path)
     directory = tmp_path / "demo"
     with open(tmp_path / "demo.out", "w") as out, open(tmp_path / "demo.err", "w") as err:
-        demo = subprocess.Popen([*CLI, "demo", "--workers", "1", "--dir", str(directory), "--frames", "1000", "--rate", "5"],
+        demo = subprocess.Popen([*CLI, "demo", "--workers", "1", "--dir", str(directory), "--frames", "1000", "--rate", "5",
+                                 "--method", "white-top-hat"],
                                 cwd=REPO, stdout=out, stderr=err)  # fmt: skip
     seen = {}
 

@@ -94,6 +94,8 @@ def test_demo_through_the_epics_ioc(tmp_path):
     assert re.search(r"from a simulated pilatus-1m IOC \(prefix LBDEMO[0-9A-F]{6}:\) over Channel Access", proc.stdout)
     assert re.search(r"raw run:\s+\S+\s+\(4 events in Tiled\)", proc.stdout)
     assert "received 4, processed 4, failed 0, skipped 0" in proc.stdout
+    # The U-Net compiled from the IOC's description and configuration, before the first frame.
+    assert re.search(r"model:smoothed-gaussian: loaded and compiled in [0-9.]+ s, before the first frame", proc.stdout)
     assert "caRepeater" not in proc.stderr  # a CA repeater was found or started: libca says nothing
     assert "CA.Client.Exception" not in proc.stderr  # the detector closed its channels before its IOC stopped
 
@@ -108,7 +110,7 @@ def test_sim_ioc_lists_its_pvs():
 
 def test_demo_through_the_0mq_proxy_and_serve(tmp_path):
     proc = subprocess.run(
-        [*CLI, "demo", "--remote", "--dir", str(tmp_path), "--frames", "5", "--rate", "20"],
+        [*CLI, "demo", "--remote", "--dir", str(tmp_path), "--frames", "5", "--rate", "20", "--method", "white-top-hat"],
         capture_output=True, text=True, check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]

@@ -8,8 +8,8 @@ no backend was chosen (:mod:`live_bgsub.backends`).
 
 __version__ = "0.1.0"
 
-from .backends import choose_keras_backend as _choose_keras_backend  # noqa: E402
+from . import backends  # noqa: E402
 
-_choose_keras_backend()  # Keras' backend: the installed one when none is chosen (live_bgsub.backends)
+backends.choose_keras_backend()  # Keras' backend: the installed one when none is chosen
 
 __all__ = ["__version__"]

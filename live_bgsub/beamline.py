@@ -85,7 +85,7 @@ class BeamlineConfig:
     connection_timeout_s: float = 5.0
 
     def __post_init__(self):
-        self.processing  # a bad method, parameter or downsample fails here, in one line
+        ProcessingOptions(self.method, dict(self.params), self.downsample)  # raises on a bad one, in one line
         if self.detector not in ("sim", "epics"):
             raise ValueError(f"detector must be 'sim' or 'epics', got {self.detector!r}")
         if self.detector == "epics" and not self.epics_prefix:

@@ -391,8 +391,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
         TimeoutError
             The worker did not finish within ``timeout`` (it carries on).
         """
-        shape = tuple(int(n) for n in frame_shape) if np.ndim(frame_shape) == 1 else ()
-        if len(shape) != 2 or min(shape) < 1 or shape != tuple(np.asarray(frame_shape).tolist()):
+        shape = tuple(frame_shape) if np.ndim(frame_shape) == 1 else ()
+        if len(shape) != 2 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
             raise ValueError(f"frame_shape must be (rows, columns) of positive integers, got {frame_shape!r}")
         dtype = np.dtype(dtype)
         if not self.accelerate:
@@ -400,7 +400,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         if geometry is None and self._fixed_geometry is None:
             raise ValueError("prepare() needs the expected geometry {'center': (x, y), 'rotation_deg': a} for a model step")
         geometry = self._fixed_geometry if geometry is None else _as_geometry(geometry, "geometry")
-        job = {"shape": shape, "geometry": geometry, "dtype": dtype, "done": threading.Event(), "seconds": 0.0, "error": None}
+        job = {"shape": tuple(int(n) for n in shape), "geometry": geometry, "dtype": dtype, "done": threading.Event(), "seconds": 0.0, "error": None}
         with self._cond:
             if self._closed:
                 raise ValueError("prepare() on a closed callback")

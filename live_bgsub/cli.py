@@ -793,7 +793,7 @@ def _replay_bus(args, uri) -> int:
     from .bus.publisher import BusPublisher
     from .replay import bus_done, replay_run
 
-    processing = options.describe()
+    processing = options.callback_kwargs()
     expected = {uid: derived_uid(job_key(uid, processing), processing) for uid in by_uid}
     try:
         before = bus_done(args.nats, list(by_uid), processing=processing)

@@ -8,7 +8,7 @@ argparse parent that declares ``--method``, ``--param`` and ``--downsample`` onc
 ``--catalog``) for every command that talks to Tiled.
 
 >>> from live_bgsub.options import ProcessingOptions
->>> ProcessingOptions.parse("white-top-hat", ["tophat=12"]).describe()
+>>> ProcessingOptions.parse("white-top-hat", ["tophat=12"]).callback_kwargs()
 {'method': 'white-top-hat', 'params': {'tophat': 12.0}, 'downsample': 1}
 >>> ProcessingOptions("model:white-top-hat").callback_kwargs()
 {'method': 'model:white-top-hat', 'params': {}, 'downsample': 1}
@@ -74,7 +74,7 @@ class ProcessingOptions:
             An unknown method, an unknown or malformed parameter, or parameters for a model.
         """
         param_args = list(param_args or [])
-        if method.startswith("model:"):
+        if cls(method, {}, downsample).is_model:
             if param_args:
                 raise ValueError(f"--param: a model takes no parameters, got {param_args} for {method}")
             return cls(method, {}, downsample)
@@ -94,12 +94,10 @@ class ProcessingOptions:
         return make_step(self.method, self.params, downsample=self.downsample)
 
     def callback_kwargs(self) -> dict:
-        """Keywords of :class:`~live_bgsub.callback.LiveBackgroundSubtraction` (and the bus's composer)."""
+        """Keywords of :class:`~live_bgsub.callback.LiveBackgroundSubtraction` and the bus's
+        composer; also the plain ``processing`` values a bus message carries."""
         return {"method": self.method, "params": dict(self.params), "downsample": self.downsample}
 
-    def describe(self) -> dict:
-        """Plain values (JSON, a bus message, a derived run's start)."""
-        return self.callback_kwargs()
 
 
 def add_processing_arguments(parser: argparse.ArgumentParser, default_method: str = DEFAULT_METHOD,

@@ -644,6 +644,10 @@ def test_prepare_refuses_what_it_cannot_compile(tmp_path):
     assert classical.prepare((1043, 981)) == 0.0  # nothing to compile for a classical method
     with pytest.raises(ValueError, match=r"frame_shape must be \(rows, columns\) of positive integers, got \(0, 5\)"):
         classical.prepare((0, 5))
+    with pytest.raises(ValueError, match=r"got \(1043\.0, 981\)"):
+        classical.prepare((1043.0, 981))
     model = LiveBackgroundSubtraction(None, method="model:white-top-hat", directory=tmp_path / "m")
     with pytest.raises(ValueError, match="needs the expected geometry"):
         model.prepare((1043, 981))
+    classical.close()
+    model.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +28,8 @@ __all__ = [
     "center_roi",
     "image_metrics",
     "roi_metrics",
+    "roi_analysis",
+    "RoiAnalysis",
 ]
 
 
@@ -371,6 +374,49 @@ def roi_metrics(
     Cost: 40-80 ms for a Pilatus-sized fold (~400 x 400), ~0.2 s for an EIGER2 9M
     fold (~1400 x 1400), on 2 cores.
     """
+    return roi_analysis(
+        corrected, mask=mask, background=background, wavelength_nm=wavelength_nm, distance_mm=distance_mm,
+        pixel_size_mm=pixel_size_mm, s10_range_px=s10_range_px, rmin=rmin, rmax=rmax, sector_deg=sector_deg,
+        min_snr=min_snr, min_snr_11=min_snr_11, min_anisotropy=min_anisotropy, geometry_quality=geometry_quality,
+    ).metrics
+
+
+@dataclass(frozen=True)
+class RoiAnalysis:
+    """What :func:`roi_analysis` found: the metrics and the equator model behind them.
+
+    Attributes
+    ----------
+    metrics : dict
+        :func:`roi_metrics`' result.
+    equator : live_bgsub.reflections.Equator or None
+        The accepted equator (its fitted model parameters and fit window), None when
+        there is none. :func:`live_bgsub.device.fit_windows` freezes it into window
+        weights without fitting the fold a second time.
+    """
+
+    metrics: dict
+    equator: reflections.Equator | None
+
+
+def roi_analysis(
+    corrected,
+    *,
+    mask=None,
+    background=None,
+    wavelength_nm: float | None = None,
+    distance_mm: float | None = None,
+    pixel_size_mm: float | None = None,
+    s10_range_px: tuple[float, float] | None = None,
+    rmin: float = 0.0,
+    rmax: float | None = None,
+    sector_deg: float = 15.0,
+    min_snr: float = reflections.ACCEPTANCE["min_snr"],
+    min_snr_11: float = reflections.ACCEPTANCE["min_snr_11"],
+    min_anisotropy: float = reflections.ACCEPTANCE["min_anisotropy"],
+    geometry_quality=None,
+) -> RoiAnalysis:
+    """:func:`roi_metrics` with the accepted equator model it fitted (same parameters)."""
     corrected = np.asarray(corrected)
     if corrected.ndim != 2:
         raise ValueError(f"expected a 2-D corrected fold, got shape {corrected.shape}")
@@ -424,14 +470,14 @@ def roi_metrics(
     out["quality"]["reasons"] = list(geometry_doubts)
     if not valid.any():
         out["reason"] = "no valid pixel in the fold"
-        return out
+        return RoiAnalysis(out, None)
 
     equator, reason = reflections.analyse_equator(
         img0, valid, rmax, s10_range_px, sector_deg, min_snr, min_snr_11, min_anisotropy
     )
     if equator is None:
         out["reason"] = reason
-        return out
+        return RoiAnalysis(out, None)
     s10 = equator.s10_px
     out.update(equator.metrics(), equator_found=True)
     reasons = list(equator.reasons) + geometry_doubts
@@ -439,5 +485,5 @@ def roi_metrics(
     if geometry is not None:
         out["d10_nm"] = geometry / s10
     out["reason"] = reflections.analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr)
-    return out
+    return RoiAnalysis(out, equator)
 

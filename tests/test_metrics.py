@@ -1,11 +1,12 @@
 """Tests of the image metrics and the fold metrics (live_bgsub.metrics)."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from live_bgsub.metrics import center_roi, image_metrics, mae, psnr, roi_metrics, ssim
+from live_bgsub.metrics import center_roi, image_metrics, mae, psnr, roi_analysis, roi_metrics, ssim
 from live_bgsub.synth import make_pattern, make_powder
 
 RESULT_KEYS = {
@@ -149,6 +150,18 @@ def test_roi_metrics_keys(accuracy_runs):
     _, truth, *_ = accuracy_runs[0]
     assert set(truth) == RESULT_KEYS
     assert truth["equator_found"] is True and truth["reason"] is None
+
+
+def test_roi_analysis_returns_the_equator_behind_the_metrics():
+    pat, cx, cy = _accuracy_pattern(SEEDS[0])
+    fold, count = quadrant_fold(pat.frame - pat.background, pat.mask, cx, cy)
+    analysis = roi_analysis(fold, mask=count > 0)
+    again = roi_metrics(fold, mask=count > 0)  # NaN != NaN: compared as text
+    assert json.dumps(analysis.metrics, sort_keys=True, default=str) == json.dumps(again, sort_keys=True, default=str)
+    assert analysis.equator.s10_px == analysis.metrics["s10_px"]
+    assert analysis.equator.metrics()["i11_i10"] == analysis.metrics["i11_i10"]
+    none = roi_analysis(np.zeros((100, 100)))
+    assert none.equator is None and none.metrics["equator_found"] is False
 
 
 def test_truth_fold_accuracy(accuracy_runs):

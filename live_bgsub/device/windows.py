@@ -144,7 +144,7 @@ def fit_windows(
     ``roi_metrics`` calls: the two paths share one reflection model.
     """
     from .. import reflections as rf
-    from ..metrics import roi_metrics
+    from ..metrics import roi_analysis
 
     corrected = np.asarray(corrected, np.float64)
     valid = np.asarray(valid, bool) & np.isfinite(corrected)
@@ -157,7 +157,7 @@ def fit_windows(
     geometry = None
     if wavelength_nm is not None and distance_mm is not None and pixel_size_mm is not None:
         geometry = float(wavelength_nm) * float(distance_mm) / float(pixel_size_mm)
-    reference = roi_metrics(
+    analysis = roi_analysis(
         corrected,
         mask=valid,
         background=background,
@@ -167,6 +167,7 @@ def fit_windows(
         rmax=rmax,
         sector_deg=sector_deg,
     )
+    reference = analysis.metrics
     empty = WindowFit(
         np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)), np.float32), shape, math.nan, math.nan, False, False,
         {"roi_metrics": reference},
@@ -175,11 +176,9 @@ def fit_windows(
         return empty
     img0 = np.where(valid, corrected, 0.0)
 
-    # Equator: the model roi_metrics accepted (the same analysis), its linear part frozen.
+    # Equator: the model roi_metrics accepted (its own fit, not a second one), its linear part frozen.
     eq_sector = rf.sector("equator", sector_deg)
-    equator, _ = rf.analyse_equator(img0, valid, rmax, None, sector_deg, **rf.ACCEPTANCE)
-    if equator is None or equator.s10_px != reference["s10_px"]:  # roi_metrics' defaults: the same answer
-        raise RuntimeError("fit_windows: the equator analysis disagrees with roi_metrics on the same fold")
+    equator = analysis.equator
     p = equator.params
     op = _profile_operator(valid, rmax=rmax, **eq_sector)
     n_bins = nr + 1

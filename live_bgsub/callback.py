@@ -584,6 +584,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
                     self._finish(run)
                 else:
                     self._frames(run, [ref for _, _, ref in items])
+                    self._settle(run)
             except Exception as exc:  # the worker must survive anything
                 text = f"{type(exc).__name__}: {exc}"
                 self._error(f"worker: {text}")
@@ -592,6 +593,13 @@ class LiveBackgroundSubtraction(DocumentRouter):
                     run.done.set()
                 else:
                     self._internal_failure(run, [ref for _, _, ref in items], text)
+
+    def _settle(self, run: _Run) -> None:
+        """Between frames: the set-up the run's engine left after its first batch
+        (:meth:`live_bgsub.device.DevicePath.settle`), now that its events are out."""
+        settle = getattr(run.engine, "settle", None)
+        if settle is not None and not self._frames_queued:
+            settle()
 
     def _prepare(self, job: dict) -> None:
         """The worker's side of :meth:`prepare`: build a device path and compile it."""

@@ -18,6 +18,7 @@ one ``live-bgsub compose`` subprocesses, and the RunEngine with a
 
 from __future__ import annotations
 
+import math
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from .summary import plot_summary  # the figure: live_bgsub/summary.py
 
-__all__ = ["DEMO_METHOD", "plot_summary", "run_demo"]
+__all__ = ["DEMO_METHOD", "plot_summary", "rate_that_keeps_up", "run_demo"]
 
 #: The demo's processing step: the U-Net this project exists for, the shipped model that
 #: reproduces its method best (BENCHMARKS.md section 5). ``--method white-top-hat`` runs a
@@ -456,6 +457,19 @@ def _figures(catalog, raw_uid, summary, frames, acquisition_s) -> dict:
     }
 
 
+def rate_that_keeps_up(derived: float, acquired: float) -> float | None:
+    """A detector rate (Hz, one decimal) that a demo's processing keeps up with, or None
+    when it kept up with ``acquired`` (derived rate >= 0.95 x acquisition): 0.9 x the
+    ``derived`` rate (frames/s) it reached, at least 0.1 Hz.
+
+    >>> rate_that_keeps_up(3.1, 4.5), rate_that_keeps_up(4.4, 4.5)
+    (2.7, None)
+    """
+    if not (np.isfinite(derived) and derived > 0) or derived >= 0.95 * acquired:
+        return None
+    return max(0.1, math.floor(9.0 * derived) / 10.0)
+
+
 def _table(run) -> dict:
     from .catalog import metrics_table
 
@@ -469,6 +483,10 @@ def _report(print, bl, raw_uid, summary, f) -> None:
     print(f"acquisition: {f['acquisition_fps']:.1f} frames/s with the callback subscribed")
     print(f"derived:     {f['derived_fps']:.1f} frames/s ({f['derived_fps'] / f['acquisition_fps']:.2f} x acquisition); "
           f"lag per frame: first {f['lag_first_ms']:.0f} ms, p50 {f['lag_p50_ms']:.0f} ms, p99 {f['lag_p99_ms']:.0f} ms")
+    keeps_up = rate_that_keeps_up(f["derived_fps"], f["acquisition_fps"])
+    if keeps_up is not None:
+        print(f"             the processing fell behind the detector on this machine (the lag grew over the run); "
+              f"--rate {keeps_up:g} is what it keeps up with")
     print(f"I11/I10 median over the run: {f['i11_i10_median']:.3f}")
     print(f"summary PNG: {f['png']}")
     print(f"data: raw HDF5 in {bl.directory / 'raw'}, corrected folds in {bl.directory / 'derived'}, catalog in {bl.directory / 'tiled'}")

@@ -48,6 +48,12 @@ __all__ = ["BusPublisher"]
 
 logger = logging.getLogger("live_bgsub.bus.publisher")
 
+#: The child acknowledges a burst of documents with one line, at least every this many.
+ACK_EVERY = 64
+
+#: The parent writes at most this many queued documents to the child's pipe at once.
+WRITE_BATCH = 64
+
 _CLOSE = object()
 _RECOVER = object()  # the reader saw the child's output end: replace the child if it died
 
@@ -219,30 +225,39 @@ class BusPublisher:
         index = 0
         while True:
             item = self._queue.get()
+            batch = []  # what the queue holds now goes to the child in one write
+            while True:
+                if item is _CLOSE or item is _RECOVER:
+                    break
+                name, doc = item
+                index += 1
+                try:
+                    payload = wire.encode(name, doc)
+                except Exception as exc:  # noqa: BLE001 - a document msgpack cannot carry
+                    self.errors.append(f"{name} document {doc.get('uid', '')!r} not published: {type(exc).__name__}: {exc}")
+                    payload = wire.encode("bad_document", {"name": name})
+                with self._cond:
+                    if name == "start":
+                        self._open[doc["uid"]] = index
+                    elif name == "stop":
+                        self._stops[index] = doc.get("run_start")
+                    self._kept.append((index, payload))
+                batch.append(len(payload).to_bytes(4, "big") + payload)
+                if len(batch) >= WRITE_BATCH or self._queue.empty():
+                    item = None
+                    break
+                item = self._queue.get()
+            if batch:
+                self._send(b"".join(batch))
             if item is _CLOSE:
                 return
             if item is _RECOVER:
                 self._recover()
-                continue
-            name, doc = item
-            index += 1
-            try:
-                payload = wire.encode(name, doc)
-            except Exception as exc:  # noqa: BLE001 - a document msgpack cannot carry
-                self.errors.append(f"{name} document {doc.get('uid', '')!r} not published: {type(exc).__name__}: {exc}")
-                payload = wire.encode("bad_document", {"name": name})
-            with self._cond:
-                if name == "start":
-                    self._open[doc["uid"]] = index
-                elif name == "stop":
-                    self._stops[index] = doc.get("run_start")
-                self._kept.append((index, payload))
-            self._send(payload)
 
-    def _send(self, payload: bytes) -> None:
-        """Write one (kept) document to the child; a dead child is replaced."""
+    def _send(self, data: bytes) -> None:
+        """Write (kept) length-prefixed documents to the child; a dead child is replaced."""
         try:
-            self._child.stdin.write(len(payload).to_bytes(4, "big") + payload)
+            self._child.stdin.write(data)
         except (BrokenPipeError, OSError, ValueError):
             self._recover()
 
@@ -320,14 +335,11 @@ class _Sender:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**31 - 1)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-        handled = 0
+        pending: asyncio.Queue = asyncio.Queue()  # documents read, not yet published; None: the pipe ended
+        pump = asyncio.create_task(self._pump(reader, pending))
+        handled = said = 0
         try:
-            while True:
-                try:
-                    head = await reader.readexactly(4)
-                    payload = await reader.readexactly(int.from_bytes(head, "big"))
-                except asyncio.IncompleteReadError:
-                    break  # the parent closed the pipe (or died): done
+            while (payload := await pending.get()) is not None:
                 try:
                     name, doc = wire.decode(payload)
                     await self._handle(js, name, doc, payload)
@@ -335,10 +347,29 @@ class _Sender:
                     logger.exception("live_bgsub bus: publishing a document failed")
                     self._say(f"warn {type(exc).__name__}: {exc}")
                 handled += 1
+                # One line per burst (when nothing more waits, at least every ACK_EVERY
+                # documents): each line costs the RunEngine's process a wake-up.
+                if pending.empty() or handled - said >= ACK_EVERY:
+                    self._say(f"ack {handled} {self.published} {self.tasks} {self.retries}")
+                    said = handled
+            if handled > said:
                 self._say(f"ack {handled} {self.published} {self.tasks} {self.retries}")
+            await pump
         finally:
             await nc.close()
         return 0
+
+    @staticmethod
+    async def _pump(reader, pending: asyncio.Queue) -> None:
+        """Length-prefixed documents from the parent's pipe onto ``pending``; None at its end."""
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                pending.put_nowait(await reader.readexactly(int.from_bytes(head, "big")))
+        except asyncio.IncompleteReadError:
+            pass  # the parent closed the pipe (or died): done
+        finally:
+            pending.put_nowait(None)
 
     async def _publish(self, js, subj: str, payload: bytes, headers: dict):
         """Publish until JetStream acknowledges (the server may be restarting)."""

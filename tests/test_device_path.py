@@ -92,8 +92,9 @@ def small_run(model):
     path = DevicePath.from_engine(engine, batch_size=4, with_background=True)
     corrected, metrics = path.process(np.stack(frames))
     again, _ = path.process(np.stack(frames))
+    third, _ = path.process(np.stack(frames))
     return {"frames": frames, "engine": engine, "reference": reference, "path": path, "corrected": corrected,
-            "metrics": metrics, "again": again}  # fmt: skip
+            "metrics": metrics, "again": again, "third": third}  # fmt: skip
 
 
 def _fold_layer(fold_map, sentinel):
@@ -320,9 +321,10 @@ def test_corrected_matches_engine_float32(small_run):
     # The first batch folds on the general path, the second (settled) on the fast path: one fold.
     peak = _peak(small_run["corrected"])
     np.testing.assert_allclose(small_run["again"], small_run["corrected"], rtol=0, atol=FP32_TOL * peak)
+    np.testing.assert_array_equal(small_run["third"], small_run["again"])  # the fast path, bit for bit
     path = small_run["path"]
     assert path.compilations == 1  # the reference fit assigned variables: no recompile
-    assert path.fold_paths == {"reference": 1, "general": 1, "validity_refits": 1}
+    assert path.fold_paths == {"reference": 2, "general": 1, "validity_refits": 1}
 
 
 def test_totals_match_roi_metrics(small_run):

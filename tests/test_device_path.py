@@ -335,6 +335,17 @@ def test_totals_match_roi_metrics(small_run):
 
 
 @pytest.mark.slow  # compiles for several shapes: about 4-5 s
+def test_batch_times_are_measured_where_the_device_tests_the_validity(model):
+    """With ``validity_check="device"`` (the default on a GPU) there is no host test: the
+    timing call used it anyway and failed on an H200 (TypeError: 'NoneType' ...)."""
+    frames = _small_frames(2)
+    path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=2, metrics=False, validity_check="device")
+    path.process(np.stack(frames))
+    times = path.measure_batch_times(batch_sizes=(2,), repeats=1)
+    assert list(times) == [2] and times[2] > 0
+    assert path.compilations == 1
+
+
 def test_compilations_once_per_batch_size(model):
     frames = _small_frames(4)
     path = DevicePath(model, SMALL_GEOMETRY, frames[0].shape, batch_size=4, metrics=False)
@@ -544,12 +555,32 @@ def test_import_does_not_load_keras():
 def test_other_backends_give_the_same_fold(tmp_path, backend):
     """Where JAX or PyTorch is installed (the GPU hosts have both, not TensorFlow): the same
     .keras model and code under KERAS_BACKEND, TensorFlow never imported. JAX compiles
-    once; PyTorch runs eagerly (``jit_compile="auto"``), so its counter counts calls."""
+    once; PyTorch runs eagerly (``jit_compile="auto"``), so its counter counts calls.
+    Under PyTorch a tensor may not pass through numpy inside the pipeline: on a GPU that
+    fails (a CUDA tensor has no array), on the CPU it would silently leave the device, so
+    the child makes the implicit conversion fail here too (found on an H200)."""
     pytest.importorskip(backend)
     frames = np.stack(_small_frames(2))
     np.save(tmp_path / "frames.npy", frames)
+    no_implicit_numpy = (
+        "import torch\n"
+        "from live_bgsub.model.pipeline import DevicePipeline\n"
+        "inside = []\n"
+        "to_array, device_call = torch.Tensor.__array__, DevicePipeline.call\n"
+        "def _array(self, *a, **k):\n"
+        "    if inside:\n"
+        "        raise TypeError('a torch tensor went through numpy inside the device pipeline')\n"
+        "    return to_array(self, *a, **k)\n"
+        "def _call(self, *a, **k):\n"
+        "    inside.append(1)\n"
+        "    try:\n"
+        "        return device_call(self, *a, **k)\n"
+        "    finally:\n"
+        "        inside.pop()\n"
+        "torch.Tensor.__array__, DevicePipeline.call = _array, _call\n"
+    )
     code = (
-        "import sys, numpy as np\n"
+        (no_implicit_numpy if backend == "torch" else "") + "import sys, numpy as np\n"
         "from live_bgsub.device import DevicePath\n"
         "from live_bgsub.geometry import Geometry\n"
         f"frames = np.load({str(tmp_path / 'frames.npy')!r})\n"

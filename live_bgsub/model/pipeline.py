@@ -430,9 +430,12 @@ class DevicePipeline(keras.Model):
         """Bilinear upsampling normalised by validity (``live_bgsub.resample.upsample_linear``)."""
 
         def interp(image):
+            # the weights as tensors: a backend tensor times a numpy array goes through
+            # numpy under PyTorch (fails for a CUDA tensor, leaves the device on the CPU)
             r0, r1, rw0, rw1 = self._rows
             c0, c1, cw0, cw1 = self._cols
-            image = ops.take(image, r0, axis=1) * rw0[:, None] + ops.take(image, r1, axis=1) * rw1[:, None]
+            rw0, rw1, cw0, cw1 = (ops.convert_to_tensor(w) for w in (rw0[:, None], rw1[:, None], cw0, cw1))
+            image = ops.take(image, r0, axis=1) * rw0 + ops.take(image, r1, axis=1) * rw1
             return ops.take(image, c0, axis=2) * cw0 + ops.take(image, c1, axis=2) * cw1
 
         num = interp(ops.where(small_valid, small, 0.0))

@@ -46,9 +46,9 @@ def test_discard_removes_the_planted_outlier(synthetic_folds):
     folds, _ = synthetic_folds
     good = list(folds)
     # A failed fold: the rotation off by 90 degrees puts the equator on the meridian.
-    bad = D.SourceFold("synthetic:rotated", "synthetic", folds[3].fold.T.copy(), folds[3].mask.T.copy(), folds[3].samples.T.copy())
+    bad = D.SourceFold("synthetic:rotated", folds[3].source, folds[3].fold.T.copy(), folds[3].mask.T.copy(), folds[3].samples.T.copy())
     planted = good[:3] + [bad] + good[3:] + [folds[0]]  # 8 folds: round(0.1 * 8) = 1 goes
-    planted[-1] = D.SourceFold("synthetic:copy", "synthetic", folds[0].fold, folds[0].mask, folds[0].samples)
+    planted[-1] = D.SourceFold("synthetic:copy", folds[0].source, folds[0].fold, folds[0].mask, folds[0].samples)
     kept, discarded = D.discard_outliers(planted, 0.10)
     assert [d["id"] for d in discarded] == ["synthetic:rotated"]
     assert len(kept) == 7 and all(f.id != "synthetic:rotated" for f in kept)
@@ -252,6 +252,67 @@ def test_dataset_cache_round_trip(tmp_path):
     assert D.DataConfig(synthetic=3, downsample=4, input_size=(32, 48), discard=0.0, seed=1).key() != config.key()
 
 
+def test_synthetic_presets_families_and_leave_out():
+    from live_bgsub.synth import FAMILIES
+
+    c = D.DataConfig(synthetic=2, synthetic_preset="families", leave_out=["eiger2-9m", "ccd-1k"])
+    assert c.presets() == tuple(f for f in FAMILIES if f not in ("eiger2-9m", "ccd-1k"))
+    assert D.DataConfig(synthetic=1, synthetic_preset=["ccd-1k", "pilatus-1m", "ccd-1k"]).presets() == ("ccd-1k", "pilatus-1m")
+    assert D.DataConfig(synthetic=1, synthetic_preset=["ccd-1k"]).synthetic_preset == "ccd-1k"  # one preset is the old form
+    with pytest.raises(ValueError, match="unknown synthetic preset 'pilatus-9m'; expected 'families' or one of"):
+        D.DataConfig(synthetic=1, synthetic_preset=["pilatus-1m", "pilatus-9m"])
+    with pytest.raises(ValueError, match="unknown synthetic preset 'families'"):
+        D.DataConfig(synthetic=1, leave_out=["families"])
+    with pytest.raises(ValueError, match=r"leave_out \['ccd-1k'\] leaves no synthetic preset of \['ccd-1k'\]"):
+        D.DataConfig(synthetic=1, synthetic_preset="ccd-1k", leave_out="ccd-1k")
+    # Each preset is its own source with its own seeds; split per source.
+    c = D.DataConfig(synthetic=3, synthetic_preset=["pilatus-1m", "ccd-1k"], downsample=4, input_size=(32, 32), discard=0.0, split=(0.4, 0.3, 0.3))
+    folds, reports = D.collect_folds(c, log=_quiet)
+    assert [f.id for f in folds] == [f"synthetic:pilatus-1m:{i}" for i in range(3)] + [f"synthetic:ccd-1k:{i}" for i in range(3, 6)]
+    assert [r["preset"] for r in reports] == ["pilatus-1m", "ccd-1k"] and reports[1]["seeds"] == [3, 5]
+    assert {f.source for f in folds} == {"synthetic:pilatus-1m", "synthetic:ccd-1k"}
+    split = D.split_folds(folds, c.split, seed=0)
+    assert [sorted({f.source for f in split[k]}) for k in ("train", "val", "test")] == [["synthetic:ccd-1k", "synthetic:pilatus-1m"]] * 3
+    assert folds[3].fold.shape != folds[0].fold.shape  # two detectors, two fold shapes, one input size
+    ds = D.build_dataset(c, log=_quiet)
+    assert ds.train.inputs.shape[1:] == (32, 32) and len(ds.train) + len(ds.val) + len(ds.test) == 6
+
+
+@pytest.mark.slow  # spawns two worker processes (a few seconds each to import)
+def test_worker_processes_build_the_same_dataset(tmp_path):
+    c = D.DataConfig(synthetic=2, synthetic_preset=["pilatus-1m", "ccd-1k"], downsample=4, input_size=(32, 32), discard=0.0,
+                     targets=["white-top-hat", "smoothed-gaussian"], augment=1, split=(0.5, 0.5, 0.0))  # fmt: skip
+    serial = D.build_dataset(c, log=_quiet)
+    memo = {}
+    parallel = D.build_dataset(c, workers=2, memo=memo, log=_quiet)
+    for s in ("train", "val", "test"):
+        a, b = getattr(serial, s), getattr(parallel, s)
+        assert a.ids == b.ids and a.methods == b.methods
+        assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets) and np.array_equal(a.masks, b.masks)
+    kept = len(memo)
+    assert kept >= 4  # the four patterns (and the augmented copies), kept for the next configuration
+    truth = D.DataConfig(synthetic=2, synthetic_preset=["pilatus-1m", "ccd-1k"], downsample=4, input_size=(32, 32), discard=0.0,
+                         targets=["synthetic-truth"], split=(0.5, 0.5, 0.0))  # fmt: skip
+    D.build_dataset(truth, workers=2, memo=memo, log=_quiet)
+    assert len(memo) == kept  # same patterns: none made again
+
+
+def test_data_command_builds_the_caches_that_fit_loads(tmp_path, capsys):
+    recipe = {"_comment": "x", "synthetic": 2, "synthetic_preset": ["ccd-1k"], "downsample": 4, "input_size": [32, 32],
+              "discard": 0.0, "split": [0.5, 0.5, 0.0], "epochs": 3}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    assert D.main(["--config", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    key = D.DataConfig.from_mapping(recipe).key()
+    assert out.splitlines()[-1] == f"{tmp_path / 'r.json'}: {key}: 1 train / 1 val / 0 test pairs of ['white-top-hat']"
+    lines = []
+    D.build_dataset(D.DataConfig.from_mapping(recipe), cache_dir=tmp_path / "cache", log=lines.append)
+    assert lines == [f"dataset {key}: loaded from {tmp_path / 'cache' / f'dataset-{key}.npz'}"]
+    assert D.main(["--config", str(tmp_path / "missing.json"), "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.json" in err[0] and "No such file" in err[0]
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -279,6 +340,32 @@ def test_fit_config_file_then_flags(tmp_path):
     cfg.write_text(json.dumps({"synthetc": 5}))
     with pytest.raises(SystemExit, match="unknown key"):
         fit.resolve_config(["--config", str(cfg), "--out", "x"])
+
+
+def test_fit_refuses_a_bad_time_limit_or_worker_count(tmp_path):
+    from training import fit
+
+    for flags, message in (
+        (["--time-limit", "0"], "time_limit must be a positive number of seconds, got 0"),
+        (["--leave-out", "pilatus-1m"], r"leave_out \['pilatus-1m'\] leaves no synthetic preset"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            fit.main([*TINY, *flags, "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exc:
+        fit.main([*TINY, "--workers", "0", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow  # trains a tiny model for one epoch
+def test_fit_stops_at_its_time_limit(tmp_path):
+    pytest.importorskip("keras")
+    from training import fit
+
+    out = tmp_path / "run"
+    fit.main([*TINY, "--synthetic", "3", "--epochs", "4", "--time-limit", "1e-6", "--out", str(out)])
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0]  # stopped after the first epoch, of four
+    assert json.loads((out / "model.json").read_text())["training"]["epochs"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@
      trailing ``_NNNNN`` counter (a multi-frame file is one run); each run gets one
      geometry (:func:`live_bgsub.geometry.find_run_geometry`) and one
      :class:`~live_bgsub.fold.FoldMap`;
-   - ``synthetic`` seeded patterns (:func:`live_bgsub.synth.make_pattern`), folded with
-     their *true* geometry, so that the folded true signal (the ``synthetic-truth``
-     target) aligns exactly with the folded frame;
+   - ``synthetic`` seeded patterns per detector of ``synthetic_preset`` (one preset, a
+     list, or ``"families"``: every family of :data:`live_bgsub.synth.FAMILIES`, less
+     those in ``leave_out``; :func:`live_bgsub.synth.make_pattern`), folded with their
+     *true* geometry, so that the folded true signal (the ``synthetic-truth`` target)
+     aligns exactly with the folded frame; each preset is its own source;
    - runs of a Tiled catalog (:func:`collect_tiled_folds`; needs ``tiled[client]``): the
      2-D frames of the primary stream's detector key, one geometry per run.
 
@@ -41,6 +43,10 @@ The method-similarity report (:func:`method_similarity`, :func:`similarity_table
 compares the corrected folds of every pair of methods and the input, as the paper did
 to choose its three methods. Built datasets are cached in an ``.npz`` keyed by a hash of
 the configuration and the real files' contents (:meth:`DataConfig.key`).
+
+The synthetic patterns and the classical targets are computed in ``workers`` processes
+(:func:`build_dataset`); :func:`build_datasets` (and ``python -m training.data``) builds
+several configurations' datasets and computes each source fold once for all of them.
 """
 
 from __future__ import annotations
@@ -49,7 +55,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import sys
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +87,7 @@ __all__ = [
     "SourceFold",
     "augment_folds",
     "build_dataset",
+    "build_datasets",
     "collect_folds",
     "collect_image_folds",
     "collect_synthetic_folds",
@@ -108,8 +118,11 @@ PAPER_METHODS = (
     "convex-hull",
 )
 
+#: ``synthetic_preset`` value meaning every detector family of ``live_bgsub.synth.FAMILIES``.
+FAMILIES = "families"
+
 #: Bump when the content of a built dataset changes for the same configuration.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 _COUNTER = re.compile(r"^(?P<prefix>.*?)[_-](?P<counter>\d+)$")
 _SKIP_SUFFIXES = {".md", ".txt", ".json", ".py", ".csv", ".yaml", ".yml", ".npz", ".npy", ".log", ".png", ".jpg", ".pdf"}
@@ -127,11 +140,15 @@ class DataConfig:
     images : tuple of str
         Folders of real frames (every readable image file in each, not recursive).
     synthetic : int
-        Number of synthetic patterns.
-    synthetic_preset : str
-        Detector of the synthetic patterns (``live_bgsub.synth.PRESETS``).
+        Number of synthetic patterns per detector preset.
+    synthetic_preset : str or tuple of str
+        Detector(s) of the synthetic patterns (keys of ``live_bgsub.synth.PRESETS``), or
+        ``"families"``: every preset of ``live_bgsub.synth.FAMILIES``.
+    leave_out : tuple of str
+        Presets left out of ``synthetic_preset`` (a family held out for evaluation).
     synthetic_seed : int
-        Seed of the first synthetic pattern; pattern ``k`` uses ``synthetic_seed + k``.
+        Seed of the first synthetic pattern: pattern ``k`` of the ``i``-th preset uses
+        ``synthetic_seed + i * synthetic + k`` (every pattern of a dataset has its own seed).
     synthetic_counts : float
         Dose of the synthetic patterns (``make_pattern(counts=...)``; 1 is BioCAT-like).
     tiled : str or None
@@ -169,7 +186,8 @@ class DataConfig:
 
     images: tuple = ()
     synthetic: int = 0
-    synthetic_preset: str = "pilatus-1m"
+    synthetic_preset: str | tuple = "pilatus-1m"
+    leave_out: tuple = ()
     synthetic_seed: int = 0
     synthetic_counts: float = 1.0
     tiled: str | None = None
@@ -194,6 +212,12 @@ class DataConfig:
         if isinstance(self.images, (str, Path)):
             fix("images", (str(self.images),))
         fix("images", tuple(str(p) for p in self.images))
+        if not isinstance(self.synthetic_preset, str):
+            presets = tuple(str(p) for p in self.synthetic_preset)
+            fix("synthetic_preset", presets[0] if len(presets) == 1 else presets)
+        if isinstance(self.leave_out, str):
+            fix("leave_out", (self.leave_out,))
+        fix("leave_out", tuple(str(p) for p in self.leave_out))
         if isinstance(self.runs, str):
             fix("runs", (self.runs,))
         fix("runs", tuple(str(r) for r in self.runs))
@@ -242,8 +266,28 @@ class DataConfig:
             raise ValueError(f"augment_scale must be (low, high) with 0 < low <= high, got {[lo, hi]}")
         if not self.synthetic_counts > 0:
             raise ValueError(f"synthetic_counts must be positive, got {self.synthetic_counts!r}")
+        from live_bgsub.synth import PRESETS
+
+        named = (self.synthetic_preset,) if isinstance(self.synthetic_preset, str) else self.synthetic_preset
+        for p in named + self.leave_out:
+            if p not in PRESETS and not (p == FAMILIES and p in named):
+                raise ValueError(f"unknown synthetic preset {p!r}; expected '{FAMILIES}' or one of {sorted(PRESETS)}")
+        if self.synthetic and not self.presets():
+            raise ValueError(f"leave_out {list(self.leave_out)} leaves no synthetic preset of {list(named)}")
         if not (self.images or self.synthetic or self.tiled):
             raise ValueError("no data source: give images folders, a number of synthetic patterns, or a Tiled URI")
+
+    def presets(self) -> tuple:
+        """The synthetic presets, in order: ``synthetic_preset`` expanded, less ``leave_out``."""
+        from live_bgsub.synth import FAMILIES as families
+
+        named = (self.synthetic_preset,) if isinstance(self.synthetic_preset, str) else self.synthetic_preset
+        out = []
+        for p in named:
+            for q in families if p == FAMILIES else (p,):
+                if q not in out and q not in self.leave_out:
+                    out.append(q)
+        return tuple(out)
 
     @classmethod
     def from_mapping(cls, mapping) -> DataConfig:
@@ -468,39 +512,80 @@ def collect_image_folds(folder, *, downsample: int = 2, max_frames_per_file: int
     return folds, {"kind": "images", "folder": str(folder), "files": files, "runs": runs, "skipped": skipped}
 
 
-def collect_synthetic_folds(n: int, *, preset="pilatus-1m", seed0: int = 0, counts: float = 1.0, downsample: int = 2, log=print):
-    """Folds of ``n`` seeded synthetic patterns, folded with their true geometry.
+def _synthetic_fold(preset: str, seed: int, counts: float, downsample: int) -> SourceFold:
+    """One seeded synthetic pattern, folded with its true geometry and reduced."""
+    from live_bgsub.synth import make_pattern
+
+    p = make_pattern(preset, seed=seed, counts=counts)
+    g = Geometry(p.params["center"], p.params["rotation_deg"])
+    fm = FoldMap(p.frame.shape, g, p.mask)
+    stack, count = fm.fold(np.stack([p.frame, p.signal, p.background]), p.mask)
+    frame_f, signal_f, background_f = stack
+    small, valid, samples, truth, expected = _reduce(frame_f, count[0], downsample, signal_f, signal_f + background_f)
+    truth_params = {k: p.params[k] for k in ("i10", "i11", "i11_i10", "s10_px") if k in p.params}
+    return SourceFold(
+        f"synthetic:{preset}:{seed}",
+        f"synthetic:{preset}",
+        small,
+        valid,
+        samples,
+        truth=truth,
+        expected=expected,
+        info={"kind": "synthetic", "preset": preset, "seed": seed, "counts": counts, "truth": truth_params},
+    )
+
+
+#: Thread-pool variables of numerical libraries, set to 1 in the worker processes.
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def parallel_map(fn, args: Sequence[tuple], workers: int = 1) -> list:
+    """``[fn(*a) for a in args]``, in ``workers`` spawned processes when above 1.
+
+    ``fn`` must be a module-level function (it is pickled by name). Spawned, not forked:
+    the caller may already hold threads (a Keras backend) that a fork would break."""
+    args = list(args)
+    workers = max(1, min(int(workers), len(args)))
+    if workers == 1:
+        return [fn(*a) for a in args]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # One thread per worker: the pool is the parallelism. The variables must be in the
+    # environment the workers start with (they import numpy before any initializer runs);
+    # without them each worker's BLAS starts a thread per core.
+    saved = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
+    os.environ.update({k: "1" for k in _THREAD_VARIABLES})
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            return list(pool.map(fn, *zip(*args), chunksize=1))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def collect_synthetic_folds(
+    n: int, *, preset="pilatus-1m", seed0: int = 0, counts: float = 1.0, downsample: int = 2, workers: int = 1, memo=None, log=print
+):
+    """Folds of ``n`` seeded synthetic patterns of one detector, folded with their true geometry.
 
     Pattern ``k`` is ``make_pattern(preset, seed=seed0 + k, counts=counts)``. Its frame,
     true signal and true background are folded by one :class:`FoldMap` (the true centre
     and rotation, the pattern's mask), so ``truth`` (the folded signal) and
     ``expected`` (folded background + signal) align pixel for pixel with ``fold``.
+    The source of every fold is ``"synthetic:<preset>"``. ``workers`` processes make the
+    patterns; ``memo`` (a dict) keeps folds across calls (:func:`build_datasets`).
     """
-    from live_bgsub.synth import make_pattern
-
-    folds = []
-    for k in range(n):
-        seed = int(seed0) + k
-        p = make_pattern(preset, seed=seed, counts=counts)
-        g = Geometry(p.params["center"], p.params["rotation_deg"])
-        fm = FoldMap(p.frame.shape, g, p.mask)
-        stack, count = fm.fold(np.stack([p.frame, p.signal, p.background]), p.mask)
-        count = count[0]
-        frame_f, signal_f, background_f = stack
-        small, valid, samples, truth, expected = _reduce(frame_f, count, downsample, signal_f, signal_f + background_f)
-        truth_params = {k2: p.params[k2] for k2 in ("i10", "i11", "i11_i10", "s10_px") if k2 in p.params}
-        folds.append(
-            SourceFold(
-                f"synthetic:{preset}:{seed}",
-                "synthetic",
-                small,
-                valid,
-                samples,
-                truth=truth,
-                expected=expected,
-                info={"kind": "synthetic", "preset": preset, "seed": seed, "counts": counts, "truth": truth_params},
-            )
-        )
+    memo = {} if memo is None else memo
+    keys = [("synthetic", preset, int(seed0) + k, float(counts), int(downsample)) for k in range(n)]
+    todo = [k for k in keys if k not in memo]
+    for k, fold in zip(todo, parallel_map(_synthetic_fold, [k[1:] for k in todo], workers)):
+        memo[k] = fold
+    folds = [memo[k] for k in keys]
     log(f"  synthetic: {n} {preset} patterns, seeds {seed0}..{seed0 + n - 1}")
     report = {
         "kind": "synthetic",
@@ -630,20 +715,40 @@ def _tiled_frames(run, key):
     raise KeyError(f"no 2-D detector frames in the primary stream (keys: {sorted(node)})")
 
 
-def collect_folds(config: DataConfig, *, log=print) -> tuple[list, list]:
-    """Every source fold of ``config`` and the provenance of each source."""
+def collect_folds(config: DataConfig, *, workers: int = 1, memo=None, log=print) -> tuple[list, list]:
+    """Every source fold of ``config`` and the provenance of each source.
+
+    ``workers``: processes making the synthetic patterns; ``memo``: a dict that keeps
+    folds across calls (several configurations sharing sources)."""
+    memo = {} if memo is None else memo
     folds, reports = [], []
     for folder in config.images:
-        f, r = collect_image_folds(folder, downsample=config.downsample, max_frames_per_file=config.max_frames_per_file, log=log)
+        key = ("images", str(folder), int(config.downsample), int(config.max_frames_per_file))
+        if key not in memo:
+            memo[key] = collect_image_folds(folder, downsample=config.downsample, max_frames_per_file=config.max_frames_per_file, log=log)
+        f, r = memo[key]
         folds += f
         reports.append(r)
-    if config.synthetic:
+    n = int(config.synthetic)
+    presets = config.presets() if n else ()
+    # every missing pattern of every preset in one pool
+    wanted = [
+        ("synthetic", p, config.synthetic_seed + i * n + k, float(config.synthetic_counts), int(config.downsample))
+        for i, p in enumerate(presets)
+        for k in range(n)
+    ]
+    todo = [k for k in wanted if k not in memo]
+    for k, fold in zip(todo, parallel_map(_synthetic_fold, [k[1:] for k in todo], workers)):
+        memo[k] = fold
+    for i, preset in enumerate(presets):
         f, r = collect_synthetic_folds(
-            config.synthetic,
-            preset=config.synthetic_preset,
-            seed0=config.synthetic_seed,
+            n,
+            preset=preset,
+            seed0=config.synthetic_seed + i * n,
             counts=config.synthetic_counts,
             downsample=config.downsample,
+            workers=workers,
+            memo=memo,
             log=log,
         )
         folds += f
@@ -806,7 +911,30 @@ def split_folds(folds: Sequence[SourceFold], fractions=(0.8, 0.1, 0.1), *, seed:
 # --------------------------------------------------------------------------- augmentation
 
 
-def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0), seed: int = 0) -> list:
+def _augmented(f: SourceFold, j: int, scale, seed: int) -> SourceFold:
+    # seeded by the fold's id and the copy, not by its place in a list: a fold gets the
+    # same copies in every dataset that holds it (build_datasets makes them once)
+    lo, hi = scale
+    rng = np.random.default_rng([int(seed), 7919, zlib.crc32(f.id.encode()), int(j)])
+    s = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    base = f.expected if f.expected is not None else f.fold
+    n = np.where(f.mask, f.samples, 0).astype(np.float64)
+    lam = np.clip(s * base.astype(np.float64) * n, 0, None)
+    counts = rng.poisson(lam)
+    fold = np.where(n > 0, counts / np.maximum(n, 1), 0).astype(np.float32)
+    return SourceFold(
+        f"{f.id}#aug{j}",
+        f.source,
+        fold,
+        f.mask.copy(),
+        f.samples,
+        truth=None if f.truth is None else (s * f.truth).astype(np.float32),
+        expected=None if f.expected is None else (s * f.expected).astype(np.float32),
+        info={**f.info, "augmented_from": f.id, "dose_scale": s},
+    )
+
+
+def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0), seed: int = 0, memo=None) -> list:
     """``copies`` re-dosed copies of each fold (Poisson re-sampling of the counts).
 
     Copy ``j`` of a fold draws a dose factor ``s`` log-uniformly in ``scale`` and new
@@ -815,35 +943,23 @@ def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0),
     or the fold itself (real folds: the new noise comes on top of the old). The truth
     of a synthetic fold becomes ``s * truth``. Classical targets are recomputed on the
     new fold by :func:`make_pairs`. No flips: the beam centre must stay at ``[0, 0]``.
+    A copy depends on ``seed``, the fold's id and ``j`` only; ``memo`` (a dict) keeps
+    copies across calls.
 
     Returns
     -------
     list of SourceFold
         The copies only (ids ``"<id>#aug<j>"``), in order.
     """
-    lo, hi = scale
+    memo = {} if memo is None else memo
+    scale = (float(scale[0]), float(scale[1]))
     out = []
-    for i, f in enumerate(folds):
-        rng = np.random.default_rng([int(seed), 7919, i])
+    for f in folds:
         for j in range(1, copies + 1):
-            s = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-            base = f.expected if f.expected is not None else f.fold
-            n = np.where(f.mask, f.samples, 0).astype(np.float64)
-            lam = np.clip(s * base.astype(np.float64) * n, 0, None)
-            counts = rng.poisson(lam)
-            fold = np.where(n > 0, counts / np.maximum(n, 1), 0).astype(np.float32)
-            out.append(
-                SourceFold(
-                    f"{f.id}#aug{j}",
-                    f.source,
-                    fold,
-                    f.mask.copy(),
-                    f.samples,
-                    truth=None if f.truth is None else (s * f.truth).astype(np.float32),
-                    expected=None if f.expected is None else (s * f.expected).astype(np.float32),
-                    info={**f.info, "augmented_from": f.id, "dose_scale": s},
-                )
-            )
+            key = ("augment", f.id, j, scale, int(seed))
+            if key not in memo:
+                memo[key] = _augmented(f, j, scale, seed)
+            out.append(memo[key])
     return out
 
 
@@ -911,23 +1027,36 @@ class Pairs:
         return Pairs(self.inputs[k], self.masks[k], self.targets[k], [self.methods[i] for i in k], [self.ids[i] for i in k])
 
 
-def make_pairs(folds: Sequence[SourceFold], targets: Sequence[str], *, downsample: int, input_size, target_params=None) -> Pairs:
-    """One pair per fold and target: (cropped fold, cropped target), pair order fold-major."""
+def _fold_pairs(f: SourceFold, targets, downsample: int, input_size, target_params: dict):
+    x = fit_to_size(f.fold, input_size)
+    m = fit_to_size(f.mask, input_size)
+    ys = []
+    for t in targets:
+        if t == SYNTHETIC_TRUTH:
+            if f.truth is None:
+                raise ValueError(f"fold {f.id!r} has no true signal: the 'synthetic-truth' target needs synthetic sources")
+            y = np.where(f.mask, f.truth, 0).astype(np.float32)
+        else:
+            y = method_target(f.fold, f.mask, t, downsample, target_params.get(t))
+        ys.append(fit_to_size(y, input_size))
+    return x, m, ys
+
+
+def make_pairs(
+    folds: Sequence[SourceFold], targets: Sequence[str], *, downsample: int, input_size, target_params=None, workers: int = 1
+) -> Pairs:
+    """One pair per fold and target: (cropped fold, cropped target), pair order fold-major.
+
+    ``workers`` processes compute the classical targets (same result, in order)."""
     target_params = target_params or {}
+    targets = tuple(targets)
+    per_fold = parallel_map(_fold_pairs, [(f, targets, downsample, tuple(input_size), target_params) for f in folds], workers)
     ins, masks, outs, methods, ids = [], [], [], [], []
-    for f in folds:
-        x = fit_to_size(f.fold, input_size)
-        m = fit_to_size(f.mask, input_size)
-        for t in targets:
-            if t == SYNTHETIC_TRUTH:
-                if f.truth is None:
-                    raise ValueError(f"fold {f.id!r} has no true signal: the 'synthetic-truth' target needs synthetic sources")
-                y = np.where(f.mask, f.truth, 0).astype(np.float32)
-            else:
-                y = method_target(f.fold, f.mask, t, downsample, target_params.get(t))
+    for f, (x, m, ys) in zip(folds, per_fold):
+        for t, y in zip(targets, ys):
             ins.append(x)
             masks.append(m)
-            outs.append(fit_to_size(y, input_size))
+            outs.append(y)
             methods.append(t)
             ids.append(f.id)
     if not ins:
@@ -1042,7 +1171,8 @@ class Dataset:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        # uncompressed: zlib was a fifth of a build, single-threaded (pairs compress poorly)
+        np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         tmp.replace(path)
 
     @classmethod
@@ -1066,7 +1196,9 @@ class Dataset:
         )
 
 
-def build_dataset(config: DataConfig, *, cache_dir=None, similarity_n: int = 0, similarity_methods=PAPER_METHODS, log=print) -> Dataset:
+def build_dataset(
+    config: DataConfig, *, cache_dir=None, similarity_n: int = 0, similarity_methods=PAPER_METHODS, workers: int = 1, memo=None, log=print
+) -> Dataset:
     """Run the whole pipeline (module docstring) for ``config``.
 
     Parameters
@@ -1079,6 +1211,11 @@ def build_dataset(config: DataConfig, *, cache_dir=None, similarity_n: int = 0, 
         Run the method-similarity report on this many kept folds (0: skip); printed.
     similarity_methods : sequence of str, optional
         Methods of the report (default: the paper's six).
+    workers : int, optional
+        Processes making the synthetic patterns and the classical targets (default 1:
+        none spawned); the dataset does not depend on it.
+    memo : dict, optional
+        Source folds kept across calls (:func:`build_datasets`).
     log : callable, optional
         Progress messages (default ``print``; ``lambda *a: None`` for silence).
     """
@@ -1092,7 +1229,7 @@ def build_dataset(config: DataConfig, *, cache_dir=None, similarity_n: int = 0, 
                 log(similarity_table(ds.similarity))
             return ds
     log(f"dataset {key}: building")
-    folds, sources = collect_folds(config, log=log)
+    folds, sources = collect_folds(config, workers=workers, memo=memo, log=log)
     kept, discarded = discard_outliers(folds, config.discard)
     for d in discarded:
         log(f"  discarded {d['id']} (deviation {d['score']:.4f})")
@@ -1105,8 +1242,14 @@ def build_dataset(config: DataConfig, *, cache_dir=None, similarity_n: int = 0, 
     splits = split_folds(kept, config.split, seed=config.seed)
     train_folds = list(splits["train"])
     if config.augment:
-        train_folds += augment_folds(splits["train"], config.augment, scale=config.augment_scale, seed=config.seed)
-    mk = {"targets": config.targets, "downsample": config.downsample, "input_size": config.input_size, "target_params": config.target_params}
+        train_folds += augment_folds(splits["train"], config.augment, scale=config.augment_scale, seed=config.seed, memo=memo)
+    mk = {
+        "targets": config.targets,
+        "downsample": config.downsample,
+        "input_size": config.input_size,
+        "target_params": config.target_params,
+        "workers": workers,
+    }
     ds = Dataset(
         config,
         key,
@@ -1122,3 +1265,40 @@ def build_dataset(config: DataConfig, *, cache_dir=None, similarity_n: int = 0, 
     if cache is not None:
         ds.save(cache)
     return ds
+
+
+def build_datasets(configs: Sequence[DataConfig], *, cache_dir, workers: int = 1, log=print) -> list:
+    """Build (or load) the dataset of each configuration into ``cache_dir``, computing a
+    source fold shared by several configurations (same folder, same synthetic pattern)
+    once; returns the datasets in order."""
+    memo = {}
+    return [build_dataset(c, cache_dir=cache_dir, workers=workers, memo=memo, log=log) for c in configs]
+
+
+def main(argv=None) -> int:
+    """``python -m training.data --config A.json [--config B.json ...] --cache DIR``:
+    build and cache the datasets of fit configurations (``training.fit`` then loads them
+    with the same ``--cache``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.data", description=main.__doc__.split("\n\n")[0].replace("``", ""))
+    ap.add_argument("--config", action="append", required=True, metavar="JSON", help="fit configuration (a recipe); repeatable")
+    ap.add_argument("--cache", required=True, metavar="DIR", help="folder of the dataset caches")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: the CPU count)")
+    args = ap.parse_args(argv)
+    configs = []
+    for path in args.config:
+        try:
+            configs.append(DataConfig.from_mapping(json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as exc:
+            print(f"python -m training.data: error: {path}: {exc}", file=sys.stderr)
+            return 2
+    memo = {}
+    for path, config in zip(args.config, configs):  # one line per dataset as soon as it is cached
+        ds = build_dataset(config, cache_dir=args.cache, workers=max(1, args.workers), memo=memo)
+        print(f"{path}: {ds.key}: {len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test pairs of {list(ds.config.targets)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,6 +54,7 @@ DEFAULTS = {
     "images": [],
     "synthetic": 0,
     "synthetic_preset": "pilatus-1m",
+    "leave_out": [],
     "synthetic_seed": 0,
     "synthetic_counts": 1.0,
     "tiled": None,
@@ -88,6 +89,8 @@ DEFAULTS = {
     "patience": 10,
     "lr_plateau_factor": 0.5,
     "seed": 0,
+    "time_limit": None,
+    "workers": 1,
     # output
     "out": None,
     "name": None,
@@ -97,10 +100,10 @@ DEFAULTS = {
 
 #: Keys that may change between a run and its resumption (they do not change the model
 #: being trained nor its data).
-_RESUMABLE_KEYS = {"epochs", "patience", "out", "cache", "verbose", "similarity_n", "similarity_methods", "name"}
+_RESUMABLE_KEYS = {"epochs", "patience", "out", "cache", "verbose", "similarity_n", "similarity_methods", "name", "time_limit", "workers"}
 
 _DATA_KEYS = {
-    "images", "synthetic", "synthetic_preset", "synthetic_seed", "synthetic_counts", "tiled", "runs",
+    "images", "synthetic", "synthetic_preset", "leave_out", "synthetic_seed", "synthetic_counts", "tiled", "runs",
     "tiled_query", "tiled_key", "targets", "target_params", "downsample", "input_size", "discard", "split",
     "augment", "augment_scale", "max_frames_per_file", "seed",
 }  # fmt: skip
@@ -128,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="JSON configuration file (e.g. training/recipes/white-top-hat.json)")
     g = ap.add_argument_group("data sources")
     g.add_argument("--images", action="append", metavar="DIR", help=f"folder of real frames, any format fabio/h5py reads; repeatable (default {d['images']})")
-    g.add_argument("--synthetic", type=at_least(0), metavar="N", help=f"number of seeded synthetic patterns (default {d['synthetic']})")
-    g.add_argument("--synthetic-preset", help=f"detector of the synthetic patterns (default {d['synthetic_preset']})")
+    g.add_argument("--synthetic", type=at_least(0), metavar="N", help=f"seeded synthetic patterns per detector preset (default {d['synthetic']})")
+    g.add_argument("--synthetic-preset", nargs="+", metavar="PRESET",
+                   help=f"detector(s) of the synthetic patterns, or 'families' for every family of live_bgsub.synth.FAMILIES (default {d['synthetic_preset']})")
+    g.add_argument("--leave-out", action="append", metavar="PRESET", help="a synthetic preset left out of training (held out for training.evaluate); repeatable")
     g.add_argument("--synthetic-seed", type=int, help=f"seed of the first synthetic pattern (default {d['synthetic_seed']})")
     g.add_argument("--synthetic-counts", type=float, help=f"dose of the synthetic patterns, 1 = BioCAT-like (default {d['synthetic_counts']})")
     g.add_argument("--tiled", metavar="URI", help="Tiled catalog URI (needs the tiled[client] package; API key from $TILED_API_KEY); select runs "
@@ -173,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"validation loss (ReduceLROnPlateau; 1 disables; default {d['lr_plateau_factor']})",
     )
     g.add_argument("--seed", type=int, help=f"seed of the split, augmentation, weights and shuffling (default {d['seed']})")
+    g.add_argument("--time-limit", type=float, metavar="S", help="stop after the epoch that ends past S seconds of training in this run (default: none)")
+    g.add_argument("--workers", type=at_least(1), metavar="N", help=f"processes building the dataset (default {d['workers']})")
     g = ap.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="output folder (required, here or in the config)")
     g.add_argument("--name", help="model name in the card (default: the target, or 'mixed')")
@@ -228,6 +235,10 @@ def check_config(config: dict) -> DataConfig:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"{key} must be an integer >= 1, got {value!r}")
+    if config.get("time_limit") is not None and not (isinstance(config["time_limit"], (int, float)) and config["time_limit"] > 0):
+        _fail(f"time_limit must be a positive number of seconds, got {config['time_limit']!r}")
+    if isinstance(config.get("workers"), bool) or not isinstance(config.get("workers"), int) or config["workers"] < 1:
+        _fail(f"workers must be an integer >= 1, got {config.get('workers')!r}")
     try:
         data_config = DataConfig.from_mapping({k: config[k] for k in _DATA_KEYS})
     except ValueError as exc:
@@ -444,6 +455,22 @@ def _tensorboard_callback(log_dir: Path):
 # --------------------------------------------------------------------------- fit
 
 
+def _time_limit_callback(seconds: float, log):
+    """Stop training after the first epoch that ends ``seconds`` after training began."""
+    import keras
+
+    class TimeLimit(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.perf_counter() - self.t0 > seconds:
+                log(f"time limit: {seconds:g} s of training reached after epoch {epoch + 1}; stopping")
+                self.model.stop_training = True
+
+    return TimeLimit()
+
+
 def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
     """Train a model as ``config`` says (keys of :data:`DEFAULTS`); returns the card.
 
@@ -482,6 +509,7 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
         cache_dir=config.get("cache") or out / "cache",
         similarity_n=int(config["similarity_n"]),
         similarity_methods=config["similarity_methods"],
+        workers=int(config.get("workers") or 1),
         log=log,
     )
     if len(ds.train) == 0:
@@ -545,6 +573,8 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
     callbacks += [
         keras.callbacks.CSVLogger(str(logs / "training.csv"), append=initial_epoch > 0),
     ]
+    if config.get("time_limit") is not None:
+        callbacks.append(_time_limit_callback(float(config["time_limit"]), log))
     tensorboard = _tensorboard_callback(logs)
     if tensorboard is not None:
         callbacks.append(tensorboard)

@@ -479,3 +479,34 @@ def test_evaluate_refuses_real_frames_for_a_truth_model(tiny_run, tmp_path):
     (model_dir / "truth.json").write_text(json.dumps(card))
     with pytest.raises(SystemExit, match="real frames have none"):
         evaluate.main([str(model_dir / "truth.keras"), "--images", str(tmp_path)])
+
+
+@pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
+def test_evaluate_tests_on_the_family_left_out_with_a_row_per_source(tiny_run, tmp_path, capsys):
+    from training import evaluate
+
+    with pytest.raises(SystemExit, match=r"--leave-out ccd-1k: model 'white-top-hat' was trained on it \(its card's leave_out is \[\]\)"):
+        evaluate.main([str(tiny_run["out"] / "model.keras"), "--synthetic", "1", "--leave-out", "ccd-1k"])
+    with pytest.raises(SystemExit, match="left no family out of its training"):
+        evaluate.main([str(tiny_run["out"] / "model.keras"), "--synthetic", "1", "--leave-out"])
+    # The same model, its card saying that it was trained without two families.
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copy(tiny_run["out"] / "model.keras", model_dir / "wth.keras")
+    card = json.loads((tiny_run["out"] / "model.json").read_text())
+    card["config"]["leave_out"] = ["ccd-1k", "pilatus-2m"]
+    (model_dir / "wth.json").write_text(json.dumps(card))
+    capsys.readouterr()
+    report = evaluate.evaluate(
+        evaluate.build_parser().parse_args([str(model_dir / "wth.keras"), "--synthetic", "1", "--leave-out", "--examples", "0", "--out", str(tmp_path)])
+    )
+    assert [s["preset"] for s in report["sources"]] == ["ccd-1k", "pilatus-2m"] and report["n_folds"] == 2
+    assert set(report["per_source"]) == {"synthetic:ccd-1k", "synthetic:pilatus-2m"}
+    for m in report["per_source"].values():
+        assert m["n"] == 1 and math.isfinite(m["unified_full"]["psnr"])
+    assert "| synthetic:ccd-1k | 1 |" in capsys.readouterr().out
+    # One named family of the card's leave_out: that one only.
+    report = evaluate.evaluate(
+        evaluate.build_parser().parse_args([str(model_dir / "wth.keras"), "--synthetic", "1", "--leave-out", "pilatus-2m", "--examples", "0", "--out", str(tmp_path)])
+    )
+    assert [s["preset"] for s in report["sources"]] == ["pilatus-2m"] and report["per_source"] is None

@@ -379,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", action="append", default=[], metavar="DIR", help="folder of real frames; repeatable")
     src.add_argument("--synthetic", type=at_least(0), default=0, metavar="N", help="number of synthetic patterns")
     src.add_argument("--synthetic-seed", type=int, default=100_000, help="seed of the first synthetic pattern (training recipes use 0..)")
-    src.add_argument("--synthetic-preset", default="pilatus-1m", help="detector of the synthetic patterns")
+    src.add_argument("--synthetic-preset", nargs="+", default=["pilatus-1m"], metavar="PRESET",
+                     help="detector(s) of the synthetic patterns, or 'families' (every family of live_bgsub.synth.FAMILIES); N patterns each")
+    src.add_argument("--leave-out", nargs="?", const="", default=None, metavar="PRESET",
+                     help="test on the family the model was trained without (its card's leave_out; naming one checks it is there); "
+                     "replaces --synthetic-preset")
     src.add_argument("--synthetic-counts", type=float, default=1.0, help="dose of the synthetic patterns")
     ap.add_argument("--discard", type=float, default=0.0, help="fraction of folds per source discarded as outliers first")
     ap.add_argument("--held-out", action="store_true", help="drop the folds the model was trained or validated on (ids in its card)")
@@ -388,6 +392,42 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=at_least(1), default=8, help="pairs per model call")
     ap.add_argument("--out", default=".", metavar="DIR", help="folder of NAME-evaluation.png and NAME-evaluation.json")
     return ap
+
+
+def _data_config(args, presets, targets, card) -> DataConfig:
+    return DataConfig(
+        images=tuple(args.images),
+        synthetic=args.synthetic,
+        synthetic_seed=args.synthetic_seed,
+        synthetic_preset=tuple(presets),
+        synthetic_counts=args.synthetic_counts,
+        targets=targets,
+        downsample=int(card.get("downsample", 2)),
+        input_size=tuple(card.get("input_size", (288, 288))),
+        discard=args.discard,
+        split=(1.0, 0.0, 0.0),
+    )
+
+
+def source_table(p: dict, pairs, folds) -> tuple[str, dict]:
+    """Per source (a detector family, a folder's runs): PSNR and SSIM in the three layouts."""
+    source_of = {f.id: f.source for f in folds}
+    groups: dict = {}
+    for i, fid in enumerate(pairs.ids):
+        groups.setdefault(source_of[fid], []).append(i)
+    per = {src: layout_metrics(p, idx) for src, idx in groups.items()}
+    lines = [
+        "Per source (mean over pairs)",
+        "",
+        "| source | n | PSNR unified, whole (dB) | SSIM | PSNR independent, whole | PSNR independent, centre |",
+        "|---|---|---|---|---|---|",
+    ]
+    for src, m in per.items():
+        lines.append(
+            f"| {src} | {m['n']} | {m['unified_full']['psnr']:.2f} | {m['unified_full']['ssim']:.4f} | "
+            f"{m['independent_full']['psnr']:.2f} | {m['independent_centre']['psnr']:.2f} |"
+        )
+    return "\n".join(lines) + "\n", per
 
 
 def evaluate(args, *, log=print) -> dict:
@@ -406,20 +446,22 @@ def evaluate(args, *, log=print) -> dict:
         _fail(f"MODEL: {exc}")
     name = card.get("name") or model_path.stem
     targets = tuple(card.get("methods") or [card.get("target", "white-top-hat")])
+    presets = args.synthetic_preset
+    if args.leave_out is not None:
+        left = list(card.get("config", {}).get("leave_out") or [])
+        if args.leave_out and args.leave_out not in left:
+            _fail(f"--leave-out {args.leave_out}: model {name!r} was trained on it (its card's leave_out is {left})")
+        if not left:
+            _fail(f"--leave-out: model {name!r} left no family out of its training (its card's leave_out is [])")
+        presets = [args.leave_out] if args.leave_out else left
+        if not args.synthetic:
+            _fail("--leave-out needs --synthetic N (patterns per left-out family)")
     if SYNTHETIC_TRUTH in targets and args.images:
         _fail(f"model {name!r} predicts the synthetic truth: real frames have none; use --synthetic N")
-    config = DataConfig(
-        images=tuple(args.images),
-        synthetic=args.synthetic,
-        synthetic_seed=args.synthetic_seed,
-        synthetic_preset=args.synthetic_preset,
-        synthetic_counts=args.synthetic_counts,
-        targets=targets,
-        downsample=int(card.get("downsample", 2)),
-        input_size=tuple(card.get("input_size", (288, 288))),
-        discard=args.discard,
-        split=(1.0, 0.0, 0.0),
-    )
+    try:
+        config = _data_config(args, presets, targets, card)
+    except ValueError as exc:
+        _fail(str(exc))
     t0 = time.perf_counter()
     folds, sources = collect_folds(config, log=log)
     folds, discarded = discard_outliers(folds, config.discard)
@@ -443,6 +485,10 @@ def evaluate(args, *, log=print) -> dict:
     model_target = card.get("target", targets[0])
     log(f"\nModel {name!r} (target {model_target}, {card.get('normalization', 'unified')} normalisation) on {len(folds)} folds, {len(pairs)} pairs:\n")
     log(paper_tables(results, model_target))
+    per_source = None
+    if len({f.source for f in folds}) > 1:
+        text, per_source = source_table(p, pairs, folds)
+        log(text)
     report = {
         "model": str(args.model),
         "name": name,
@@ -452,6 +498,7 @@ def evaluate(args, *, log=print) -> dict:
         "n_folds": len(folds),
         "n_pairs": len(pairs),
         "tables": results,
+        "per_source": per_source,
         "paper": {k: {m: list(v) for m, v in t.items()} for k, t in PAPER.items()},
         "seconds": {"data": t1 - t0, "model": seconds_model},
     }

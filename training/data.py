@@ -100,6 +100,7 @@ __all__ = [
     "make_pairs",
     "method_similarity",
     "method_target",
+    "parallel_map",
     "similarity_table",
     "split_folds",
     "working_params",
@@ -568,6 +569,17 @@ def parallel_map(fn, args: Sequence[tuple], workers: int = 1) -> list:
                 os.environ[k] = v
 
 
+def _synthetic_key(preset, seed, counts, downsample) -> tuple:
+    return ("synthetic", str(preset), int(seed), float(counts), int(downsample))
+
+
+def _make_synthetic(keys, memo: dict, workers: int) -> None:
+    """The folds of the keys (:func:`_synthetic_key`) that ``memo`` lacks, into ``memo``."""
+    todo = [k for k in keys if k not in memo]
+    for k, fold in zip(todo, parallel_map(_synthetic_fold, [k[1:] for k in todo], workers)):
+        memo[k] = fold
+
+
 def collect_synthetic_folds(
     n: int, *, preset="pilatus-1m", seed0: int = 0, counts: float = 1.0, downsample: int = 2, workers: int = 1, memo=None, log=print
 ):
@@ -581,10 +593,8 @@ def collect_synthetic_folds(
     patterns; ``memo`` (a dict) keeps folds across calls (:func:`build_datasets`).
     """
     memo = {} if memo is None else memo
-    keys = [("synthetic", preset, int(seed0) + k, float(counts), int(downsample)) for k in range(n)]
-    todo = [k for k in keys if k not in memo]
-    for k, fold in zip(todo, parallel_map(_synthetic_fold, [k[1:] for k in todo], workers)):
-        memo[k] = fold
+    keys = [_synthetic_key(preset, int(seed0) + k, counts, downsample) for k in range(n)]
+    _make_synthetic(keys, memo, workers)
     folds = [memo[k] for k in keys]
     log(f"  synthetic: {n} {preset} patterns, seeds {seed0}..{seed0 + n - 1}")
     report = {
@@ -733,13 +743,11 @@ def collect_folds(config: DataConfig, *, workers: int = 1, memo=None, log=print)
     presets = config.presets() if n else ()
     # every missing pattern of every preset in one pool
     wanted = [
-        ("synthetic", p, config.synthetic_seed + i * n + k, float(config.synthetic_counts), int(config.downsample))
+        _synthetic_key(p, config.synthetic_seed + i * n + k, config.synthetic_counts, config.downsample)
         for i, p in enumerate(presets)
         for k in range(n)
     ]
-    todo = [k for k in wanted if k not in memo]
-    for k, fold in zip(todo, parallel_map(_synthetic_fold, [k[1:] for k in todo], workers)):
-        memo[k] = fold
+    _make_synthetic(wanted, memo, workers)
     for i, preset in enumerate(presets):
         f, r = collect_synthetic_folds(
             n,

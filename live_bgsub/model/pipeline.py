@@ -381,8 +381,11 @@ class DevicePipeline(keras.Model):
         self.work_shape = (-(-fh // f), -(-fw // f))
         m = 2**self.depth
         self.padded_shape = tuple(-(-s // m) * m for s in self.work_shape)
-        self._rows = _linear_taps(fh, self.work_shape[0], f)
-        self._cols = _linear_taps(fw, self.work_shape[1], f)
+        # backend tensors, once: a backend tensor times a numpy array goes through numpy
+        # under PyTorch (fails for a CUDA tensor, leaves the device on the CPU)
+        r0, r1, rw0, rw1 = _linear_taps(fh, self.work_shape[0], f)
+        self._row_taps = [ops.convert_to_tensor(a) for a in (r0, r1, rw0[:, None], rw1[:, None])]
+        self._col_taps = [ops.convert_to_tensor(a) for a in _linear_taps(fw, self.work_shape[1], f)]
         self.traces = 0
 
     def build(self, input_shape=None):
@@ -430,11 +433,8 @@ class DevicePipeline(keras.Model):
         """Bilinear upsampling normalised by validity (``live_bgsub.resample.upsample_linear``)."""
 
         def interp(image):
-            # the weights as tensors: a backend tensor times a numpy array goes through
-            # numpy under PyTorch (fails for a CUDA tensor, leaves the device on the CPU)
-            r0, r1, rw0, rw1 = self._rows
-            c0, c1, cw0, cw1 = self._cols
-            rw0, rw1, cw0, cw1 = (ops.convert_to_tensor(w) for w in (rw0[:, None], rw1[:, None], cw0, cw1))
+            r0, r1, rw0, rw1 = self._row_taps
+            c0, c1, cw0, cw1 = self._col_taps
             image = ops.take(image, r0, axis=1) * rw0 + ops.take(image, r1, axis=1) * rw1
             return ops.take(image, c0, axis=2) * cw0 + ops.take(image, c1, axis=2) * cw1
 

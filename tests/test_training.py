@@ -290,7 +290,8 @@ def test_worker_processes_build_the_same_dataset(tmp_path):
         assert a.ids == b.ids and a.methods == b.methods
         assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets) and np.array_equal(a.masks, b.masks)
     kept = len(memo)
-    assert kept >= 4  # the four patterns (and the augmented copies), kept for the next configuration
+    copies = {i for i in parallel.train.ids if "#aug" in i}
+    assert len(copies) == 2 and kept == 4 + len(copies)  # the four patterns and the two copies, kept for the next configuration
     truth = D.DataConfig(synthetic=2, synthetic_preset=["pilatus-1m", "ccd-1k"], downsample=4, input_size=(32, 32), discard=0.0,
                          targets=["synthetic-truth"], split=(0.5, 0.5, 0.0))  # fmt: skip
     D.build_dataset(truth, workers=2, memo=memo, log=_quiet)

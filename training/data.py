@@ -1275,12 +1275,17 @@ def build_dataset(
     return ds
 
 
-def build_datasets(configs: Sequence[DataConfig], *, cache_dir, workers: int = 1, log=print) -> list:
+def build_datasets(configs: Sequence[DataConfig], *, cache_dir, workers: int = 1, built=None, log=print) -> list:
     """Build (or load) the dataset of each configuration into ``cache_dir``, computing a
     source fold shared by several configurations (same folder, same synthetic pattern)
-    once; returns the datasets in order."""
-    memo = {}
-    return [build_dataset(c, cache_dir=cache_dir, workers=workers, memo=memo, log=log) for c in configs]
+    once; returns the datasets in order. ``built(i, dataset)`` is called as soon as the
+    ``i``-th is cached."""
+    memo, out = {}, []
+    for i, c in enumerate(configs):
+        out.append(build_dataset(c, cache_dir=cache_dir, workers=workers, memo=memo, log=log))
+        if built is not None:
+            built(i, out[-1])
+    return out
 
 
 def main(argv=None) -> int:
@@ -1301,10 +1306,10 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as exc:
             print(f"python -m training.data: error: {path}: {exc}", file=sys.stderr)
             return 2
-    memo = {}
-    for path, config in zip(args.config, configs):  # one line per dataset as soon as it is cached
-        ds = build_dataset(config, cache_dir=args.cache, workers=max(1, args.workers), memo=memo)
-        print(f"{path}: {ds.key}: {len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test pairs of {list(ds.config.targets)}", flush=True)
+    def report(i, ds):  # one line per dataset as soon as it is cached
+        print(f"{args.config[i]}: {ds.key}: {len(ds.train)} train / {len(ds.val)} val / {len(ds.test)} test pairs of {list(ds.config.targets)}", flush=True)
+
+    build_datasets(configs, cache_dir=args.cache, workers=max(1, args.workers), built=report)
     return 0
 
 

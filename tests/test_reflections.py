@@ -286,6 +286,38 @@ def test_a_spurious_candidate_next_to_the_beam_stop_is_passed_over():
     assert any("isotropic" in why for why in res["quality"]["evidence"]["rejected"])
 
 
+def test_of_equally_likely_lattices_the_one_with_the_stronger_1_0_is_taken():
+    """A fiber equator with a weak 1,1 (I11/I10 = 0.05, S10 40 px) and a pair of narrow
+    equatorial arcs at 160 px and 160 sqrt(3) px that outscore it in the matched filter
+    (the score is min(t10, t11)). Both pass acceptance; the verdict says "ambiguous"
+    either way, and the lattice whose 1,0 is the more significant is the one reported
+    (before: the arcs, S10 160 px; the same flip took two of the six real P40 frames to
+    S10 285 px at downsample 2)."""
+    pat = make_pattern("pilatus-1m", seed=3, counts=4.0, s10_px=40.0, rotation_deg=0.0, i11_i10=0.05)
+    geometry = Geometry(pat.params["center"], 0.0)
+    frame, count = fold(pat.frame - pat.background, geometry, pat.mask)
+    valid = count > 0
+    ii, jj = np.indices(frame.shape)
+    r, phi = np.hypot(ii, jj), np.degrees(np.arctan2(ii, jj))
+    # 1500 expected counts per arc, a 2 px by 3 degree Gaussian core.
+    arc = [1500.0 * np.exp(-0.5 * ((r - c) / 2.0) ** 2 - 0.5 * (phi / 3.0) ** 2) / (2 * math.pi * 2.0 * c * math.radians(3.0))
+           for c in (160.0, 160.0 * math.sqrt(3))]
+    corrected = np.where(valid, frame + np.random.default_rng(0).poisson(sum(arc)), 0.0)
+    rmax = min(frame.shape) - 1.0
+    eq = rf.SectorProfile(corrected, valid, rmax=rmax, **rf.sector("equator", 10))
+    r_first = float(np.nonzero(eq.ok)[0][0])
+    found = rf.search_equator(eq, *rf.s10_search_range(r_first, rmax), r_first, rmax)
+    assert abs(found[0].s10 - 160.0) < 1.0  # the arcs rank first
+    truth = next(c for c in found if abs(c.s10 - 40.0) < 1.0)
+    assert truth.score >= rf.EQUATOR_THRESHOLDS["max_rival_score"] * found[0].score
+    res = roi_metrics(corrected, mask=valid)
+    assert res["s10_px"] == pytest.approx(40.0, abs=0.5)
+    q = res["quality"]
+    assert q["verdict"] == "doubtful"
+    assert abs(q["evidence"]["rival_s10_px"] - 160.0) < 1.0
+    assert any("ambiguous equator" in why for why in q["reasons"])
+
+
 def test_a_reflection_whose_core_is_in_a_gap_is_doubtful():
     """Pilatus 1M, vertical equator, S10 187 px: the 1,1's arc centre falls in a module
     gap on every quadrant (60 % of its core valid, 82 % of its sector bins). Rescaling

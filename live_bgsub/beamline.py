@@ -50,8 +50,9 @@ class BeamlineConfig:
         Processing step: a classical method, ``model:NAME`` or ``model:PATH``.
     params : dict
         Parameters of a classical method.
-    downsample : int
-        Working resolution of a classical method.
+    downsample : int or None
+        Working resolution; None (default): the method's own (a model's card, 2 for a
+        classical method, as :class:`~live_bgsub.options.ProcessingOptions`).
     detector : str
         ``"sim"`` (simulated Pilatus writing HDF5) or ``"epics"`` (an areaDetector IOC
         over Channel Access, :class:`live_bgsub.devices.EpicsPilatus`; needs
@@ -72,7 +73,7 @@ class BeamlineConfig:
     catalog: str = "runs"
     method: str = DEFAULT_METHOD
     params: dict = field(default_factory=dict)
-    downsample: int = 1
+    downsample: int | None = None
     detector: str = "sim"
     epics_prefix: str | None = None
     preset: str = "pilatus-1m"

@@ -189,7 +189,8 @@ class LiveBackgroundSubtraction(DocumentRouter):
     params : dict, optional
         Parameters of a classical method.
     downsample : int, optional
-        Working resolution of a classical method (default 1).
+        Working resolution (default: a model's own, 2 for a classical method; see
+        :func:`live_bgsub.engine.make_step`).
     data_key : str, optional
         The data key holding the frames. Default: the one 2-D data key of the stream
         (a key ending in ``_image`` wins if there are several).
@@ -253,7 +254,7 @@ class LiveBackgroundSubtraction(DocumentRouter):
         *,
         method="white-top-hat",
         params: dict | None = None,
-        downsample: int = 1,
+        downsample: int | None = None,
         data_key: str | None = None,
         stream_name: str = "primary",
         geometry=None,

@@ -74,7 +74,7 @@ def process_image(
     params: dict | None = None,
     center=None,
     rotation_deg=None,
-    downsample: int = 1,
+    downsample: int | None = None,
     frame: int = 0,
     wavelength_nm=None,
     distance_mm=None,
@@ -87,6 +87,9 @@ def process_image(
 
     ``model`` (a loaded :class:`live_bgsub.inference.BackgroundModel`) replaces the
     classical ``method`` when given; ``method`` is then recorded as ``model:NAME``.
+    ``downsample`` defaults to the working resolution of what runs: the model's own
+    (another value is an error), :data:`live_bgsub.background.WORKING_DOWNSAMPLE`
+    for a classical method; the record states the one used.
     ``run_geometry`` (a :class:`live_bgsub.geometry.RunGeometry` of the run the image
     belongs to) is used instead of estimating the geometry on this image (``center``
     and ``rotation_deg`` still win when given); ``fold_maps``, a dict kept across calls,
@@ -100,7 +103,7 @@ def process_image(
         ``folded``, ``background``, ``corrected`` (float32), ``count`` (uint8: the
         detector pixels averaged into each fold pixel, 0 to 4).
     """
-    from .background import subtract_background, validate_params
+    from .background import WORKING_DOWNSAMPLE, subtract_background, validate_params
     from .errors import ProcessingError
     from .fold import FoldMap
     from .geometry import Geometry, find_rotation, find_run_geometry
@@ -108,6 +111,14 @@ def process_image(
     from .metrics import roi_metrics
 
     params = dict(params or {})
+    if model is not None:
+        if downsample is not None and downsample != model.downsample:
+            raise ProcessingError(
+                f"downsample {downsample} given, but model:{model.name} works at downsample {model.downsample} (its card)"
+            )
+        downsample = model.downsample
+    elif downsample is None:
+        downsample = WORKING_DOWNSAMPLE
     timings = {}
     t0 = t = time.perf_counter()
     image = read_image(path, frame=frame)
@@ -273,7 +284,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable); lengths in full-resolution pixels")
     p.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"), help="beam centre in pixels (x = column); found automatically when omitted")
     p.add_argument("--rotation", type=float, metavar="DEG", help="equator rotation in degrees; found automatically when omitted")
-    p.add_argument("--downsample", type=int, default=1, metavar="N", help="work at 1/N resolution like MuscleX (its default is 2); default 1")
+    p.add_argument("--downsample", type=int, default=None, metavar="N",
+                   help="work at 1/N resolution (default: a model's own, 2 for a classical method, MuscleX's default)")
     p.add_argument(
         "--geometry",
         choices=("per-frame", "per-run"),
@@ -428,6 +440,11 @@ def _cmd_process(args) -> int:
 
             model = BackgroundModel.load(args.method)
             params = {}
+            if args.downsample is not None and args.downsample != model.downsample:
+                raise ValueError(
+                    f"--downsample {args.downsample}: {args.method} works at downsample {model.downsample} "
+                    f"(its card); leave the option out or give {model.downsample}"
+                )
         else:
             get_method(args.method)
             params = parse_params(args.method, args.param)
@@ -436,7 +453,7 @@ def _cmd_process(args) -> int:
         return 2
     from .background import MAX_DOWNSAMPLE
 
-    if not 1 <= args.downsample <= MAX_DOWNSAMPLE:
+    if args.downsample is not None and not 1 <= args.downsample <= MAX_DOWNSAMPLE:
         _fail(f"--downsample must be an integer from 1 to {MAX_DOWNSAMPLE}, got {args.downsample}")
         return 2
     if args.out is None:

@@ -143,7 +143,7 @@ class _ModelStep(ProcessingStep):
         return f"<model step {self.model.name!r}>"
 
 
-def make_step(method="white-top-hat", params: dict | None = None, *, downsample: int = 1) -> ProcessingStep:
+def make_step(method="white-top-hat", params: dict | None = None, *, downsample: int | None = None) -> ProcessingStep:
     """Build the processing step for a method name, a model or a loaded model.
 
     Parameters
@@ -155,9 +155,11 @@ def make_step(method="white-top-hat", params: dict | None = None, *, downsample:
     params : dict, optional
         Parameters of a classical method (validated here); a model takes none.
     downsample : int, optional
-        Working resolution of a classical method (a model carries its own): an
-        integer from 1 to 16 (``live_bgsub.background`` also requires a working fold
-        of at least 32 px a side when a fold is processed).
+        Working resolution: an integer from 1 to 16 (``live_bgsub.background`` also
+        requires a working fold of at least 32 px a side when a fold is processed).
+        Default: a model's own (its card's ``downsample``), and
+        :data:`live_bgsub.background.WORKING_DOWNSAMPLE` (2, MuscleX's) for a classical
+        method. A model runs only at its own: another value is an error.
 
     Raises
     ------
@@ -170,19 +172,21 @@ def make_step(method="white-top-hat", params: dict | None = None, *, downsample:
 
     if isinstance(method, ProcessingStep):
         return method
-    if isinstance(method, BackgroundModel):
+    if isinstance(method, BackgroundModel) or (isinstance(method, str) and method.startswith(MODEL_PREFIX)):
         if params:
             raise ProcessingError(f"a model takes no parameters, got {sorted(params)}")
-        return _ModelStep(method)
+        model = method if isinstance(method, BackgroundModel) else BackgroundModel.load(method)
+        if downsample is not None and downsample != model.downsample:
+            raise ProcessingError(
+                f"downsample {downsample!r} given, but model:{model.name} works at downsample "
+                f"{model.downsample} (its card): leave the option out or give {model.downsample}"
+            )
+        return _ModelStep(model)
     if not isinstance(method, str):
         raise ProcessingError(f"method must be a method name, 'model:NAME' or a loaded model, got {method!r}")
-    if method.startswith(MODEL_PREFIX):
-        if params:
-            raise ProcessingError(f"a model takes no parameters, got {sorted(params)}")
-        return _ModelStep(BackgroundModel.load(method))
-    from .background import validate_params
+    from .background import WORKING_DOWNSAMPLE, validate_params
 
-    factor = downsample
+    factor = WORKING_DOWNSAMPLE if downsample is None else downsample
     if isinstance(downsample, float) and downsample.is_integer():
         factor = int(downsample)  # 2.0 is 2
     try:

@@ -9,9 +9,9 @@ argparse parent that declares ``--method``, ``--param`` and ``--downsample`` onc
 
 >>> from live_bgsub.options import ProcessingOptions
 >>> ProcessingOptions.parse("white-top-hat", ["tophat=12"]).callback_kwargs()
-{'method': 'white-top-hat', 'params': {'tophat': 12.0}, 'downsample': 1}
+{'method': 'white-top-hat', 'params': {'tophat': 12.0}, 'downsample': 2}
 >>> ProcessingOptions("model:white-top-hat").callback_kwargs()
-{'method': 'model:white-top-hat', 'params': {}, 'downsample': 1}
+{'method': 'model:white-top-hat', 'params': {}, 'downsample': None}
 >>> ProcessingOptions.parse("model:white-top-hat", ["tophat=12"])
 Traceback (most recent call last):
 ...
@@ -40,23 +40,31 @@ class ProcessingOptions:
         shipped U-Net) or ``model:PATH`` (a ``.keras`` file).
     params : dict
         Parameters of a classical method (none for a model).
-    downsample : int
-        Working resolution of a classical method (1: full resolution).
+    downsample : int or None
+        Working resolution (1: full resolution). Default: the method's own,
+        :data:`live_bgsub.background.WORKING_DOWNSAMPLE` (2, MuscleX's) for a classical
+        method; for a model None, its card's (a model accepts only its own).
     """
 
     method: str = DEFAULT_METHOD
     params: dict = field(default_factory=dict)
-    downsample: int = 1
+    downsample: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"method must be a method name or model:NAME, got {self.method!r}")
         if not isinstance(self.params, dict):
             raise ValueError(f"params must be a mapping of parameter names to values, got {self.params!r}")
-        if isinstance(self.downsample, bool) or int(self.downsample) != self.downsample or self.downsample < 1:
+        if self.downsample is not None and (
+            isinstance(self.downsample, bool) or int(self.downsample) != self.downsample or self.downsample < 1
+        ):
             raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         if self.is_model and self.params:
             raise ValueError(f"a model takes no parameters, got {self.params!r} for {self.method}")
+        if self.downsample is None and not self.is_model:  # one spelling of one processing
+            from .background import WORKING_DOWNSAMPLE
+
+            object.__setattr__(self, "downsample", WORKING_DOWNSAMPLE)
 
     @property
     def is_model(self) -> bool:
@@ -65,7 +73,7 @@ class ProcessingOptions:
         return self.method.startswith(MODEL_PREFIX)
 
     @classmethod
-    def parse(cls, method: str = DEFAULT_METHOD, param_args=(), downsample: int = 1) -> ProcessingOptions:
+    def parse(cls, method: str = DEFAULT_METHOD, param_args=(), downsample: int | None = None) -> ProcessingOptions:
         """From command-line values: ``KEY=VALUE`` strings checked against the method's parameters.
 
         Raises
@@ -113,8 +121,8 @@ def add_processing_arguments(parser: argparse.ArgumentParser, default_method: st
     )  # fmt: skip
     group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="classical method parameter (repeatable; lengths in full-resolution pixels)")
-    group.add_argument("--downsample", type=at_least(1), default=1, metavar="N",
-                       help="working resolution of a classical method: 1/N (default 1)")
+    group.add_argument("--downsample", type=at_least(1), default=None, metavar="N",
+                       help="working resolution 1/N (default: a model's own, 2 for a classical method as in MuscleX)")
     return parser
 
 

@@ -114,9 +114,9 @@ def test_replay_on_the_bus_gives_a_derived_run_with_every_frame_once(served, jet
                        "--backup", str(directory / "backup"), env={"TILED_API_KEY": key})  # fmt: skip
     try:
         # Another processing than the demo's (the composer's default): it travels with the run.
-        processing = {"method": "white-top-hat", "params": {}, "downsample": 2}
+        processing = {"method": "white-top-hat", "params": {}, "downsample": 1}
         expected = derived_uid(job_key(raw_uid, processing), processing)
-        proc = subprocess.Popen([*replay, "--downsample", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([*replay, "--downsample", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _until(lambda: proc.poll() is not None, "replay --nats returns", worker, composer)
         out, err = proc.communicate()
         assert proc.returncode == 0, out + err + worker.text() + composer.text()
@@ -124,15 +124,15 @@ def test_replay_on_the_bus_gives_a_derived_run_with_every_frame_once(served, jet
                 rf"(; {DOUBTS})? \(success\)")  # fmt: skip
         assert len(out.splitlines()) == 1 and re.fullmatch(line, out.splitlines()[0]), out + err
         run = catalog[expected]
-        assert run.metadata["start"]["raw_uid"] == raw_uid and run.metadata["start"]["processing"]["downsample"] == 2
+        assert run.metadata["start"]["raw_uid"] == raw_uid and run.metadata["start"]["processing"]["downsample"] == 1
         assert metrics_table(run)["raw_seq_num"].tolist() == list(range(1, FRAMES + 1))
         assert run.metadata["stop"]["exit_status"] == "success"
 
         # Replayed again with the same processing: done already, nothing published.
-        again = subprocess.run([*replay, "--downsample", "2"], cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+        again = subprocess.run([*replay, "--downsample", "1"], cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
         assert again.returncode == 0 and f"{raw_uid} -> {expected}: done (composed before)" in again.stdout, again.stdout + again.stderr
         # With other processing (the composer's default, asked for by name): another job, another derived run.
-        default = {"method": "white-top-hat", "params": {}, "downsample": 1}
+        default = {"method": "white-top-hat", "params": {}, "downsample": 2}  # WORKING_DOWNSAMPLE
         other = subprocess.run(replay, cwd=REPO, capture_output=True, text=True, check=False, timeout=DEADLINE_S)
         second = derived_uid(job_key(raw_uid, default), default)
         assert other.returncode == 0 and other.stdout.startswith(f"{raw_uid} -> {second}: done, received {FRAMES}, processed {FRAMES}"), other.stdout + other.stderr

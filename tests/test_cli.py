@@ -5,12 +5,14 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from fabio.tifimage import TifImage
 
+import live_bgsub
 from live_bgsub.cli import main, process_image, sample_frame_path
 from live_bgsub.synth import make_pattern
 
@@ -237,6 +239,25 @@ def test_out_of_range_parameters_are_a_usage_error(tmp_path, capsys, argv, said)
     err = capsys.readouterr().err.strip()
     assert err == f"live-bgsub: error: {said}"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_and_its_method_work_at_one_resolution_at_the_defaults(tmp_path, capsys):
+    """``process --method M`` and ``--method model:M`` at the defaults: the same working
+    resolution (the model card's), recorded in each JSON; a model refuses another."""
+    pytest.importorskip("keras")
+    records = {}
+    for method in ("white-top-hat", "model:white-top-hat"):
+        out = tmp_path / method.replace(":", "_")
+        assert main(["process", "--sample", "--method", method, "--out", str(out)]) == 0
+        records[method] = json.loads(next(out.glob("*.json")).read_text())
+    card = json.loads((Path(live_bgsub.__file__).parent / "weights" / "white-top-hat.json").read_text())
+    assert records["white-top-hat"]["downsample"] == records["model:white-top-hat"]["downsample"] == card["downsample"] == 2
+    capsys.readouterr()
+    assert main(["process", "--sample", "--method", "model:white-top-hat", "--downsample", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("live-bgsub: error: --downsample 1: model:white-top-hat works at downsample 2 (its card); "
+                   "leave the option out or give 2")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("verbose", [False, True])

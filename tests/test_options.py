@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from live_bgsub.background import WORKING_DOWNSAMPLE
 from live_bgsub.beamline import BeamlineConfig
 from live_bgsub.bus.cli import compose_main
 from live_bgsub.cli import main
+from live_bgsub.engine import make_step
+from live_bgsub.errors import ProcessingError
 from live_bgsub.options import ProcessingOptions, processing_arguments
 from live_bgsub.serve import main as serve_main
 
@@ -73,3 +76,25 @@ def test_every_tiled_command_declares_where_the_runs_are_once(entry, argv, capsy
     tiled = out[out.index("\nTiled:\n"):]
     for option in ("--tiled URI", "--api-key API_KEY", "--catalog CATALOG"):
         assert option in tiled, (option, out)
+
+
+def test_a_classical_method_works_at_musclex_resolution_unless_told_otherwise():
+    """The working resolution every entry point uses when none is named: 2 for a
+    classical method (MuscleX's, and the shipped models' card), one spelling of it."""
+    assert WORKING_DOWNSAMPLE == 2
+    assert ProcessingOptions().downsample == ProcessingOptions.parse("white-top-hat", [], 2).downsample == 2
+    assert ProcessingOptions("white-top-hat", {}, 1).downsample == 1
+    assert ProcessingOptions("model:white-top-hat").downsample is None  # the card's
+    assert BeamlineConfig().processing.callback_kwargs()["downsample"] == 2
+    assert make_step("smoothed-gaussian").describe()["downsample"] == 2
+    assert make_step("smoothed-gaussian", downsample=1).describe()["downsample"] == 1
+
+
+def test_a_model_runs_at_its_own_working_resolution_only():
+    pytest.importorskip("keras")
+    step = make_step("model:white-top-hat")
+    card = step.model.downsample
+    assert step.describe()["downsample"] == card == WORKING_DOWNSAMPLE  # like its method at the defaults
+    assert make_step("model:white-top-hat", downsample=card).describe()["downsample"] == card
+    with pytest.raises(ProcessingError, match=rf"^downsample 1 given, but model:white-top-hat works at downsample {card} \(its card\)"):
+        make_step("model:white-top-hat", downsample=1)

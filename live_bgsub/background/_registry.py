@@ -115,6 +115,13 @@ MAX_DOWNSAMPLE = 16
 #: scales (windows of 61 px, a 100 px disk) need a few tens of working pixels.
 MIN_WORKING_SIDE = 32
 
+#: The working resolution of a classical method wherever an entry point (``process``,
+#: the live callback, ``replay``, the bus) names none: MuscleX's default, and the
+#: resolution the shipped U-Nets were trained at (their card's ``downsample``), so
+#: ``--method M`` and ``--method model:M`` compare like with like at the defaults.
+#: :func:`subtract_background` itself defaults to full resolution (1).
+WORKING_DOWNSAMPLE = 2
+
 # Static ranges. Lengths are in full-resolution pixels. The largest real detector is
 # the EIGER2 16M (4150 x 4371): with the beam near its centre its folds are at most
 # about 2200 px a side, so no radius in a fold exceeds hypot(2200, 2200) = 3111 px.

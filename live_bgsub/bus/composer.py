@@ -116,8 +116,14 @@ class _PlannedStep(ProcessingStep):
         self.method = processing["method"]
 
     def describe(self) -> dict:
+        from ..background import WORKING_DOWNSAMPLE
+        from ..inference import MODEL_PREFIX
+
+        downsample = self.processing.get("downsample")
+        if downsample is None and not self.method.startswith(MODEL_PREFIX):
+            downsample = WORKING_DOWNSAMPLE  # a model's own is known to the workers that load it
         return {"method": self.method, "parameters": dict(self.processing.get("params") or {}),
-                "downsample": int(self.processing.get("downsample", 1))}
+                "downsample": downsample}
 
     def subtract(self, folds, masks):  # pragma: no cover - never called: workers process
         raise RuntimeError("the composer does not process frames")
@@ -186,9 +192,10 @@ class Composer:
     """
 
     def __init__(self, url: str, publish=None, *, method: str = "white-top-hat", params: dict | None = None,
-                 downsample: int = 1, directory="derived", result_timeout_s: float = 600.0, **callback_kwargs):
+                 downsample: int | None = None, directory="derived", result_timeout_s: float = 600.0, **callback_kwargs):
         self.url = url
-        self.default_processing = {"method": method, "params": dict(params or {}), "downsample": int(downsample)}
+        self.default_processing = {"method": method, "params": dict(params or {}),
+                                   "downsample": None if downsample is None else int(downsample)}
         if not str(method).startswith("model:"):  # a bad classical method fails here, in one line
             make_step(method, params, downsample=downsample)
         self.directory = Path(directory)

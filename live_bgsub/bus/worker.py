@@ -262,7 +262,7 @@ class Worker:
             step = self._steps.get(key)
             if step is None:
                 p = plan.processing
-                step = self._steps[key] = make_step(p["method"], p.get("params") or {}, downsample=int(p.get("downsample", 1)))
+                step = self._steps[key] = make_step(p["method"], p.get("params") or {}, downsample=p.get("downsample"))
             try:
                 engine = Engine(step, plan.geometry, plan.shape, plan.mask, metrics=plan.metrics,
                                 geometry_quality=plan.quality(), **plan.roi)

@@ -88,8 +88,7 @@ def _banner(bl) -> str:
     else:
         tiled = cfg.tiled_uri
     method = cfg.method + (f" {cfg.params}" if cfg.params else "")
-    if cfg.downsample != 1:
-        method += f", downsample {cfg.downsample}"
+    method += f", downsample {bl.callback.step.describe()['downsample']}"
     return "\n".join(
         [
             "live_bgsub beamline session",

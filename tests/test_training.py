@@ -444,6 +444,40 @@ def test_fit_refuses_to_resume_another_configuration(tiny_run):
 # --------------------------------------------------------------------------- evaluate
 
 
+def test_metric_agreement_reads_both_outputs_and_counts_what_only_one_gives():
+    """I11/I10 and S10 from a model's output against its method's: noiseless corrected
+    folds with I11/I10 0.50 (the target) and 0.55 (a "model" 10 % off), the target
+    itself, three times it (the metrics are scale-free) and an empty output."""
+    from types import SimpleNamespace
+
+    from live_bgsub.fold import fold
+    from live_bgsub.geometry import Geometry
+    from live_bgsub.synth import make_pattern
+    from training.evaluate import metric_agreement, summarise_agreement
+
+    def corrected(ratio):
+        pat = make_pattern("pilatus-1m", seed=5, noise=False, counts=4.0, s10_px=60.0, i11_i10=ratio)
+        f, count = fold(pat.frame - pat.background, Geometry(pat.params["center"], pat.params["rotation_deg"]), pat.mask)
+        return np.where(count > 0, f, 0).astype(np.float32), count > 0
+
+    target, mask = corrected(0.50)
+    off, _ = corrected(0.55)
+    p = {"pred": np.stack([target, 3 * target, off, np.zeros_like(target)]), "target": np.stack([target] * 4), "masks": np.stack([mask] * 4)}
+    pairs = SimpleNamespace(ids=["same", "scaled", "off", "empty"], methods=["white-top-hat"] * 4)
+    folds = [SimpleNamespace(id=i, source="synthetic:pilatus-1m") for i in pairs.ids]
+    rows = metric_agreement(p, pairs, folds, downsample=2)
+    assert rows[0]["i11_i10_rel_diff"] == 0 and rows[0]["s10_diff_px"] == 0
+    assert rows[1]["i11_i10_rel_diff"] < 1e-6 and rows[1]["s10_diff_px"] < 1e-6
+    assert rows[2]["i11_i10_rel_diff"] == pytest.approx(0.10, abs=0.005) and rows[2]["s10_diff_px"] < 0.01
+    assert rows[0]["target"]["s10_px"] == pytest.approx(60.0, abs=0.1)  # in the fold's px; differences in full-resolution px
+    assert math.isnan(rows[3]["i11_i10_rel_diff"]) and rows[3]["target"]["verdict"] == "good"
+    good = summarise_agreement(rows[:2])
+    assert good["both"] == 2 and good["goals_met"]
+    every = summarise_agreement(rows)
+    assert (every["n"], every["both"], every["model_only"], every["target_only"]) == (4, 3, 0, 1)
+    assert every["i11_i10_rel_diff"]["worst"] == rows[2]["i11_i10_rel_diff"] and not every["goals_met"]
+
+
 @pytest.mark.slow  # trains a tiny model (about 20 s, once per module)
 def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, capsys):
     from training import evaluate
@@ -466,6 +500,9 @@ def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, ca
     s = report["truth"]["summary"]
     assert s["oracle"]["psnr"] > s["white-top-hat"]["psnr"]  # the truth's own floor is best
     assert report["truth"]["n"] == 2
+    agreement = report["metrics_agreement"]["groups"]["white-top-hat"]
+    assert agreement["n"] == 2 and agreement["both"] + agreement["model_only"] + agreement["target_only"] <= 2
+    assert "Metrics from the model's output against its method's" in text
 
 
 @pytest.mark.slow  # trains a tiny model (about 20 s, once per module)

@@ -12,6 +12,10 @@ model runs on them, and the script prints:
   (the scale an independent model predicts in). The same scale is applied to the
   prediction and the target, so each model is scored in both layouts whatever it was
   trained with. Invalid pixels are 0 in both.
+- I11/I10 and S10 read by :func:`live_bgsub.metrics.roi_metrics` from the model's output
+  against the same read from its method's (the target), per method and per source:
+  how often an equator is read from both, the differences' medians, 90th percentiles
+  and worst, and whether issue 14's goals (:data:`METRIC_GOALS`) are met.
 - On synthetic data, the error of the recovered signal against the *true* signal for
   the model, every classical method and the oracle (fold minus the true background):
   MAE (counts), PSNR (unified), both on the whole fold and the centre ROI, and the
@@ -181,6 +185,87 @@ def paper_tables(results: dict, model_target: str) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+#: Issue 14's goals for the metrics read from a model's output against those read from
+#: its method's: I11/I10 within 2 % (median over frames), S10 within 0.2 px.
+METRIC_GOALS = {"i11_i10_rel": 0.02, "s10_px": 0.2}
+
+
+def _equator_reading(corrected, mask) -> tuple[float, float, str]:
+    """``(I11/I10, S10 px, verdict)`` of one corrected fold; NaN and the reason when no
+    equator is read."""
+    from live_bgsub.metrics import roi_metrics
+
+    try:
+        m = roi_metrics(corrected, mask=mask)
+    except Exception as exc:  # noqa: BLE001  (a failed read counts as "no equator")
+        return math.nan, math.nan, f"{type(exc).__name__}: {exc}"
+    if not m.get("equator_found"):
+        return math.nan, math.nan, str(m.get("reason") or "no equator")
+    return float(m["i11_i10"]), float(m["s10_px"]), str(m["quality"]["verdict"])
+
+
+def metric_agreement(p: dict, pairs, folds, *, downsample: int) -> list[dict]:
+    """I11/I10 and S10 read (:func:`live_bgsub.metrics.roi_metrics`) from the model's
+    corrected fold against the same read from its target (its method's corrected fold),
+    one row per pair: both at the model's working resolution and input crop, S10
+    differences in full-resolution pixels (``downsample`` times the working ones)."""
+    source_of = {f.id: f.source for f in folds}
+    rows = []
+    for i, fid in enumerate(pairs.ids):
+        mask = p["masks"][i]
+        r_model, s_model, v_model = _equator_reading(p["pred"][i], mask)
+        r_method, s_method, v_method = _equator_reading(p["target"][i], mask)
+        rows.append({
+            "id": fid, "method": pairs.methods[i], "source": source_of[fid],
+            "model": {"i11_i10": r_model, "s10_px": s_model, "verdict": v_model},
+            "target": {"i11_i10": r_method, "s10_px": s_method, "verdict": v_method},
+            "i11_i10_rel_diff": abs(r_model / r_method - 1.0) if r_method > 0 else math.nan,
+            "s10_diff_px": abs(s_model - s_method) * downsample,
+        })  # fmt: skip
+    return rows
+
+
+def summarise_agreement(rows: list[dict]) -> dict:
+    """Per group of rows: how often an equator is read from both, and the medians, 90th
+    percentiles and worst of the two differences where it is (None without any)."""
+    found_model = np.array([math.isfinite(r["model"]["s10_px"]) for r in rows], bool)
+    found_target = np.array([math.isfinite(r["target"]["s10_px"]) for r in rows], bool)
+    out = {"n": len(rows), "both": int((found_model & found_target).sum()),
+           "model_only": int((found_model & ~found_target).sum()), "target_only": int((~found_model & found_target).sum())}  # fmt: skip
+    for key in ("i11_i10_rel_diff", "s10_diff_px"):
+        v = np.array([r[key] for r in rows], np.float64)
+        v = v[np.isfinite(v)]
+        out[key] = {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "worst": float(v.max())} if v.size else None
+    ratio, s10 = out["i11_i10_rel_diff"], out["s10_diff_px"]
+    out["goals_met"] = bool(
+        ratio is not None and s10 is not None and out["model_only"] == out["target_only"] == 0
+        and ratio["median"] <= METRIC_GOALS["i11_i10_rel"] and s10["median"] <= METRIC_GOALS["s10_px"]
+    )  # fmt: skip
+    return out
+
+
+def agreement_table(groups: dict) -> str:
+    """Markdown: one row per group (a method, a source) of :func:`summarise_agreement`."""
+    lines = [
+        f"Metrics from the model's output against its method's (roi_metrics on both; goals: I11/I10 within "
+        f"{100 * METRIC_GOALS['i11_i10_rel']:g} % and S10 within {METRIC_GOALS['s10_px']:g} px, medians)",
+        "",
+        "| rows | n | equator in both | model only | method only | I11/I10 diff median / p90 / worst | S10 diff px median / p90 / worst | goals |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in groups.items():
+        ratio = s["i11_i10_rel_diff"]
+        s10 = s["s10_diff_px"]
+        r_txt = f"{100 * ratio['median']:.2f}% / {100 * ratio['p90']:.2f}% / {100 * ratio['worst']:.2f}%" if ratio else "n/a"
+        s_txt = f"{s10['median']:.3f} / {s10['p90']:.3f} / {s10['worst']:.3f}" if s10 else "n/a"
+        lines.append(f"| {name} | {s['n']} | {s['both']} | {s['model_only']} | {s['target_only']} | {r_txt} | {s_txt} | "
+                     f"{'met' if s['goals_met'] else 'not met'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- truth
@@ -489,6 +574,15 @@ def evaluate(args, *, log=print) -> dict:
     if len({f.source for f in folds}) > 1:
         text, per_source = source_table(p, pairs, folds)
         log(text)
+    agreement = None
+    if SYNTHETIC_TRUTH not in targets:  # the truth's own readings are in the truth table below
+        rows_metrics = metric_agreement(p, pairs, folds, downsample=config.downsample)
+        groups = {m: summarise_agreement([r for r in rows_metrics if r["method"] == m]) for m in rows}
+        sources_seen = sorted({r["source"] for r in rows_metrics})
+        if len(sources_seen) > 1:
+            groups.update({src: summarise_agreement([r for r in rows_metrics if r["source"] == src]) for src in sources_seen})
+        log(agreement_table(groups))
+        agreement = {"goals": METRIC_GOALS, "groups": groups, "rows": rows_metrics}
     report = {
         "model": str(args.model),
         "name": name,
@@ -499,6 +593,7 @@ def evaluate(args, *, log=print) -> dict:
         "n_pairs": len(pairs),
         "tables": results,
         "per_source": per_source,
+        "metrics_agreement": agreement,
         "paper": {k: {m: list(v) for m, v in t.items()} for k, t in PAPER.items()},
         "seconds": {"data": t1 - t0, "model": seconds_model},
     }

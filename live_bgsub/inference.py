@@ -21,13 +21,17 @@ import numpy as np
 from .errors import LiveBgsubError
 from .resample import block_mean, upsample_linear
 
-__all__ = ["BackgroundModel", "ModelError", "SHIPPED_MODELS", "shipped_model_path", "MODEL_PREFIX"]
+__all__ = ["BackgroundModel", "DETECTOR_UNITS", "ModelError", "SHIPPED_MODELS", "shipped_model_path", "MODEL_PREFIX"]
 
 #: Names of the models shipped in ``live_bgsub/weights/`` (their weights, cards and training histories).
 SHIPPED_MODELS = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian", "mixed", "synthetic-truth")
 
 #: Method names of the form ``model:NAME`` or ``model:PATH`` select a model.
 MODEL_PREFIX = "model:"
+
+#: Normalisations whose outputs go back to detector units at inference
+#: (``live_bgsub.model.NORMALIZATIONS``; "independent" needs the target's own maximum).
+DETECTOR_UNITS = ("unified", "robust")
 
 
 class ModelError(LiveBgsubError, ValueError):
@@ -81,9 +85,9 @@ class BackgroundModel:
         self.depth = int(arch.get("depth", 4))
         self.downsample = int(self.card.get("downsample", 1))
         self.normalization = self.card.get("normalization", "unified")
-        if self.normalization != "unified" and not allow_independent:
+        if self.normalization not in DETECTOR_UNITS and not allow_independent:
             raise ModelError(
-                f"model {self.name!r} uses {self.normalization!r} normalisation: only 'unified' "
+                f"model {self.name!r} uses {self.normalization!r} normalisation: only {' or '.join(map(repr, DETECTOR_UNITS))} "
                 "models give a background in detector units"
             )
         self._warm: set = set()
@@ -166,7 +170,7 @@ class BackgroundModel:
         """
         from .model.preprocessing import prepare, restore
 
-        if self.normalization != "unified":
+        if self.normalization not in DETECTOR_UNITS:
             raise ModelError(f"model {self.name!r} uses {self.normalization!r} normalisation: no detector units")
         folds = np.asarray(folds, dtype=np.float32)
         single = folds.ndim == 2
@@ -186,7 +190,7 @@ class BackgroundModel:
             work_masks = np.stack([p[1] for p in pairs])
         else:
             work, work_masks = folds, masks
-        x, _, info = prepare(work, work_masks, depth=self.depth, normalization="unified")
+        x, _, info = prepare(work, work_masks, depth=self.depth, normalization=self.normalization)
         # predict_on_batch runs Keras's traced predict function (3-4x faster than an
         # eager call for one fold on TensorFlow), on every backend.
         out = np.concatenate(

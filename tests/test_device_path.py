@@ -327,6 +327,46 @@ def test_corrected_matches_engine_float32(small_run):
     assert path.fold_paths == {"reference": 2, "general": 1, "validity_refits": 1}
 
 
+@pytest.fixture(scope="module")
+def robust_model(tmp_path_factory):
+    """The shipped white-top-hat weights under a card that says "robust" normalisation."""
+    import json
+    import shutil
+
+    from live_bgsub.inference import shipped_model_path
+
+    src = shipped_model_path("white-top-hat")
+    folder = tmp_path_factory.mktemp("robust")
+    shutil.copy(src, folder / "robust.keras")
+    card = json.loads(src.with_suffix(".json").read_text()) | {"name": "robust", "normalization": "robust"}
+    (folder / "robust.json").write_text(json.dumps(card))
+    return BackgroundModel.load(folder / "robust.keras")
+
+
+def test_robust_normalisation_on_the_device_is_the_hosts(robust_model):
+    """A CCD-like run (a bias of 100 on every sensitive pixel) with a hot pixel near the
+    beam: the device's floor (a percentile: sorted on the device), cap and scale give
+    the host engine's corrected folds and backgrounds."""
+    frames = [np.where(f >= 0, f + 100, f).astype(np.int32) for f in _small_frames(2, seed=3)]
+    clean = frames[1].copy()
+    cx, cy = SMALL_GEOMETRY.center
+    frames[1][int(cy) + 9, int(cx) + 11] = 50_000
+    engine = Engine(make_step(robust_model), SMALL_GEOMETRY, frames[0].shape)
+    reference = engine.process(frames)
+    [without] = engine.process([clean])
+    path = DevicePath.from_engine(engine, batch_size=2, with_background=True)
+    corrected, metrics = path.process(np.stack(frames))
+    for i, result in enumerate(reference):
+        peak = _peak(result.corrected + result.background)
+        np.testing.assert_allclose(corrected[i], result.corrected, rtol=0, atol=FP32_TOL * peak)
+        np.testing.assert_allclose(metrics["background"][i], result.background, rtol=0, atol=FP32_TOL * peak)
+        assert np.median(result.background[result.count > 0]) > 100  # the floor is background
+    # The hot pixel stays in the corrected fold: the background hardly sees it.
+    moved = np.abs(reference[1].background - without.background).max()
+    added = (reference[1].corrected - without.corrected).max()
+    assert added > 5_000 and moved < 0.01 * added, (added, moved)
+
+
 def test_totals_match_roi_metrics(small_run):
     for i, result in enumerate(small_run["reference"]):
         for key in ("tdi", "background_sum"):

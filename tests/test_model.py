@@ -20,10 +20,12 @@ from live_bgsub.metrics import center_roi, psnr, ssim
 from live_bgsub.model import (
     MAE,
     PSNR,
+    ROBUST_OFFSET_PERCENTILE,
     SSIM,
     BackgroundLoss,
     BackgroundUNet,
     build_unet,
+    cap_isolated,
     prepare,
     restore,
     unet_flops,
@@ -388,6 +390,54 @@ def test_prepare_normalizations():
     _, _, info = prepare(folds, normalization="independent", depth=2)
     with pytest.raises(ValueError, match="unified"):
         restore(x, info)  # the target's maximum is unknown at inference
+
+
+def test_robust_normalisation_ignores_a_bias_and_a_hot_pixel():
+    """The network's input of a photon-counting fold is the same with a CCD's bias of 100
+    added and, but for its 3 x 3 neighbourhood, with a hot pixel (where "unified", the
+    paper's divide-by-max, changes by far more); the background (fold minus the restored target) is the same but for
+    the bias, and the hot pixel stays in the corrected fold."""
+    rng = np.random.default_rng(11)
+    ii, jj = np.indices((40, 48))
+    expected = 30.0 * np.exp(-np.hypot(ii, jj) / 15.0) + 2.0 + 40.0 * np.exp(-0.5 * ((np.hypot(ii, jj) - 20.0) / 1.5) ** 2)
+    fold = rng.poisson(expected).astype(np.float64)
+    mask = np.ones(fold.shape, bool)
+    mask[:3, :3] = False  # the beam stop
+    target = fold - (30.0 * np.exp(-np.hypot(ii, jj) / 15.0) + 2.0)
+    biased = fold + 100.0
+    hot = fold.copy()
+    hot[30, 40] = 1e6
+    x, y, info = prepare(fold, mask, normalization="robust", targets=target, depth=2)
+    for other, shift, where in ((biased, 100.0, None), (hot, 0.0, (30, 40))):
+        other_target = target + (other - fold - shift)  # a corrected fold keeps a hot pixel, not a bias
+        x2, y2, info2 = prepare(other, mask, normalization="robust", targets=other_target, depth=2)
+        keep = np.ones(x.shape, bool)
+        if where is not None:  # the hot pixel, and its neighbours' caps (it is their highest neighbour now)
+            keep[0, where[0] - 1 : where[0] + 2, where[1] - 1 : where[1] + 2, 0] = False
+        np.testing.assert_allclose(x2[keep], x[keep], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y2[..., :1][keep], y[..., :1][keep], rtol=1e-6, atol=1e-7)
+        assert info2["input_offset"][0] == pytest.approx(info["input_offset"][0] + shift)
+        assert info2["input_scale"][0] == pytest.approx(info["input_scale"][0])
+        # The model replaced by one that returns its target: detector units back, the
+        # floor and the cap in their places.
+        np.testing.assert_allclose(restore(y2[..., :1], info2)[mask], other_target[mask], rtol=1e-5, atol=1e-3)
+        ux, _, _ = prepare(other, mask, normalization="unified", depth=2)
+        ux0, _, _ = prepare(fold, mask, normalization="unified", depth=2)
+        assert ux[keep].mean() < 0.7 * ux0[keep].mean() or ux[keep].mean() > 1.4 * ux0[keep].mean()
+    assert info["input_offset"][0] == np.percentile(fold[mask], ROBUST_OFFSET_PERCENTILE)
+    assert x.max() == pytest.approx(1.0)
+
+
+def test_cap_isolated_brings_a_pixel_down_to_its_highest_neighbour_only():
+    img = np.array([[[1.0, 2.0, 1.0, 0.0], [2.0, 90.0, 3.0, 0.0], [1.0, 2.0, 1.0, 7.0]]])
+    valid = np.ones(img.shape, bool)
+    valid[0, 2, 3] = False
+    out = cap_isolated(img, valid)
+    assert out[0, 1, 1] == 3.0 and out[0, 2, 3] == 0.0  # capped; invalid is 0
+    np.testing.assert_array_equal(np.delete(out.ravel(), [5, 11]), np.delete(img.ravel(), [5, 11]))
+    lone = np.zeros((1, 3, 3))
+    lone[0, 1, 1] = 5.0
+    assert cap_isolated(lone, lone > 0)[0, 1, 1] == 5.0  # no valid neighbour: kept
 
 
 def test_prepare_rejects_bad_input():

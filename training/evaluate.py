@@ -118,25 +118,26 @@ def predict(model, card, pairs, *, batch_size=8) -> dict:
         ``pred`` and ``target`` (counts, ``(n, rows, cols)``, 0 at invalid pixels),
         ``masks``, ``input_max`` and ``target_max`` (per pair).
     """
-    from live_bgsub.model import prepare
+    from live_bgsub.model import prepare, restore
 
     depth = int(card.get("architecture", {}).get("depth", 4))
     norm = card.get("normalization", "unified")
     x, _, info = prepare(pairs.inputs, pairs.masks, depth=depth, normalization=norm, targets=pairs.targets)
     out = model.predict(x, batch_size=batch_size, verbose=0)
-    r, c = info["shape"]
     masks = info["masks"]
     target = np.where(masks, pairs.targets, 0).astype(np.float64)
     # restore(): detector units; an independent model's output is in units of the
     # target's maximum (known here: this is evaluation).
-    scale = info["input_scale"] if norm == "unified" else info["target_scale"]
-    pred = np.where(masks, out[:, :r, :c, 0] * scale[:, None, None], 0)
+    pred = np.where(masks, restore(out, info).reshape(target.shape), 0).astype(np.float64)
     tmax = target.reshape(len(target), -1).max(axis=1) if len(target) else np.zeros(0)
+    # The paper's unified scale is the input's maximum whatever the model's normalisation.
+    inputs = np.where(masks, pairs.inputs, 0).astype(np.float64)
+    imax = inputs.reshape(len(inputs), -1).max(axis=1) if len(inputs) else np.zeros(0)
     return {
         "pred": pred,
         "target": target,
         "masks": masks,
-        "input_max": info["input_scale"],
+        "input_max": np.where(imax > 0, imax, 1.0),
         "target_max": np.where(tmax > 0, tmax, 1.0),
     }
 

@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-filters", type=at_least(1), help=f"filters of the first level (default {d['base_filters']})")
     g.add_argument("--dilation-rate", type=at_least(1), help=f"dilation of the 3x3 convolutions (default {d['dilation_rate']})")
     g.add_argument("--upsampling", choices=["nearest", "bilinear"], help=f"decoder upsampling (default {d['upsampling']})")
-    g.add_argument("--normalization", choices=["unified", "independent"], help=f"unified: input and target / input max; independent: each / own max (default {d['normalization']})")
+    g.add_argument("--normalization", choices=["unified", "independent", "robust"],
+                   help="unified: input and target / input max; independent: each / own max; robust: unified after the input's "
+                   f"floor is taken off and isolated pixels are capped (a CCD bias, a hot pixel) (default {d['normalization']})")
     g.add_argument("--loss-alpha", type=float, help=f"weight of the smoothness term (default {d['loss_alpha']})")
     g.add_argument("--loss-theta", type=float, help=f"exponent of the smoothness weights (default {d['loss_theta']})")
     g.add_argument("--loss-eps", type=float, help=f"epsilon of the smoothness weights (default {d['loss_eps']})")

@@ -136,7 +136,7 @@ class DevicePath:
         cache: dict | None = None,
         geometry_quality=None,
     ):
-        from ..inference import BackgroundModel
+        from ..inference import DETECTOR_UNITS, BackgroundModel
 
         if hasattr(model, "model") and isinstance(model.model, BackgroundModel):
             model = model.model  # the engine's model step
@@ -144,8 +144,10 @@ class DevicePath:
             if not (isinstance(model, str) or hasattr(model, "__fspath__")):
                 raise ProcessingError(f"model must be 'model:NAME', a .keras path or a BackgroundModel, got {model!r}")
             model = BackgroundModel.load(model)
-        if model.normalization != "unified":
-            raise ProcessingError(f"model {model.name!r} uses {model.normalization!r} normalisation: only 'unified' works")
+        if model.normalization not in DETECTOR_UNITS:
+            raise ProcessingError(
+                f"model {model.name!r} uses {model.normalization!r} normalisation: only {' or '.join(map(repr, DETECTOR_UNITS))} work"
+            )
         if not isinstance(geometry, Geometry):
             raise ProcessingError(f"geometry must be a live_bgsub.geometry.Geometry, got {geometry!r}")
         if int(batch_size) != batch_size or batch_size < 1:
@@ -260,6 +262,7 @@ class DevicePath:
                 static_mask=static,
                 with_background=self.with_background,
                 host_validity=host_validity,
+                normalization=self.model.normalization,
             )
             pipeline.build((None, *self.shape))
             pipeline.compile(jit_compile=bool(jit))  # records jit_compile; calls go through pipeline.run

@@ -10,9 +10,12 @@ from live_bgsub.model.keras_metrics import MAE, PSNR, SSIM
 from live_bgsub.model.losses import SMOOTH_ON, BackgroundLoss
 from live_bgsub.model.preprocessing import (
     NORMALIZATIONS,
+    ROBUST_OFFSET_PERCENTILE,
+    cap_isolated,
     padded_shape,
     prepare,
     restore,
+    robust_levels,
 )
 from live_bgsub.model.unet import (
     UPSAMPLING,
@@ -26,6 +29,7 @@ from live_bgsub.model.unet import (
 __all__ = [
     "MAE",
     "NORMALIZATIONS",
+    "ROBUST_OFFSET_PERCENTILE",
     "PSNR",
     "SMOOTH_ON",
     "SSIM",
@@ -33,9 +37,11 @@ __all__ = [
     "BackgroundLoss",
     "BackgroundUNet",
     "build_unet",
+    "cap_isolated",
     "padded_shape",
     "prepare",
     "restore",
+    "robust_levels",
     "unet_flops",
     "unet_traffic_bytes",
     "with_background",

@@ -36,6 +36,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from .preprocessing import ROBUST_OFFSET_PERCENTILE
+
 #: Metric columns of the output, in order. The model floor imports nothing of the
 #: package above it, so these restate ``live_bgsub.engine.METRIC_KEYS`` and
 #: ``live_bgsub.device.WINDOW_COLUMNS`` (tests/test_device_path.py checks they agree).
@@ -316,6 +318,10 @@ class DevicePipeline(keras.Model):
         As :class:`FoldGather`.
     with_background : bool, optional
         Also output the background folds (default False: one fold less to download).
+    normalization : {"unified", "robust"}, optional
+        The model's (``live_bgsub.model.NORMALIZATIONS``): ``"robust"`` takes each working
+        fold's floor off and caps isolated pixels before the scale, as
+        :func:`live_bgsub.model.robust_levels` does on the host.
     host_validity : bool, optional
         The caller tells whether each frame has the run's reference validity: the input
         is then ``(frames, same)`` with ``same`` float32 ``(n,)`` (1 where the frame's
@@ -359,6 +365,7 @@ class DevicePipeline(keras.Model):
         static_mask: bool = False,
         with_background: bool = False,
         host_validity: bool = False,
+        normalization: str = "unified",
         name: str = "device_pipeline",
         **kwargs,
     ):
@@ -372,6 +379,9 @@ class DevicePipeline(keras.Model):
         self.window_support = int(window_support)
         self.with_background = bool(with_background)
         self.host_validity = bool(host_validity)
+        if normalization not in ("unified", "robust"):
+            raise ValueError(f"normalization must be 'unified' or 'robust' (detector units), got {normalization!r}")
+        self.normalization = normalization
         self.fold_layer = FoldGather(
             self.frame_shape, self.fold_shape, edge=edge, sentinel=sentinel, static_mask=static_mask, name="fold"
         )
@@ -414,8 +424,32 @@ class DevicePipeline(keras.Model):
         small = ops.where(small_valid, sums / ops.maximum(counts, 1.0), 0.0)
         return small, small_valid
 
+    def robust_levels(self, image, valid):
+        """Floor ``(n, 1, 1)`` and capped image of ``"robust"`` normalisation
+        (``live_bgsub.model.robust_levels``: the percentile interpolated as numpy's)."""
+        hb, wb = self.work_shape
+        flat = ops.sort(ops.reshape(ops.where(valid, image, math.inf), (-1, hb * wb)), axis=1)
+        n_valid = ops.sum(ops.cast(ops.reshape(valid, (-1, hb * wb)), "float32"), axis=1)
+        pos = ops.maximum(n_valid - 1.0, 0.0) * (ROBUST_OFFSET_PERCENTILE / 100.0)
+        lo = ops.floor(pos)
+        lo_i = ops.cast(lo, "int32")[:, None]
+        hi_i = ops.cast(ops.minimum(lo + 1.0, ops.maximum(n_valid - 1.0, 0.0)), "int32")[:, None]
+        v_lo = ops.take_along_axis(flat, lo_i, axis=1)[:, 0]
+        v_hi = ops.take_along_axis(flat, hi_i, axis=1)[:, 0]
+        offset = ops.where(n_valid > 0.0, v_lo + (v_hi - v_lo) * (pos - lo), 0.0)[:, None, None]
+        shifted = ops.where(valid, image - offset, -math.inf)
+        padded = ops.pad(shifted, ((0, 0), (1, 1), (1, 1)), constant_values=-math.inf)
+        neighbours = None
+        for di in (0, 1, 2):
+            for dj in (0, 1, 2):
+                if di != 1 or dj != 1:
+                    part = padded[:, di : di + hb, dj : dj + wb]
+                    neighbours = part if neighbours is None else ops.maximum(neighbours, part)
+        capped = ops.where(neighbours > -math.inf, ops.minimum(shifted, neighbours), shifted)
+        return offset, ops.where(valid, capped, 0.0)
+
     def predict_background(self, work, work_valid, *, head=True):
-        """Unified normalisation, padding, the U-Net head, restore: background in detector units.
+        """Normalisation, padding, the U-Net head, restore: background in detector units.
 
         ``head=False`` skips the U-Net (the background is then the normalised input, for
         timing the steps around the model).
@@ -423,11 +457,15 @@ class DevicePipeline(keras.Model):
         hb, wb = self.work_shape
         big_r, big_c = self.padded_shape
         image = ops.where(work_valid, work, 0.0)
+        offset = 0.0
+        if self.normalization == "robust":
+            offset, image = self.robust_levels(image, work_valid)
         peak = ops.max(ops.reshape(image, (-1, hb * wb)), axis=1)
         scale = ops.where(peak > 0.0, peak, 1.0)[:, None, None]
         x = ops.pad(image / scale, ((0, 0), (0, big_r - hb), (0, big_c - wb)))[..., None]
         b = ops.cast(self.head(x, training=False), "float32") if head else x
-        return ops.where(work_valid, b[:, :hb, :wb, 0] * scale, 0.0)
+        # The floor is background; what the cap took off stays in the corrected fold.
+        return ops.where(work_valid, b[:, :hb, :wb, 0] * scale + offset, 0.0)
 
     def upsample(self, small, small_valid):
         """Bilinear upsampling normalised by validity (``live_bgsub.resample.upsample_linear``)."""

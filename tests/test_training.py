@@ -150,6 +150,31 @@ def test_augmentation_redoses_counts_and_scales_the_truth(synthetic_folds):
     assert D.augment_folds(folds[:2], 2, seed=1)[0].fold.tobytes() == copies[0].fold.tobytes()
 
 
+def test_a_ccd_family_is_folded_as_the_detector_writes_it():
+    """A MAR 165 fold carries the CCD's bias (100) and read noise, as its uint16 file does;
+    the truth stays the signal and ``expected`` the reading's mean, so the oracle (fold
+    minus expected plus truth) is the signal plus noise. Re-dosed copies keep the bias
+    (it is not photons) and scale only what is."""
+    folds, _ = D.collect_synthetic_folds(1, preset="mar165", seed0=3, downsample=4, log=_quiet)
+    f = folds[0]
+    bias = f.info["response"]["bias"]
+    assert bias == 100.0 and f.info["response"]["read_noise"] > 0
+    m = f.mask
+    assert np.percentile(f.fold[m], 1) > 0.9 * bias  # no pixel reads far below the bias
+    residual = (f.fold - f.expected)[m]
+    assert abs(np.mean(residual)) < 0.02 * np.mean(f.expected[m] - bias)  # expected is the reading's mean
+    [copy] = D.augment_folds([f], 1, scale=(0.5, 0.5), seed=2)
+    s = copy.info["dose_scale"]
+    assert s == pytest.approx(0.5)
+    np.testing.assert_allclose(copy.expected[m], s * (f.expected[m] - bias) + bias, rtol=1e-5)
+    n = f.samples[m]
+    assert np.sum((copy.fold[m] - bias) * n) == pytest.approx(s * np.sum((f.expected[m] - bias) * n), rel=0.02)
+    np.testing.assert_allclose(copy.truth, s * f.truth, rtol=1e-6)
+    # A photon-counting family reads its counts as they are: no response to take off.
+    [pil], _ = D.collect_synthetic_folds(1, seed0=3, downsample=4, log=_quiet)
+    assert pil.info["response"] == {"gain": 1.0, "bias": 0.0, "read_noise": 0.0}
+
+
 def test_config_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="unknown background method 'tophat'"):
         D.DataConfig(synthetic=2, targets=["tophat"])

@@ -123,7 +123,7 @@ PAPER_METHODS = (
 FAMILIES = "families"
 
 #: Bump when the content of a built dataset changes for the same configuration.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: synthetic folds as the detector writes them (a CCD's bias and read noise)
 
 _COUNTER = re.compile(r"^(?P<prefix>.*?)[_-](?P<counter>\d+)$")
 _SKIP_SUFFIXES = {".md", ".txt", ".json", ".py", ".csv", ".yaml", ".yml", ".npz", ".npy", ".log", ".png", ".jpg", ".pdf"}
@@ -357,7 +357,8 @@ class SourceFold:
     truth : ndarray of float32 or None
         Folded true signal (synthetic sources), same resolution.
     expected : ndarray of float32 or None
-        Folded noise-free expected counts ``background + signal`` (synthetic sources).
+        Folded noise-free expected reading ``gain * (background + signal) + bias``
+        (synthetic sources; ``info["response"]`` holds the gain, bias and read noise).
     info : dict
         Provenance (file and sha256, frame, run and geometry; or preset and seed) and,
         for synthetic folds, the truth the metrics read (``i11_i10``, ``s10_px``).
@@ -520,9 +521,13 @@ def _synthetic_fold(preset: str, seed: int, counts: float, downsample: int) -> S
     p = make_pattern(preset, seed=seed, counts=counts)
     g = Geometry(p.params["center"], p.params["rotation_deg"])
     fm = FoldMap(p.frame.shape, g, p.mask)
-    stack, count = fm.fold(np.stack([p.frame, p.signal, p.background]), p.mask)
-    frame_f, signal_f, background_f = stack
-    small, valid, samples, truth, expected = _reduce(frame_f, count[0], downsample, signal_f, signal_f + background_f)
+    # What the detector writes (raw(): a CCD's bias, gain and read noise, its rounding and
+    # clipping; a photon-counting frame's counts as they are); the truth in its units.
+    gain, bias = float(p.params.get("gain", 1.0)), float(p.params.get("bias", 0.0))
+    response = np.where(p.mask, p.raw().astype(np.float32), 0.0)
+    stack, count = fm.fold(np.stack([response, gain * p.signal, gain * p.background + bias]), p.mask)
+    frame_f, signal_f, floor_f = stack
+    small, valid, samples, truth, expected = _reduce(frame_f, count[0], downsample, signal_f, signal_f + floor_f)
     truth_params = {k: p.params[k] for k in ("i10", "i11", "i11_i10", "s10_px") if k in p.params}
     return SourceFold(
         f"synthetic:{preset}:{seed}",
@@ -532,7 +537,8 @@ def _synthetic_fold(preset: str, seed: int, counts: float, downsample: int) -> S
         samples,
         truth=truth,
         expected=expected,
-        info={"kind": "synthetic", "preset": preset, "seed": seed, "counts": counts, "truth": truth_params},
+        info={"kind": "synthetic", "preset": preset, "seed": seed, "counts": counts, "truth": truth_params,
+              "response": {"gain": gain, "bias": bias, "read_noise": float(p.params.get("read_noise", 0.0))}},
     )
 
 
@@ -926,10 +932,17 @@ def _augmented(f: SourceFold, j: int, scale, seed: int) -> SourceFold:
     rng = np.random.default_rng([int(seed), 7919, zlib.crc32(f.id.encode()), int(j)])
     s = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     base = f.expected if f.expected is not None else f.fold
+    # The photons are re-dosed; a synthetic CCD's bias and read noise are the detector's,
+    # not photons: taken off, and drawn again for the mean of ``n`` samples.
+    response = f.info.get("response") or {}
+    gain, bias, read_noise = (float(response.get(k, d)) for k, d in (("gain", 1.0), ("bias", 0.0), ("read_noise", 0.0)))
     n = np.where(f.mask, f.samples, 0).astype(np.float64)
-    lam = np.clip(s * base.astype(np.float64) * n, 0, None)
-    counts = rng.poisson(lam)
-    fold = np.where(n > 0, counts / np.maximum(n, 1), 0).astype(np.float32)
+    lam = np.clip(s * (base.astype(np.float64) - bias) / gain * n, 0, None)
+    counts = rng.poisson(lam).astype(np.float64)
+    total = gain * counts + bias * n
+    if read_noise > 0:
+        total += read_noise * np.sqrt(n) * rng.standard_normal(n.shape)
+    fold = np.where(n > 0, total / np.maximum(n, 1), 0).astype(np.float32)
     return SourceFold(
         f"{f.id}#aug{j}",
         f.source,
@@ -937,7 +950,7 @@ def _augmented(f: SourceFold, j: int, scale, seed: int) -> SourceFold:
         f.mask.copy(),
         f.samples,
         truth=None if f.truth is None else (s * f.truth).astype(np.float32),
-        expected=None if f.expected is None else (s * f.expected).astype(np.float32),
+        expected=None if f.expected is None else (s * (f.expected - bias) + bias).astype(np.float32),
         info={**f.info, "augmented_from": f.id, "dose_scale": s},
     )
 

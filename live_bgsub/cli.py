@@ -112,11 +112,7 @@ def process_image(
 
     params = dict(params or {})
     if model is not None:
-        if downsample is not None and downsample != model.downsample:
-            raise ProcessingError(
-                f"downsample {downsample} given, but model:{model.name} works at downsample {model.downsample} (its card)"
-            )
-        downsample = model.downsample
+        downsample = model.working_downsample(downsample)
     elif downsample is None:
         downsample = WORKING_DOWNSAMPLE
     timings = {}
@@ -440,11 +436,7 @@ def _cmd_process(args) -> int:
 
             model = BackgroundModel.load(args.method)
             params = {}
-            if args.downsample is not None and args.downsample != model.downsample:
-                raise ValueError(
-                    f"--downsample {args.downsample}: {args.method} works at downsample {model.downsample} "
-                    f"(its card); leave the option out or give {model.downsample}"
-                )
+            model.working_downsample(args.downsample)  # ModelError (a ValueError): one line, exit 2
         else:
             get_method(args.method)
             params = parse_params(args.method, args.param)

@@ -176,11 +176,7 @@ def make_step(method="white-top-hat", params: dict | None = None, *, downsample:
         if params:
             raise ProcessingError(f"a model takes no parameters, got {sorted(params)}")
         model = method if isinstance(method, BackgroundModel) else BackgroundModel.load(method)
-        if downsample is not None and downsample != model.downsample:
-            raise ProcessingError(
-                f"downsample {downsample!r} given, but model:{model.name} works at downsample "
-                f"{model.downsample} (its card): leave the option out or give {model.downsample}"
-            )
+        model.working_downsample(downsample)  # raises for another resolution than its own
         return _ModelStep(model)
     if not isinstance(method, str):
         raise ProcessingError(f"method must be a method name, 'model:NAME' or a loaded model, got {method!r}")

@@ -144,6 +144,24 @@ class BackgroundModel:
         data = card_path.read_bytes() if card_path.exists() else json.dumps(self.card, sort_keys=True).encode()
         return hashlib.sha256(data).hexdigest()
 
+    def working_downsample(self, requested=None) -> int:
+        """The working resolution this model runs at: its card's ``downsample``.
+
+        ``requested`` (None, or what a caller asked for) must be that value: a model runs
+        at the resolution it was trained at and no other.
+
+        Raises
+        ------
+        ModelError
+            ``requested`` is another value (one line naming both).
+        """
+        if requested is not None and requested != self.downsample:
+            raise ModelError(
+                f"downsample {requested!r} given, but model:{self.name} works at downsample {self.downsample} "
+                f"(its card): leave the option out or give {self.downsample}"
+            )
+        return self.downsample
+
     def warmup(self, fold_shape, batch_size: int = 1) -> None:
         """Run the model once on zeros of ``fold_shape`` (first-call graph tracing)."""
         folds = np.zeros((batch_size,) + tuple(fold_shape), np.float32)

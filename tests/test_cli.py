@@ -255,7 +255,7 @@ def test_a_model_and_its_method_work_at_one_resolution_at_the_defaults(tmp_path,
     capsys.readouterr()
     assert main(["process", "--sample", "--method", "model:white-top-hat", "--downsample", "1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("live-bgsub: error: --downsample 1: model:white-top-hat works at downsample 2 (its card); "
+    assert err == ("live-bgsub: error: downsample 1 given, but model:white-top-hat works at downsample 2 (its card): "
                    "leave the option out or give 2")
     assert not (tmp_path / "x").exists()
 

@@ -9,7 +9,7 @@ from live_bgsub.beamline import BeamlineConfig
 from live_bgsub.bus.cli import compose_main
 from live_bgsub.cli import main
 from live_bgsub.engine import make_step
-from live_bgsub.errors import ProcessingError
+from live_bgsub.inference import ModelError
 from live_bgsub.options import ProcessingOptions, processing_arguments
 from live_bgsub.serve import main as serve_main
 
@@ -96,5 +96,5 @@ def test_a_model_runs_at_its_own_working_resolution_only():
     card = step.model.downsample
     assert step.describe()["downsample"] == card == WORKING_DOWNSAMPLE  # like its method at the defaults
     assert make_step("model:white-top-hat", downsample=card).describe()["downsample"] == card
-    with pytest.raises(ProcessingError, match=rf"^downsample 1 given, but model:white-top-hat works at downsample {card} \(its card\)"):
+    with pytest.raises(ModelError, match=rf"^downsample 1 given, but model:white-top-hat works at downsample {card} \(its card\)"):
         make_step("model:white-top-hat", downsample=1)

@@ -27,14 +27,15 @@ from scipy import ndimage, sparse
 from .errors import GeometryError
 from .geometry import Geometry
 
-__all__ = ["FoldMap", "FoldTaps", "fold", "unfold"]
+__all__ = ["FoldMap", "FoldTaps", "fold", "fold_extent", "unfold"]
 
 
 _QUADRANT_SIGNS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (equator, meridian)
 
 
-def _fold_extent(shape, geometry) -> tuple[int, int]:
-    """Fold shape (rows, cols) covering every detector pixel's distance from the centre."""
+def fold_extent(shape, geometry) -> tuple[int, int]:
+    """Fold shape (rows, cols) covering every detector pixel's distance from the centre:
+    a :class:`FoldMap`'s ``fold_shape`` for a frame of ``shape`` folded at ``geometry``."""
     h, w = shape
     cx, cy = geometry.center
     ex, ey = geometry.equator_vector
@@ -147,7 +148,7 @@ class FoldMap:
         self.edge = int(edge)
         self.mask = mask
         self.usable = self.usable_from(mask)
-        self.fold_shape = tuple(fold_shape) if fold_shape is not None else _fold_extent(shape, geometry)
+        self.fold_shape = tuple(fold_shape) if fold_shape is not None else fold_extent(shape, geometry)
         self._used = False
         self._build()
 

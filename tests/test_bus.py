@@ -32,7 +32,7 @@ from live_bgsub.bus.jetstream import (
     subject,
 )
 from live_bgsub.bus.publisher import BusPublisher
-from live_bgsub.catalog import frames, metrics_table
+from live_bgsub.catalog import derived_runs, frames, metrics_table
 from live_bgsub.sim import SimDetector
 from live_bgsub.tiled_server import EmbeddedTiledServer, connect
 
@@ -93,11 +93,11 @@ def _until(condition, what: str, *processes, deadline_s: float = DEADLINE_S):
     until(condition, what, *processes, deadline_s=deadline_s)
 
 
-def done(url, raw_uid) -> bool:
+def done(url, raw_uid, processing=None) -> bool:
     async def get(js):
         kv = await js.key_value(DONE_BUCKET)
         try:
-            entry = await kv.get(job_key(raw_uid))
+            entry = await kv.get(job_key(raw_uid, processing))
         except Exception:  # noqa: BLE001 - KeyNotFoundError
             return False
         return entry is not None
@@ -341,6 +341,33 @@ def test_a_frame_that_cannot_be_read_fails_after_the_bounded_deliveries(jetstrea
     assert info.num_ack_pending == 0 and info.num_pending == 0
     said = [line for line in w.text().splitlines() if "came redelivered" in line]
     assert said and int(said[-1].split("; ")[-1].split()[0]) == 4, w.text()  # frames 7 and 8, twice each
+
+
+def test_processing_that_cannot_be_set_up_fails_every_frame_with_its_reason(jetstream, dirs, tiled):
+    """A run asks for a model at another working resolution than its card's: the worker
+    cannot make the step; every frame ends in the derived run's failures with the one
+    line that says why, and the accounting adds up."""
+    url = jetstream.url
+    processing = {"method": "model:white-top-hat", "params": {}, "downsample": 1}
+    w = worker(dirs, url, "w", "--max-deliver", "3")
+    c = composer(dirs, url, tiled)
+    try:
+        raw_uid = acquire(url, dirs, 4, seed=9, publisher=BusPublisher(url, processing=processing))
+        _until(lambda: done(url, raw_uid, processing), "the derived run is complete", w, c)
+    finally:
+        for p in (w, c):
+            p.stop()
+    _, catalog = tiled
+    runs = derived_runs(catalog, raw_uid)
+    assert len(runs) == 1, (len(runs), c.text()[-3000:])
+    run = runs[0]
+    stop = run.metadata["stop"]
+    assert stop["exit_status"] == "fail"
+    assert stop["reason"].startswith("received 4, processed 0, failed 4, skipped 0, unprocessed 0"), stop["reason"]
+    failures = metrics_table(run, "failures")
+    assert sorted(failures["raw_seq_num"]) == [1, 2, 3, 4]
+    said = "downsample 1 given, but model:white-top-hat works at downsample 2 (its card)"
+    assert all(said in e for e in failures["error"]), list(failures["error"])
 
 
 def test_the_publishing_process_killed_mid_run_is_replaced_and_loses_nothing(jetstream, dirs, tiled):

@@ -41,6 +41,7 @@ from pathlib import Path
 from .. import wire
 from ..callback import LiveBackgroundSubtraction
 from ..engine import FrameResult, ProcessingStep, make_step
+from ..fold import fold_extent
 from .jetstream import (
     DOCS_STREAM,
     DONE_BUCKET,
@@ -139,7 +140,9 @@ class RemoteEngine:
         self.job = job
         self.plan = plan
         self.shape = tuple(plan.shape)
-        self.fold_shape = None  # from the first result
+        # The workers' fold shape, known from the plan: a run whose every frame fails
+        # still gets its derived run (it was None until a result brought a fold).
+        self.fold_shape = fold_extent(self.shape, plan.geometry)
         self._described: dict | None = None
         composer._write_plan(job, plan)
 
@@ -160,13 +163,8 @@ class RemoteEngine:
                 continue
             if r.get("describe") and self._described is None:
                 self._described = dict(r["describe"])
-                self.fold_shape = tuple(r["describe"]["fold_shape"])
             out.append(FrameResult(s, corrected=r.get("corrected"), metrics=r.get("metrics") or {},
                                    error=r.get("error"), timings_s=r.get("timings_s") or {}))
-        if self.fold_shape is None:
-            folds = [r.corrected for r in out if r.corrected is not None]
-            if folds:
-                self.fold_shape = tuple(folds[0].shape)
         return out
 
 

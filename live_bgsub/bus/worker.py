@@ -38,6 +38,7 @@ from .. import wire
 from ..engine import Engine, FrameResult, make_step
 from ..errors import ProcessingError
 from ..frames import FrameReader, FrameRef
+from ..inference import ModelError
 from .jetstream import (
     DOCS_STREAM,
     PLANS_BUCKET,
@@ -259,15 +260,15 @@ class Worker:
         engine = self._engines.get(job)
         if engine is None:
             key = repr(sorted(plan.processing.items()))
-            step = self._steps.get(key)
-            if step is None:
-                p = plan.processing
-                step = self._steps[key] = make_step(p["method"], p.get("params") or {}, downsample=p.get("downsample"))
             try:
+                step = self._steps.get(key)
+                if step is None:
+                    p = plan.processing
+                    step = self._steps[key] = make_step(p["method"], p.get("params") or {}, downsample=p.get("downsample"))
                 engine = Engine(step, plan.geometry, plan.shape, plan.mask, metrics=plan.metrics,
                                 geometry_quality=plan.quality(), **plan.roi)
-            except ProcessingError as exc:
-                engine = exc  # every frame of the run fails with this
+            except (ProcessingError, ModelError) as exc:  # a step that cannot be made (a model not found,
+                engine = exc  # another working resolution than its own) or run: every frame of the run fails with this
             self._engines[job] = engine
             while len(self._engines) > KEEP_ENGINES:
                 self._engines.popitem(last=False)

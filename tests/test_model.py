@@ -101,19 +101,22 @@ def expected_traffic(depth, f, rows, cols, itemsize):
 
 
 def numpy_loss(y_true, y_pred, alpha, theta=1.2, eps=1e-4, smooth_on="background"):
-    """docs/model.md's loss, per fold then averaged over the batch, in float64."""
+    """docs/model.md's loss, per fold then averaged over the batch, in float64; a third
+    channel of ``y_true`` is the validity mask (sums over valid pixels / valid pairs)."""
     y_true = y_true.astype(np.float64)
     y_pred = y_pred.astype(np.float64)[..., 0]
     target, image = y_true[..., 0], y_true[..., 1]
+    valid = y_true[..., 2] if y_true.shape[-1] > 2 else np.ones_like(target)
     out = []
-    for t, i, p in zip(target, image, y_pred):
-        mae = np.mean(np.abs(t - p))
+    for t, i, p, v in zip(target, image, y_pred, valid):
+        mae = np.sum(v * np.abs(t - p)) / max(np.sum(v), 1.0)
         s = i - p if smooth_on == "background" else p
         log_i = np.log(eps + np.maximum(i, 0))
         l_s = 0.0
         for axis in (1, 0):  # columns (dx), rows (dy) of a 2-D fold
             w = 1.0 / (np.abs(np.diff(log_i, axis=axis)) ** theta + eps)
-            l_s += np.mean(w * np.diff(s, axis=axis) ** 2)
+            both = np.minimum(np.delete(v, 0, axis=axis), np.delete(v, -1, axis=axis))
+            l_s += np.sum(both * w * np.diff(s, axis=axis) ** 2) / max(np.sum(both), 1.0)
         out.append((1 - alpha) * mae + alpha * l_s)
     return float(np.mean(out))
 
@@ -226,6 +229,42 @@ def test_loss_matches_hand_computation(alpha, smooth_on):
     assert got == pytest.approx(want, rel=1e-5)
     if alpha == 0.0:
         assert got == pytest.approx(float(np.mean(np.abs(y_true[..., 0:1] - y_pred))), rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_masked_loss_matches_hand_computation_and_ignores_invalid_pixels(alpha):
+    rng = np.random.default_rng(4)
+    y_true = rng.random((2, 6, 7, 3)).astype(np.float32)
+    valid = np.ones((2, 6, 7), bool)
+    valid[0, 2:4, 3] = False  # a gap
+    valid[1, :, 5:] = False  # padding at the far edge
+    y_true[..., 2] = valid
+    y_true[..., 0] = np.where(valid, y_true[..., 0], 0)
+    y_true[..., 1] = np.where(valid, y_true[..., 1], 0)
+    y_pred = (y_true[..., 1:2] - 0.1 * rng.random((2, 6, 7, 1))).astype(np.float32)
+    loss = BackgroundLoss(alpha=alpha)
+    got = float(keras.ops.convert_to_numpy(loss(y_true, y_pred)))
+    assert got == pytest.approx(numpy_loss(y_true, y_pred, alpha), rel=1e-5)
+    # whatever the network says at an invalid pixel costs nothing ...
+    wild = y_pred.copy()
+    wild[~valid] = 50.0
+    assert float(keras.ops.convert_to_numpy(loss(y_true, wild))) == pytest.approx(got, rel=1e-6)
+    # ... where without the mask channel it is pulled to the 0 of the target there
+    unmasked = float(keras.ops.convert_to_numpy(loss(y_true[..., :2], wild)))
+    assert unmasked > 5 * float(keras.ops.convert_to_numpy(loss(y_true[..., :2], y_pred)))
+
+
+def test_prepare_appends_the_validity_mask_for_the_loss():
+    folds = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6) + 1
+    masks = np.ones(folds.shape, bool)
+    masks[1, 0, 0] = False
+    _, y2, _ = prepare(folds, masks, depth=2, targets=folds)
+    x, y3, info = prepare(folds, masks, depth=2, targets=folds, mask_channel=True)
+    assert y2.shape == (2, 8, 8, 2) and y3.shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(y3[..., :2], y2)
+    want = np.zeros((2, 8, 8), np.float32)
+    want[:, :5, :6] = masks
+    np.testing.assert_array_equal(y3[..., 2], want)
 
 
 def test_loss_smoothness_targets_differ_and_are_documented():

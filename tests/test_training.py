@@ -388,10 +388,12 @@ def test_fit_stops_at_its_time_limit(tmp_path):
     from training import fit
 
     out = tmp_path / "run"
-    fit.main([*TINY, "--synthetic", "3", "--epochs", "4", "--time-limit", "1e-6", "--out", str(out)])
+    fit.main([*TINY, "--synthetic", "3", "--epochs", "4", "--time-limit", "1e-6", "--loss-masked", "--out", str(out)])
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [0]  # stopped after the first epoch, of four
-    assert json.loads((out / "model.json").read_text())["training"]["epochs"] == 1
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["epochs"] == 1
+    assert card["loss"]["masked"] is True and np.isfinite(history["epochs"][0]["loss"])
 
 
 @pytest.fixture(scope="module")
@@ -430,7 +432,7 @@ def test_fit_end_to_end_writes_a_loadable_model_and_card(tiny_run):
     assert card["data"]["discarded"][0]["id"].startswith("synthetic:")
     assert {"mae", "psnr", "ssim", "mae_roi", "psnr_roi", "ssim_roi"} <= set(card["validation"])
     assert {"live_bgsub", "keras", "backend", "numpy"} <= set(card["versions"])
-    assert card["loss"]["alpha"] == 0.1 and card["training"]["learning_rate"] == 1e-3
+    assert card["loss"]["alpha"] == 0.1 and card["loss"]["masked"] is False and card["training"]["learning_rate"] == 1e-3
     # The card's validation metrics are live_bgsub.metrics on the validation pair.
     from live_bgsub.metrics import image_metrics
     from live_bgsub.model import prepare

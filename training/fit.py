@@ -82,6 +82,7 @@ DEFAULTS = {
     "loss_theta": 1.2,
     "loss_eps": 1e-4,
     "loss_smooth_on": "background",
+    "loss_masked": False,
     # training
     "epochs": 100,
     "batch_size": 4,
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-theta", type=float, help=f"exponent of the smoothness weights (default {d['loss_theta']})")
     g.add_argument("--loss-eps", type=float, help=f"epsilon of the smoothness weights (default {d['loss_eps']})")
     g.add_argument("--loss-smooth-on", choices=["background", "output"], help=f"image the smoothness acts on (default {d['loss_smooth_on']})")
+    g.add_argument("--loss-masked", action=argparse.BooleanOptionalAction,
+                   help="confine the loss to valid pixels (no target at gaps, beam stop, padding; default "
+                   f"{'on' if d['loss_masked'] else 'off'})")
     g = ap.add_argument_group("training")
     g.add_argument("--epochs", type=at_least(1), help=f"maximum number of epochs (default {d['epochs']})")
     g.add_argument("--batch-size", type=at_least(1), help=f"pairs per step (default {d['batch_size']})")
@@ -523,11 +527,16 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
 
     depth = int(config["depth"])
     norm = config["normalization"]
-    x_train, y_train, _ = prepare(ds.train.inputs, ds.train.masks, depth=depth, normalization=norm, targets=ds.train.targets)
+    masked = bool(config["loss_masked"])
+    x_train, y_train, _ = prepare(
+        ds.train.inputs, ds.train.masks, depth=depth, normalization=norm, targets=ds.train.targets, mask_channel=masked
+    )
     validation = None
     monitor = "loss"
     if len(ds.val):
-        x_val, y_val, _ = prepare(ds.val.inputs, ds.val.masks, depth=depth, normalization=norm, targets=ds.val.targets)
+        x_val, y_val, _ = prepare(
+            ds.val.inputs, ds.val.masks, depth=depth, normalization=norm, targets=ds.val.targets, mask_channel=masked
+        )
         validation = (x_val, y_val)
         monitor = "val_loss"
 
@@ -639,7 +648,7 @@ def fit(config: dict, *, fresh: bool = False, log=print) -> dict:
         "normalization": norm,
         "input_size": list(data_config.input_size),
         "downsample": data_config.downsample,
-        "loss": loss.get_config() | {"name": "BackgroundLoss"},
+        "loss": loss.get_config() | {"name": "BackgroundLoss", "masked": masked},
         "training": {
             "epochs": len(epochs_done),
             "max_epochs": epochs,

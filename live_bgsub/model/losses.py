@@ -63,8 +63,13 @@ class BackgroundLoss(keras.losses.Loss):
     alternative reading of the paper (which would also flatten the diffraction signal
     between edges). The two are compared in training.
 
-    The loss does not see the validity mask: invalid (and padding) pixels are 0 in both
-    target and input, so they pull the output to 0 there; restore zeroes them anyway.
+    A third channel of ``y_true``, when present, is the validity mask ``v`` (1 valid, 0
+    invalid or padding; ``prepare(..., mask_channel=True)``): the MAE is then the mean
+    over valid pixels, ``sum_p v_p |target_p - y_pred_p| / sum_p v_p``, and a
+    difference enters ``L_s`` only where both its pixels are valid (mean over those):
+    the network is not asked for anything at a gap, a beam stop or the padding, where
+    restore zeroes its output anyway. Without it, invalid (and padding) pixels are 0 in
+    both target and input and pull the output to 0 there.
     """
 
     def __init__(
@@ -96,8 +101,8 @@ class BackgroundLoss(keras.losses.Loss):
         y_true = ops.cast(y_true, y_pred.dtype)
         target = y_true[..., 0:1]
         image = y_true[..., 1:2]
-        axes = (1, 2, 3)
-        loss = ops.mean(ops.abs(target - y_pred), axis=axes)
+        valid = y_true[..., 2:3] if y_true.shape[-1] > 2 else None
+        loss = _mean(ops.abs(target - y_pred), valid)
         if self.alpha == 0.0:
             return loss
         smooth = image - y_pred if self.smooth_on == "background" else y_pred
@@ -105,13 +110,29 @@ class BackgroundLoss(keras.losses.Loss):
         l_s = 0.0
         for axis in (2, 1):  # dx: along columns; dy: along rows
             weight = 1.0 / (ops.power(ops.abs(_diff(log_image, axis)), self.theta) + self.eps)
-            l_s = l_s + ops.mean(weight * ops.square(_diff(smooth, axis)), axis=axes)
+            both = None if valid is None else _pair_min(valid, axis)
+            l_s = l_s + _mean(weight * ops.square(_diff(smooth, axis)), both)
         return (1.0 - self.alpha) * loss + self.alpha * l_s
 
     def get_config(self):
         config = super().get_config()
         config.update(alpha=self.alpha, theta=self.theta, eps=self.eps, smooth_on=self.smooth_on)
         return config
+
+
+def _mean(values, weights):
+    """Per-fold mean of ``(batch, rows, cols, 1)`` values, over ``weights`` when given."""
+    axes = (1, 2, 3)
+    if weights is None:
+        return ops.mean(values, axis=axes)
+    return ops.sum(weights * values, axis=axes) / ops.maximum(ops.sum(weights, axis=axes), 1.0)
+
+
+def _pair_min(valid, axis):
+    """1 where both pixels of a forward difference along ``axis`` are valid."""
+    if axis == 1:
+        return ops.minimum(valid[:, 1:], valid[:, :-1])
+    return ops.minimum(valid[:, :, 1:], valid[:, :, :-1])
 
 
 def _diff(x, axis):

@@ -100,7 +100,7 @@ def robust_levels(image, valid):
     return offset, capped, _max_scale(capped)
 
 
-def prepare(folds, masks=None, *, depth: int = 4, normalization: str = "unified", targets=None):
+def prepare(folds, masks=None, *, depth: int = 4, normalization: str = "unified", targets=None, mask_channel: bool = False):
     """Normalise, mask and pad folds into model input (and training target) tensors.
 
     Parameters
@@ -121,6 +121,9 @@ def prepare(folds, masks=None, *, depth: int = 4, normalization: str = "unified"
         scale (the background, input minus target, is unchanged by the cap).
     targets : array_like, optional
         Training targets (background-corrected folds), same shape as ``folds``.
+    mask_channel : bool, optional
+        Append the validity mask (1 valid, 0 invalid or padding) to ``y`` as a third
+        channel, which :class:`BackgroundLoss` then confines itself to (default False).
 
     Returns
     -------
@@ -130,7 +133,8 @@ def prepare(folds, masks=None, *, depth: int = 4, normalization: str = "unified"
         centre at ``[0, 0]``) is 0.
     y : ndarray, float32, ``(n, R, C, 2)``, or None
         ``[target, input]`` channels as :class:`BackgroundLoss` expects (None without
-        ``targets``). Invalid and padded target pixels are 0.
+        ``targets``); ``[target, input, valid]``, ``(n, R, C, 3)``, with
+        ``mask_channel``. Invalid and padded target pixels are 0.
     info : dict
         What :func:`restore` needs: ``shape`` (original ``(rows, cols)``), ``padded``
         (``(R, C)``), ``batched`` (input was 3-D), ``dtype`` (output dtype: the fold's
@@ -181,7 +185,10 @@ def prepare(folds, masks=None, *, depth: int = 4, normalization: str = "unified"
             target = np.where(valid, target - excess, 0.0)
         target_scale = _max_scale(target) if normalization == "independent" else input_scale
         t = np.pad(target / target_scale[:, None, None], pad).astype(np.float32)[..., None]
-        y = np.concatenate([t, x], axis=-1)
+        channels = [t, x]
+        if mask_channel:
+            channels.append(np.pad(valid, pad).astype(np.float32)[..., None])
+        y = np.concatenate(channels, axis=-1)
 
     info = {
         "shape": (rows, cols),

@@ -393,10 +393,14 @@ class RoiAnalysis:
         The accepted equator (its fitted model parameters and fit window), None when
         there is none. :func:`live_bgsub.device.fit_windows` freezes it into window
         weights without fitting the fold a second time.
+    m3 : live_bgsub.reflections.SinglePeak or None
+        The meridional fit behind ``m3_px`` (its width and fit window too), None when M3
+        was not measured; frozen the same way.
     """
 
     metrics: dict
     equator: reflections.Equator | None
+    m3: reflections.SinglePeak | None = None
 
 
 def roi_analysis(
@@ -484,6 +488,6 @@ def roi_analysis(
     out["quality"] = {"verdict": "doubtful" if reasons else "good", "reasons": reasons, "evidence": dict(equator.evidence)}
     if geometry is not None:
         out["d10_nm"] = geometry / s10
-    out["reason"] = reflections.analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr)
-    return RoiAnalysis(out, equator)
+    out["reason"], m3 = reflections.analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr)
+    return RoiAnalysis(out, equator, m3)
 

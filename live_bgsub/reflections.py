@@ -57,7 +57,8 @@ standard errors of S10 and I11/I10, the anisotropies, the best rival candidate, 
 M3 (:func:`analyse_m3`). The strongest arced peak on the meridian, with a linear baseline
 (:func:`fit_single_peak`), within ``[2.3, 2.95] S10`` (``d10`` from 33 to 42 nm), or within
 10 % of its physical position ``wavelength * distance / (14.3 nm * pixel)`` when the
-geometry is given (:func:`m3_search_range`).
+geometry is given (:func:`m3_search_range`). A peak whose fitted centre stops at an end of
+that range lies outside it: M3 is then NaN with that reason, not the range's end.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy import optimize
@@ -95,6 +97,7 @@ __all__ = [
     "equator_window",
     "fit_equator",
     "fit_single_peak",
+    "SinglePeak",
     "judge_equator",
     "m3_search_range",
     "next_baseline_term",
@@ -919,6 +922,29 @@ def m3_search_range(s10, geometry=None):
     return lo, hi, 0.08 * lo
 
 
+class SinglePeak(NamedTuple):
+    """One arced peak on a linear baseline (:func:`fit_single_peak`).
+
+    Attributes
+    ----------
+    centre, intensity, t, sigma : float
+        Fitted centre (pixels), integrated intensity, its t-value and width (pixels).
+    window : (float, float)
+        The radii the fit used (usable bins in ``[lo, hi]``): the device path's window
+        reading freezes this very model over these very bins.
+    at_bound : bool
+        The centre stopped at a bound of the search range: the profile's best peak lies
+        outside it, and ``centre`` is the bound, not a fitted position.
+    """
+
+    centre: float
+    intensity: float
+    t: float
+    sigma: float
+    window: tuple
+    at_bound: bool = False
+
+
 def fit_single_peak(profile: SectorProfile, lo, hi, margin):
     """Locate and fit the strongest arced peak with centre in ``[lo, hi]``.
 
@@ -929,9 +955,9 @@ def fit_single_peak(profile: SectorProfile, lo, hi, margin):
 
     Returns
     -------
-    (centre, intensity, t, sigma) or None
-        Fitted centre (pixels), integrated intensity, its t-value and width; None when
-        no window holds 10 usable bins.
+    SinglePeak or None
+        Fitted centre (pixels), integrated intensity, its t-value, width and the radii
+        fitted over; None when no window holds 10 usable bins.
     """
     prof = profile
     best = None
@@ -983,7 +1009,8 @@ def fit_single_peak(profile: SectorProfile, lo, hi, margin):
     s2 = float(res.fun @ res.fun) / dof
     cov = np.linalg.pinv(res.jac.T @ res.jac) * s2
     t = t_value(res.x[2], math.sqrt(max(cov[2, 2], 0.0)))
-    return float(res.x[0]), float(res.x[2]), t, float(res.x[1])
+    window = (float(c0 - half), float(c0 + half))
+    return SinglePeak(float(res.x[0]), float(res.x[2]), t, float(res.x[1]), window, bool(res.active_mask[0] != 0))
 
 
 # --------------------------------------------------------------------------- analyses
@@ -1520,21 +1547,28 @@ def analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr):
 
     Returns
     -------
-    str or None
+    reason : str or None
         None when M3 was measured, else why it is NaN.
+    peak : SinglePeak or None
+        The fit behind ``m3_px`` and ``m3_intensity`` (None when M3 was not measured).
     """
     m_lo, m_hi, margin = m3_search_range(s10, geometry)
     if m_hi + margin > rmax:
-        return f"M3 search range [{m_lo:.0f}, {m_hi:.0f}] px reaches past rmax = {rmax:.0f} px"
+        return f"M3 search range [{m_lo:.0f}, {m_hi:.0f}] px reaches past rmax = {rmax:.0f} px", None
     mer = SectorProfile(img0, valid, rmax=rmax, **sector("meridian", sector_deg))
     m3 = fit_single_peak(mer, m_lo, m_hi, margin)
-    if m3 is not None and not mer.covers(m3[0], m3[3]):
-        return f"equator found, but the M3 candidate at {m3[0]:.1f} px falls in a masked part of the fold (detector gaps)"
-    if m3 is None or not (m3[2] >= min_snr and m3[1] > 0):
-        t = float("nan") if m3 is None else m3[2]
+    if m3 is not None and not mer.covers(m3.centre, m3.sigma):
+        return f"equator found, but the M3 candidate at {m3.centre:.1f} px falls in a masked part of the fold (detector gaps)", None
+    if m3 is not None and m3.at_bound and m3.t >= min_snr and m3.intensity > 0:
+        return (
+            f"equator found, but the meridional peak in [{m_lo:.1f}, {m_hi:.1f}] px stops at the range's edge "
+            f"({m3.centre:.1f} px): its centre lies outside the range M3 is searched in, so it is not taken as M3"
+        ), None
+    if m3 is None or not (m3.t >= min_snr and m3.intensity > 0):
+        t = float("nan") if m3 is None else m3.t
         return (
             f"equator found, but no significant M3 reflection on the meridian in [{m_lo:.0f}, {m_hi:.0f}] px "
             f"(I / error = {t:.1f})"
-        )
-    out["m3_px"], out["m3_intensity"] = m3[0], m3[1]
-    return None
+        ), None
+    out["m3_px"], out["m3_intensity"] = m3.centre, m3.intensity
+    return None, m3

@@ -309,6 +309,23 @@ def test_reflection_in_a_fold_gap_is_not_invented():
     assert "masked" in res["reason"]
 
 
+def test_m3_just_outside_its_search_range_is_nan_not_the_range_end():
+    # d10 32.7 nm puts M3 at 2.29 S10, 0.8 px below the search range [2.3, 2.95] S10: the
+    # fit's centre stops at the range's end. Before, that end (132.16 px) was reported
+    # as M3 with no reason; just inside the range (33.2 nm) M3 is measured.
+    def m3(d10_nm):
+        pat = make_pattern(seed=3, center=(400.0, 521.0), rotation_deg=0.0, d10_nm=d10_nm, noise=False)
+        fold, count = quadrant_fold(pat.signal, pat.mask, 400, 521)
+        return roi_metrics(fold, mask=count > 0), pat.params
+
+    res, truth = m3(32.7)
+    assert res["equator_found"] and truth["m3_px"] < 2.3 * res["s10_px"] - 0.5
+    assert math.isnan(res["m3_px"]) and math.isnan(res["m3_intensity"])
+    assert "range's edge" in res["reason"]
+    res, truth = m3(33.2)
+    assert res["reason"] is None and res["m3_px"] == pytest.approx(truth["m3_px"], abs=0.05)
+
+
 def test_m3_in_a_fold_gap_is_nan_with_reason():
     # M3 at ~110 px above and below a centre at row 518 lands in both gap bands.
     pat = make_pattern(seed=156, center=(390, 518), rotation_deg=0.0, noise=False)

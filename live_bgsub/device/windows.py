@@ -154,9 +154,6 @@ def fit_windows(
     if shape is None:
         shape = (min(fh, nr), min(fw, nr))
     shape = tuple(int(s) for s in shape)
-    geometry = None
-    if wavelength_nm is not None and distance_mm is not None and pixel_size_mm is not None:
-        geometry = float(wavelength_nm) * float(distance_mm) / float(pixel_size_mm)
     analysis = roi_analysis(
         corrected,
         mask=valid,
@@ -174,7 +171,6 @@ def fit_windows(
     )
     if not reference["equator_found"]:
         return empty
-    img0 = np.where(valid, corrected, 0.0)
 
     # Equator: the model roi_metrics accepted (its own fit, not a second one), its linear part frozen.
     eq_sector = rf.sector("equator", sector_deg)
@@ -197,31 +193,22 @@ def fit_windows(
     matrix = np.zeros((shape[0] * shape[1], len(WINDOW_COLUMNS)))
     matrix[:, :3] = _pixel_weights(op, np.stack([q[0], q[2], q[shift_10]]), shape)
 
-    # M3: the arced peak roi_metrics found, plus its linear baseline and derivatives.
+    # M3: roi_metrics' own fit (centre, width, the bins it fitted), its linear part
+    # (peak, constant, slope) frozen with the two position derivatives.
     m3_px = math.nan
-    m3_found = bool(np.isfinite(reference["m3_px"]))
+    m3_found = analysis.m3 is not None
     params = {"roi_metrics": reference, "equator": [float(v) for v in p], "equator_window": [float(lo), float(hi)]}
     if m3_found:
-        mer_sector = rf.sector("meridian", sector_deg)
-        mer = rf.SectorProfile(img0, valid, rmax=rmax, **mer_sector)
-        # roi_metrics' search range for M3 (it may pin M3 at its bound), narrowed around its answer.
-        m_lo, m_hi, margin = rf.m3_search_range(reference["s10_px"], geometry)
-        lo_m3, hi_m3 = max(m_lo, reference["m3_px"] - 1.0), min(m_hi, reference["m3_px"] + 1.0)
-        fit = rf.fit_single_peak(mer, lo_m3, hi_m3, margin)
-        if fit is None:
-            m3_found = False
-        else:
-            c, _, _, sig = fit
-            half = max(margin, 6.0 * sig)
-            mop = _profile_operator(valid, rmax=rmax, **mer_sector)
-            msel = mop[6] & (r_bins >= c - half) & (r_bins <= c + half)
-            rm = r_bins[msel]
-            mcols = [rf.arced_peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + rf.arced_peak_derivatives(rm, c, sig)
-            mq = _bin_solver(mop, msel, mcols, n_bins)
-            matrix[:, 3:] = _pixel_weights(mop, np.stack([mq[0], mq[3]]), shape)
-            m3_px = float(c)
-            params["m3"] = [float(c), float(sig)]
-            params["m3_window"] = [float(c - half), float(c + half)]
+        c, sig, (w_lo, w_hi) = analysis.m3.centre, analysis.m3.sigma, analysis.m3.window
+        mop = _profile_operator(valid, rmax=rmax, **rf.sector("meridian", sector_deg))
+        msel = mop[6] & (r_bins >= w_lo) & (r_bins <= w_hi)
+        rm = r_bins[msel]
+        mcols = [rf.arced_peak(rm, c, sig), np.ones_like(rm), (rm - c) / c] + rf.arced_peak_derivatives(rm, c, sig)
+        mq = _bin_solver(mop, msel, mcols, n_bins)
+        matrix[:, 3:] = _pixel_weights(mop, np.stack([mq[0], mq[3]]), shape)
+        m3_px = float(c)
+        params["m3"] = [float(c), float(sig)]
+        params["m3_window"] = [float(w_lo), float(w_hi)]
     return WindowFit(matrix.astype(np.float32), shape, float(p[0]), m3_px, True, m3_found, params)
 
 

@@ -181,7 +181,7 @@ class Beamline:
                 uri, api_key = self.server.uri, self.server.api_key
             self.catalog = connect(uri, api_key=api_key, catalog=cfg.catalog)
             self.publisher = TiledPublisher(self.catalog, backup_directory=str(self.directory / "backup"))
-            self.detector = self._detector or self._make_detector(raw_dir)
+            self.detector = self._detector or self.make_detector(raw_dir)
             self.callback = LiveBackgroundSubtraction(
                 self.publisher,
                 **cfg.processing.callback_kwargs(),
@@ -220,7 +220,10 @@ class Beamline:
         logger.info("live_bgsub: %s compiled for %s frames in %.1f s", self.config.method, shape, seconds)
         return seconds
 
-    def _make_detector(self, raw_dir: Path):
+    def make_detector(self, raw_dir: Path):
+        """The detector the configuration names, writing to ``raw_dir``: an
+        ``EpicsPilatus`` on ``epics_prefix``, connected (an IOC that does not answer
+        within ``connection_timeout_s`` raises, naming the prefix), or the simulated one."""
         cfg = self.config
         if cfg.detector == "epics":
             from .devices import EpicsPilatus, start_ca_repeater

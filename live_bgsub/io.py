@@ -68,7 +68,7 @@ import numpy as np
 
 from .errors import ImageReadError
 
-__all__ = ["DetectorImage", "read_image", "mask_invalid", "shows_bias_floor", "HDF5_SUFFIXES"]
+__all__ = ["DetectorImage", "read_image", "mask_invalid", "shows_bias_floor", "header_facts", "HDF5_SUFFIXES"]
 
 #: File name suffixes read with h5py (EIGER master/data files, NeXus).
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nexus")
@@ -332,7 +332,7 @@ def _read_fabio(path: Path, frame: int) -> DetectorImage:
         header.update({f"marccd.{k}": str(v) for k, v in marccd.items()})
         facts = _marccd_facts(marccd)
     else:
-        facts = _header_facts(header, reader)
+        facts = header_facts(header, reader)
     facts = _plausible(facts)
     data, mask = mask_invalid(raw)
     return DetectorImage(data, mask, str(path), fmt, frame, n_frames, header=header, **facts)
@@ -580,9 +580,12 @@ def _edf_facts(header: dict) -> dict:
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def _header_facts(header: dict, reader: str = "") -> dict:
+def header_facts(header: dict, reader: str = "") -> dict:
     """Pixel size, exposure, period, wavelength, distance and beam centre from a fabio
     header, in our units, read by the format's documented keys and units.
+
+    Returns only the facts the header states plausibly (:data:`PLAUSIBLE`): a missing,
+    unitless-where-a-unit-is-needed or out-of-range value is left out, never guessed.
 
     ``reader`` is the fabio class that decoded the frame: ``EdfImage`` headers are read
     by the ESRF SAXS keywords; any other header by the Pilatus keywords, found as keys

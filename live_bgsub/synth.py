@@ -29,12 +29,12 @@ Geometry conventions (``docs/conventions.md``)
   integer coordinates.
 - A pattern generated with ``rotation_deg = theta`` has its equator along the unit
   vector ``e = (cos(a), sin(a))`` in ``(x, y)`` image coordinates, with
-  ``a = _EQUATOR_SIGN * theta``, and its meridian along ``m = (-sin(a), cos(a))``.
-  With ``_EQUATOR_SIGN = +1`` (the value used here) a positive rotation makes the
+  ``a = EQUATOR_SIGN * theta``, and its meridian along ``m = (-sin(a), cos(a))``.
+  With ``EQUATOR_SIGN = +1`` (the value used here) a positive rotation makes the
   equator's right-hand side dip toward larger row numbers, which is the convention of
   :mod:`live_bgsub.geometry` (``Geometry.equator_vector``) and of the MuscleX
   rotations quoted for the real P40 frames (their equator dips ~1.5 degrees to the
-  right and MuscleX reports +1.1..+2.7). Flip the single constant ``_EQUATOR_SIGN``
+  right and MuscleX reports +1.1..+2.7). Flip the single constant ``EQUATOR_SIGN``
   if that convention ever changes.
 - A point at equator coordinate ``u`` and meridian coordinate ``v`` (pixels) lies at
   ``center + u * e + v * m``; its radius is ``hypot(u, v)`` and its azimuth is
@@ -60,6 +60,11 @@ import numpy as np
 from .geometry import normalize_rotation
 
 __all__ = [
+    "BEAM_STOP",
+    "DEAD",
+    "EQUATOR_SIGN",
+    "GAP",
+    "VALID",
     "DetectorPreset",
     "FAMILIES",
     "PRESETS",
@@ -71,8 +76,8 @@ __all__ = [
 
 #: Sign of the equator angle: the equator of a pattern generated with
 #: ``rotation_deg = theta`` runs along ``(cos(a), sin(a))`` in (x, y) image coordinates,
-#: with ``a = _EQUATOR_SIGN * theta``. +1 matches ``live_bgsub.geometry``.
-_EQUATOR_SIGN = 1.0
+#: with ``a = EQUATOR_SIGN * theta``. +1 matches ``live_bgsub.geometry``.
+EQUATOR_SIGN = 1.0
 
 _REF_PIXEL_MM = 0.172  # the physical model's reference pixel (Pilatus)
 _PEAK_EXTENT = 5.0  # reflections are evaluated out to this many sigmas
@@ -83,8 +88,8 @@ _M3_NM = 14.3
 
 _BEAM_STOP_MM = 2.4  # beam-stop shadow radius of the presets (14 px on a Pilatus)
 
-# Codes of ``SyntheticPattern._invalid`` (why a pixel is invalid).
-_VALID, _GAP, _DEAD, _BEAM_STOP = 0, 1, 2, 3
+#: Codes of :attr:`SyntheticPattern.invalid` (why a pixel is invalid).
+VALID, GAP, DEAD, BEAM_STOP = 0, 1, 2, 3
 
 #: Detector kinds (``DetectorPreset.kind``) and the bit depths :meth:`SyntheticPattern.raw`
 #: can write for each (the first is the default).
@@ -383,6 +388,10 @@ class SyntheticPattern:
         in the beam-stop shadow and at dead pixels.
     params : dict
         The truth (see :func:`make_pattern` for the keys).
+    invalid : ndarray of int8, optional
+        Why each pixel is invalid: :data:`VALID` (0), :data:`GAP` (detector gap or off
+        the active area), :data:`DEAD` or :data:`BEAM_STOP`; None: every pixel outside
+        ``mask`` is a gap.
     """
 
     frame: np.ndarray
@@ -390,7 +399,7 @@ class SyntheticPattern:
     signal: np.ndarray
     mask: np.ndarray
     params: dict
-    _invalid: np.ndarray = field(repr=False, default=None)
+    invalid: np.ndarray = field(repr=False, default=None)
 
     def raw(self, *, bit_depth: int | None = None) -> np.ndarray:
         """The frame as the detector would write it: its response, dtype and sentinels.
@@ -434,15 +443,15 @@ class SyntheticPattern:
         bits = p.get("bit_depth", _KINDS[kind][0]) if bit_depth is None else bit_depth
         if bits not in _KINDS[kind]:
             raise ValueError(f"a {kind} detector writes bit_depth {' or '.join(map(str, _KINDS[kind]))}, got {bits!r}")
-        invalid = self._invalid if self._invalid is not None else np.where(self.mask, _VALID, _GAP).astype(np.int8)
+        invalid = self.invalid if self.invalid is not None else np.where(self.mask, VALID, GAP).astype(np.int8)
         bias, gain, read_noise = float(p.get("bias", 0.0)), float(p.get("gain", 1.0)), float(p.get("read_noise", 0.0))
         if kind == "photon-counting" and bits == 32 and bias == 0.0 and gain == 1.0 and read_noise == 0.0:
             out = np.rint(self.frame).astype(np.int32)  # today's Pilatus frame, bit for bit
-            out[invalid == _GAP] = -1
-            out[invalid == _DEAD] = -2
-            out[invalid == _BEAM_STOP] = 0
+            out[invalid == GAP] = -1
+            out[invalid == DEAD] = -2
+            out[invalid == BEAM_STOP] = 0
             return out
-        sensitive = (invalid == _VALID) | (invalid == _BEAM_STOP)
+        sensitive = (invalid == VALID) | (invalid == BEAM_STOP)
         response = self.frame.astype(np.float64) * gain  # frame is 0 in the beam-stop shadow
         response += bias
         if read_noise > 0:
@@ -457,8 +466,8 @@ class SyntheticPattern:
         if kind == "ccd":
             return response.astype(np.uint16)
         out = response.astype(np.int32)
-        out[invalid == _GAP] = -1
-        out[invalid == _DEAD] = -2
+        out[invalid == GAP] = -1
+        out[invalid == DEAD] = -2
         return out
 
     def reflection(self, name: str) -> np.ndarray:
@@ -499,7 +508,7 @@ class _Frame:
     def __init__(self, shape, center, rotation_deg):
         self.shape = shape
         self.cx, self.cy = float(center[0]), float(center[1])
-        a = math.radians(_EQUATOR_SIGN * rotation_deg)
+        a = math.radians(EQUATOR_SIGN * rotation_deg)
         self.e = (math.cos(a), math.sin(a))
         self.m = (-math.sin(a), math.cos(a))
 
@@ -743,14 +752,14 @@ def _beam_stop(shape, fr: _Frame, p: dict) -> np.ndarray:
 def _finish(det, fr, p, bg, sig, rng, *, noise, seed):
     """Masks, dead pixels, beam stop and noise; build the SyntheticPattern."""
     h, w = det.shape
-    invalid = np.where(det.valid_mask(), _VALID, _GAP).astype(np.int8)
+    invalid = np.where(det.valid_mask(), VALID, GAP).astype(np.int8)
     n_dead = int(p["n_dead"])
     dy, dx = rng.integers(0, h, n_dead), rng.integers(0, w, n_dead)
-    dead = invalid[dy, dx] == _VALID
-    invalid[dy[dead], dx[dead]] = _DEAD
-    stop = _beam_stop(det.shape, fr, p) & (invalid == _VALID)
-    invalid[stop] = _BEAM_STOP
-    mask = invalid == _VALID
+    dead = invalid[dy, dx] == VALID
+    invalid[dy[dead], dx[dead]] = DEAD
+    stop = _beam_stop(det.shape, fr, p) & (invalid == VALID)
+    invalid[stop] = BEAM_STOP
+    mask = invalid == VALID
     bg32 = np.where(mask, bg, 0).astype(np.float32)
     sig32 = np.where(mask, sig, 0).astype(np.float32)
     lam = bg + sig
@@ -762,7 +771,7 @@ def _finish(det, fr, p, bg, sig, rng, *, noise, seed):
     p["seed"] = seed
     p["n_dead"] = int(dead.sum())
     p["noise"] = bool(noise)
-    return SyntheticPattern(frame=frame, background=bg32, signal=sig32, mask=mask, params=p, _invalid=invalid)
+    return SyntheticPattern(frame=frame, background=bg32, signal=sig32, mask=mask, params=p, invalid=invalid)
 
 
 def make_pattern(
@@ -804,7 +813,7 @@ def make_pattern(
     rotation_deg : float, optional
         Angle (degrees) that brings the equator horizontal, normalised into (-90, 90];
         the equator runs along ``(cos(a), sin(a))`` in (x, y) image coordinates with
-        ``a = _EQUATOR_SIGN * rotation_deg`` (module docstring). Default: uniform in
+        ``a = EQUATOR_SIGN * rotation_deg`` (module docstring). Default: uniform in
         +-``rotation_jitter_deg`` (10 degrees), around 90 degrees when ``vertical``.
     vertical : bool, optional
         Draw a vertical equator (random rotation near +-90 degrees) when
@@ -1016,7 +1025,7 @@ def make_pattern(
         counts=counts,
         center=center,
         rotation_deg=rotation_deg,
-        equator_angle_deg=_EQUATOR_SIGN * rotation_deg,
+        equator_angle_deg=EQUATOR_SIGN * rotation_deg,
         vertical=abs(rotation_deg) > 45.0,
         wavelength_nm=wavelength,
         distance_mm=d10 * s10 * det.pixel_size_mm / wavelength,

@@ -305,8 +305,10 @@ def test_reference_and_general_paths_agree():
     layer = _fold_layer(fold_map, float(np.float32(np.iinfo(np.int32).max)))
     _set_reference(layer, fold_map, frames[0])
     batch = np.stack(frames)
-    fast = [keras.ops.convert_to_numpy(t) for t in layer._fold_reference(layer._table(batch))]  # pixel-major
-    general = [keras.ops.convert_to_numpy(t) for t in layer._fold_general(batch)]
+    # The caller may say which path a batch takes (same=True: the reference validity).
+    *fast, took = (keras.ops.convert_to_numpy(t) for t in layer(batch, same=True))
+    *general, took_general = (keras.ops.convert_to_numpy(t) for t in layer(batch, same=False))
+    assert bool(took) and not bool(took_general)
     np.testing.assert_array_equal(fast[1], general[1])
     np.testing.assert_allclose(fast[0], general[0], rtol=0, atol=FOLD_TOL * _peak(general[0]))
 
@@ -699,7 +701,7 @@ def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
     hm, wm = path.window_shape
     matrix[(hm // 2) * wm + hm // 2, 0] = 1.0  # azimuth 45 degrees: in neither sector
     with pytest.raises(ProcessingError, match="1 pixels outside the 15.0 degree sectors"):
-        path._assign_windows(dataclasses.replace(path.windows, matrix=matrix))
+        path.set_windows(dataclasses.replace(path.windows, matrix=matrix))
 
 
 @pytest.mark.slow  # two callback runs: about 10 s

@@ -327,10 +327,10 @@ def test_an_ioc_killed_mid_run_fails_the_run_and_keeps_its_frames(bank, tmp_path
 
 def test_the_beamline_builds_an_epics_pilatus_for_a_prefix(ioc, tmp_path):
     beamline = Beamline(BeamlineConfig(directory=str(tmp_path), detector="epics", epics_prefix=ioc.prefix))
-    det = beamline._make_detector(tmp_path / "raw")  # connects at once
+    det = beamline.make_detector(tmp_path / "raw")  # connects at once
     assert isinstance(det, EpicsPilatus) and det.prefix == ioc.prefix and det.name == "det"
     assert det.write_path == str(tmp_path / "raw") and det.connected
     # An IOC that is not there stops the beamline at start, naming the prefix.
     absent = Beamline(BeamlineConfig(directory=str(tmp_path), detector="epics", epics_prefix=f"NOIOC{_TOKEN}:", connection_timeout_s=2.0))
     with pytest.raises(EpicsConnectionError, match=f"NOIOC{_TOKEN}:"):
-        absent._make_detector(tmp_path / "raw")
+        absent.make_detector(tmp_path / "raw")

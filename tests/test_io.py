@@ -11,7 +11,7 @@ from fabio.edfimage import EdfImage
 from fabio.tifimage import TifImage
 
 from live_bgsub.errors import ImageReadError
-from live_bgsub.io import BIAS_FLOOR_COUNTS, _header_facts, mask_invalid, read_image, shows_bias_floor
+from live_bgsub.io import BIAS_FLOOR_COUNTS, header_facts, mask_invalid, read_image, shows_bias_floor
 
 PILATUS_HEADER = (
     "# Detector: PILATUS 1M\n# Pixel_size 172e-6 m x 172e-6 m\n# Exposure_time 0.0100000 s\n"
@@ -39,7 +39,7 @@ def test_tiff_sentinels_become_mask(tmp_path):
     assert (~img.mask).sum() == raw.shape[1] + 1
 
 
-def test_cbf_pilatus_header_facts(tmp_path):
+def test_cbf_pilatusheader_facts(tmp_path):
     raw = _pilatus_like(np.random.default_rng(1))
     path = tmp_path / "frame.cbf"
     CbfImage(data=raw, header={"_array_data.header_contents": PILATUS_HEADER}).write(str(path))
@@ -73,17 +73,17 @@ def test_cbf_real_pilatus_layout_with_convention(tmp_path):
 def test_pilatus_lines_follow_their_unit_tokens():
     """Pilatus keys are read in their documented unit (m, angstrom, s) unless the line
     writes another; an unknown unit leaves the fact out rather than guessing."""
-    documented = _header_facts({"Pixel_size": "172e-6 m x 172e-6 m", "Detector_distance": "0.5 m",
+    documented = header_facts({"Pixel_size": "172e-6 m x 172e-6 m", "Detector_distance": "0.5 m",
                                 "Wavelength": "1.0332 A", "Exposure_time": "0.001 s"})  # fmt: skip
     assert documented == pytest.approx(
         {"pixel_size_mm": 0.172, "distance_mm": 500.0, "wavelength_nm": 0.10332, "exposure_s": 0.001}
     )
     # No unit token: the documented unit, whatever the magnitude (a 0.015 m distance stays 15 mm).
-    bare = _header_facts({"Detector_distance": "0.015", "Wavelength": "0.9"})
+    bare = header_facts({"Detector_distance": "0.015", "Wavelength": "0.9"})
     assert bare == pytest.approx({"distance_mm": 15.0, "wavelength_nm": 0.09})
-    written = _header_facts({"Detector_distance": "3400 mm", "Exposure_time": "10 ms"})
+    written = header_facts({"Detector_distance": "3400 mm", "Exposure_time": "10 ms"})
     assert written == pytest.approx({"distance_mm": 3400.0, "exposure_s": 0.01})
-    assert _header_facts({"Detector_distance": "3 furlongs"}) == {}
+    assert header_facts({"Detector_distance": "3 furlongs"}) == {}
 
 
 def test_edf_float_nan_and_negative_masked(tmp_path):
@@ -248,7 +248,7 @@ MARCCD_GEOMETRY = {"pixelsize_x": 79000, "pixelsize_y": 79000, "xtal_to_detector
 @pytest.mark.parametrize("name,big_endian,fabio_class", [
     ("frame.tif", False, "TifImage"), ("frame.mccd", False, "MarccdImage"), ("frame_be.tif", True, "TifImage"),
 ])  # fmt: skip
-def test_marccd_header_facts(tmp_path, name, big_endian, fabio_class):
+def test_marccdheader_facts(tmp_path, name, big_endian, fabio_class):
     """MarCCD units: pixel size in nm, distance in 1000 * mm, wavelength in fm, exposure
     in ms, beam centre in 1000 * pixels. fabio reads the pixels (as a TifImage unless the
     file is named *.mccd) but not this header: it is read from byte 1024."""

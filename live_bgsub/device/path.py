@@ -292,7 +292,7 @@ class DevicePath:
         self._staging = {}
         self._validity_test = validity_test(upload, sentinel, fm.mask if static else None) if host_validity else None
         if self.windows is not None:
-            self._assign_windows(self.windows)
+            self.set_windows(self.windows)
 
     @staticmethod
     def _pad(values, shape, device_shape, fill):
@@ -303,7 +303,14 @@ class DevicePath:
         pad = [(0, 0)] * len(lead) + [(0, hd - h), (0, wd - w)]
         return np.pad(grid, pad, constant_values=fill).reshape(*lead, hd * wd)
 
-    def _assign_windows(self, fit: WindowFit) -> None:
+    def set_windows(self, fit: WindowFit) -> None:
+        """Load a window fit's weights onto the device (the metrics of every later batch).
+
+        The first frames with an equator set them (:func:`fit_windows`); a caller
+        holding a fit of the run may give one. Sets :attr:`windows`. Raises
+        ``ProcessingError`` when ``fit`` weights pixels outside the sectors the device's
+        window support holds (:func:`window_support`): a bug, not bad data.
+        """
         weights = self._pad(fit.matrix.T, self.window_shape, self.device_window_shape, 0)
         stray = np.any(np.delete(weights, self._support, axis=1), axis=0)
         if stray.any():
@@ -314,6 +321,7 @@ class DevicePath:
             )
         self.pipeline.window_weights.assign(weights[:, self._support])
         self.pipeline.reference.assign(self._reference_vector(fit))
+        self.windows = fit
 
     def _reference_vector(self, fit: WindowFit) -> np.ndarray:
         """S10 and M3 of the fit, ``wavelength * distance / pixel`` (NaN unknown), found flags."""
@@ -592,8 +600,7 @@ class DevicePath:
             self._attempts += 1
             fit = fit_windows(corrected[i], valid, sector_deg=self.sector_deg, rmax=self.rmax, shape=self.window_shape, **self.roi)
             if fit.equator_found:
-                self.windows = fit
-                self._assign_windows(fit)
+                self.set_windows(fit)
                 return True
         return False
 

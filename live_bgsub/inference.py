@@ -21,7 +21,7 @@ import numpy as np
 from .errors import LiveBgsubError
 from .resample import block_mean, upsample_linear
 
-__all__ = ["BackgroundModel", "DETECTOR_UNITS", "ModelError", "SHIPPED_MODELS", "shipped_model_path", "MODEL_PREFIX"]
+__all__ = ["BackgroundModel", "DETECTOR_UNITS", "ModelError", "SHIPPED_MODELS", "model_card", "shipped_model_path", "MODEL_PREFIX"]
 
 #: Names of the models shipped in ``live_bgsub/weights/`` (their weights, cards and training histories).
 SHIPPED_MODELS = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian", "mixed", "synthetic-truth")
@@ -41,6 +41,20 @@ class ModelError(LiveBgsubError, ValueError):
 def shipped_model_path(name: str) -> Path:
     """Path of a shipped model's ``.keras`` file."""
     return Path(str(resources.files("live_bgsub") / "weights" / f"{name}.keras"))
+
+
+def model_card(name_or_path) -> dict:
+    """A model's card (``docs/model.md``), read without loading the model or Keras.
+
+    ``name_or_path`` as :meth:`BackgroundModel.load`; ``{}`` when the model has no card.
+
+    Raises
+    ------
+    ModelError
+        When the name is unknown or the file is missing.
+    """
+    card_path = _resolve(name_or_path).with_suffix(".json")
+    return json.loads(card_path.read_text()) if card_path.exists() else {}
 
 
 def _resolve(name_or_path) -> Path:
@@ -132,9 +146,7 @@ class BackgroundModel:
             model = keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as exc:  # keras raises many types for a bad file
             raise ModelError(f"{str(path)!r} is not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
-        card_path = path.with_suffix(".json")
-        card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        return cls(model, card, str(path), allow_independent=allow_independent)
+        return cls(model, model_card(path), str(path), allow_independent=allow_independent)
 
     def card_sha256(self) -> str:
         """SHA-256 of the model card file (identifies the model in derived runs)."""

@@ -43,7 +43,8 @@ class ProcessingOptions:
     downsample : int or None
         Working resolution (1: full resolution). Default: the method's own,
         :data:`live_bgsub.background.WORKING_DOWNSAMPLE` (2, MuscleX's) for a classical
-        method; for a model None, its card's (a model accepts only its own).
+        method; for a model None, its card's (a model accepts only its own: its own
+        value given is stored as None, so that both spellings are one processing).
     """
 
     method: str = DEFAULT_METHOD
@@ -61,10 +62,21 @@ class ProcessingOptions:
             raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         if self.is_model and self.params:
             raise ValueError(f"a model takes no parameters, got {self.params!r} for {self.method}")
-        if self.downsample is None and not self.is_model:  # one spelling of one processing
+        # One spelling of one processing (a bus job's key is its processing): a classical
+        # method's default resolution is written out; a model's own is left out.
+        if self.downsample is None and not self.is_model:
             from .background import WORKING_DOWNSAMPLE
 
             object.__setattr__(self, "downsample", WORKING_DOWNSAMPLE)
+        elif self.downsample is not None and self.is_model:
+            from .inference import ModelError, model_card
+
+            try:
+                own = int(model_card(self.method).get("downsample", 1))
+            except (ModelError, OSError, ValueError):
+                own = None  # not here (another host's path) or not a model: step() says so
+            if own == self.downsample:
+                object.__setattr__(self, "downsample", None)
 
     @property
     def is_model(self) -> bool:

@@ -7,6 +7,7 @@ import pytest
 from live_bgsub.background import WORKING_DOWNSAMPLE
 from live_bgsub.beamline import BeamlineConfig
 from live_bgsub.bus.cli import compose_main
+from live_bgsub.bus.jetstream import job_key
 from live_bgsub.cli import main
 from live_bgsub.engine import make_step
 from live_bgsub.inference import ModelError
@@ -98,3 +99,10 @@ def test_a_model_runs_at_its_own_working_resolution_only():
     assert make_step("model:white-top-hat", downsample=card).describe()["downsample"] == card
     with pytest.raises(ModelError, match=rf"^downsample 1 given, but model:white-top-hat works at downsample {card} \(its card\)"):
         make_step("model:white-top-hat", downsample=1)
+    # Its own resolution named or not is one processing (one bus job, one derived run);
+    # another stays as asked, for step() to refuse in one line.
+    named = ProcessingOptions.parse("model:white-top-hat", [], card)
+    assert named == ProcessingOptions("model:white-top-hat") and named.downsample is None
+    assert job_key("u", named.callback_kwargs()) == job_key("u", ProcessingOptions("model:white-top-hat").callback_kwargs())
+    assert ProcessingOptions("model:white-top-hat", {}, 1).downsample == 1
+    assert ProcessingOptions("model:/nowhere/else.keras", {}, 2).downsample == 2  # another host's path: as given

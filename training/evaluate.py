@@ -294,7 +294,7 @@ def truth_scores(corrected, truth, mask, *, input_max, truth_params=None, downsa
         ``mae``, ``psnr``, ``mae_roi``, ``psnr_roi``, and with ``truth_params``
         ``i11_i10_rel_err`` and ``s10_err_px`` (NaN when no equator was found).
     """
-    from live_bgsub.metrics import center_roi, mae, psnr, roi_metrics
+    from live_bgsub.metrics import center_roi, mae, psnr
 
     s = float(input_max) if input_max > 0 else 1.0
     roi_mask = center_roi(mask)
@@ -305,11 +305,7 @@ def truth_scores(corrected, truth, mask, *, input_max, truth_params=None, downsa
         "psnr_roi": min(psnr(center_roi(corrected) / s, center_roi(truth) / s, mask=roi_mask), 200.0),
     }
     if truth_params and "i11_i10" in truth_params:
-        try:
-            m = roi_metrics(corrected, mask=mask)
-            ratio, s10 = m.get("i11_i10", math.nan), m.get("s10_px", math.nan)
-        except Exception:  # noqa: BLE001  (a failed read of the equator counts as "not found")
-            ratio, s10 = math.nan, math.nan
+        ratio, s10, _ = _equator_reading(corrected, mask)
         t = truth_params["i11_i10"]
         out["i11_i10_rel_err"] = abs(ratio - t) / t if np.isfinite(ratio) else math.nan
         s10_full = s10 * downsample + (downsample - 1) / 2.0

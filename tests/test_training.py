@@ -150,6 +150,53 @@ def test_augmentation_redoses_counts_and_scales_the_truth(synthetic_folds):
     assert D.augment_folds(folds[:2], 2, seed=1)[0].fold.tobytes() == copies[0].fold.tobytes()
 
 
+def _ring_fold(radius=20.0, shape=(64, 64)):
+    """A synthetic-like fold: a thin ring of signal at ``radius`` over a flat 50 counts."""
+    r = np.hypot(*np.indices(shape, dtype=np.float64))
+    truth = (400.0 * np.exp(-0.5 * ((r - radius) / 1.5) ** 2)).astype(np.float32)
+    expected = truth + 50.0
+    return D.SourceFold("synthetic:ring:0", "synthetic:ring", expected.copy(), np.ones(shape, bool),
+                        np.ones(shape, np.float32), truth=truth, expected=expected, info={"kind": "synthetic"})
+
+
+def test_detector_augmentation_varies_the_setup_and_keeps_truth_and_input_together():
+    f = _ring_fold()
+    copies = D.augment_folds([f], 16, scale=(0.5, 2.0), seed=3, detector=True)
+    plain = D.augment_folds([f], 16, scale=(0.5, 2.0), seed=3)
+    a = D.DETECTOR_AUGMENTATION
+    depths, gaps = set(), 0
+    for c, p in zip(copies, plain):
+        d = c.info["detector"]
+        assert c.info["dose_scale"] == p.info["dose_scale"]  # the dose draw is the plain copy's
+        assert a["zoom"][0] <= d["zoom"] <= a["zoom"][1] and abs(d["rotation_residue_deg"]) <= a["rotation_deg"]
+        # S10 scale: the ring moves to zoom x its radius, in the truth and in the input alike.
+        for image in (c.truth, c.expected):
+            row = np.where(c.mask[0], image[0], -np.inf)
+            assert int(np.argmax(row)) == pytest.approx(20.0 * d["zoom"], abs=1.0)
+        assert np.all(c.truth[~c.mask] == 0) and np.all(c.fold[~c.mask] == 0) and np.all(c.samples[~c.mask] == 0)
+        # The beam stop and the gap band are masked.
+        r = np.hypot(*np.indices(f.fold.shape))
+        assert not c.mask[r < d["beam_stop_px"]].any()
+        if d["gap"] is not None:
+            axis, start, width = d["gap"]
+            band = c.mask[start : start + width] if axis == 0 else c.mask[:, start : start + width]
+            assert band.size and not band.any()
+            gaps += 1
+        depths.add(d["bit_depth"])
+        if d["bit_depth"] == 8:  # 255 steps of one size
+            steps = np.unique(c.fold[c.mask])
+            assert len(steps) <= 256
+            q = steps.max() / 255  # the brightest pixels saturate at 255 steps
+            np.testing.assert_allclose(steps / q, np.round(steps / q), atol=1e-3)
+        if d["bit_depth"] != 8:  # re-dosed photons: the mean dose kept (2 %)
+            assert np.sum(c.fold[c.mask]) == pytest.approx(np.sum(c.expected[c.mask]), rel=0.02)
+    assert depths == set(a["bit_depths"]) and 0 < gaps < len(copies)
+    # Off by default, and the data key of a configuration without it is unchanged.
+    assert "detector" not in plain[0].info
+    assert "augment_detector" not in D.DataConfig(synthetic=2).to_dict()
+    assert D.DataConfig(synthetic=2, augment_detector=True).key() != D.DataConfig(synthetic=2).key()
+
+
 def test_a_ccd_family_is_folded_as_the_detector_writes_it():
     """A MAR 165 fold carries the CCD's bias (100) and read noise, as its uint16 file does;
     the truth stays the signal and ``expected`` the reading's mean, so the oracle (fold

@@ -179,6 +179,10 @@ class DataConfig:
         Augmented copies per training fold (0: none).
     augment_scale : (float, float)
         Range of the dose factor of augmented copies (log-uniform).
+    augment_detector : bool
+        Augmented copies also vary what a detector and its set-up change
+        (:func:`augment_folds`): S10 scale, a rotation residue, beam-stop and gap masks,
+        bit depth.
     max_frames_per_file : int
         Frames read from one multi-frame file at most.
     seed : int
@@ -203,6 +207,7 @@ class DataConfig:
     split: tuple = (0.8, 0.1, 0.1)
     augment: int = 0
     augment_scale: tuple = (0.5, 2.0)
+    augment_detector: bool = False
     max_frames_per_file: int = 100
     seed: int = 0
 
@@ -265,6 +270,8 @@ class DataConfig:
         lo, hi = self.augment_scale
         if not 0 < lo <= hi:
             raise ValueError(f"augment_scale must be (low, high) with 0 < low <= high, got {[lo, hi]}")
+        if not isinstance(self.augment_detector, bool):
+            raise ValueError(f"augment_detector must be true or false, got {self.augment_detector!r}")
         if not self.synthetic_counts > 0:
             raise ValueError(f"synthetic_counts must be positive, got {self.synthetic_counts!r}")
         from live_bgsub.synth import PRESETS
@@ -301,6 +308,8 @@ class DataConfig:
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        if not d["augment_detector"]:
+            del d["augment_detector"]  # the key of a dataset built before it existed stays
         return d
 
     def key(self) -> str:
@@ -925,37 +934,123 @@ def split_folds(folds: Sequence[SourceFold], fractions=(0.8, 0.1, 0.1), *, seed:
 # --------------------------------------------------------------------------- augmentation
 
 
-def _augmented(f: SourceFold, j: int, scale, seed: int) -> SourceFold:
+#: Ranges of the detector augmentation (``augment_detector``): the S10 scale (zoom of the
+#: fold about the beam centre, log-uniform), the rotation residue (degrees either way of
+#: the equator: a fold of a pattern rotated by ``delta`` averages it at ``+delta`` and
+#: ``-delta``), the beam-stop radius (fraction of the fold's shorter side), the chance of
+#: a gap band and its width (working pixels), and the bit depths drawn from.
+DETECTOR_AUGMENTATION = {
+    "zoom": (0.8, 1.25),
+    "rotation_deg": 1.0,
+    "beam_stop": (0.0, 0.08),
+    "gap_probability": 0.5,
+    "gap_width_px": (1, 6),
+    "bit_depths": (32, 16, 8),
+}
+
+
+def _warp(image, coords, order):
+    """``image`` read at fold coordinates ``coords`` (2, rows, cols): a fold is mirror
+    symmetric about both axes, so a negative coordinate reads its mirror."""
+    from scipy import ndimage
+
+    return ndimage.map_coordinates(image, np.abs(coords), order=order, mode="nearest")
+
+
+def _vary_detector(f: SourceFold, base: np.ndarray, rng):
+    """The fold as another set-up would have seen it (:data:`DETECTOR_AUGMENTATION`):
+    ``(base, truth, expected, mask, samples, info)`` zoomed about the beam centre,
+    averaged over a rotation residue either way, with a beam stop and maybe a gap band
+    added to its mask."""
+    a = DETECTOR_AUGMENTATION
+    zoom = float(math.exp(rng.uniform(*np.log(a["zoom"]))))
+    delta = math.radians(float(rng.uniform(-a["rotation_deg"], a["rotation_deg"])))
+    rows, cols = f.fold.shape
+    ii, jj = np.indices((rows, cols), dtype=np.float64)
+    fields = {"base": base, "truth": f.truth, "expected": f.expected}
+    out = {k: 0.0 for k, v in fields.items() if v is not None}
+    mask = np.ones((rows, cols), bool)
+    samples = None
+    for sign in (1.0, -1.0):
+        c, sn = math.cos(sign * delta), math.sin(sign * delta)
+        coords = np.stack([(c * ii - sn * jj) / zoom, (sn * ii + c * jj) / zoom])
+        inside = (np.abs(coords[0]) <= rows - 1) & (np.abs(coords[1]) <= cols - 1)
+        # valid only where every pixel the interpolation reads is valid
+        mask &= inside & (_warp(f.mask.astype(np.float64), coords, 1) > 1 - 1e-9)
+        for k in out:
+            out[k] = out[k] + 0.5 * _warp(np.asarray(fields[k], np.float64), coords, 1)
+        n = _warp(np.asarray(f.samples, np.float64), coords, 0)
+        samples = n if samples is None else np.minimum(samples, n)
+    r_stop = float(rng.uniform(*a["beam_stop"])) * min(rows, cols)
+    mask &= np.hypot(ii, jj) >= r_stop
+    gap = None
+    if rng.uniform() < a["gap_probability"]:
+        axis = int(rng.integers(2))
+        width = int(rng.integers(a["gap_width_px"][0], a["gap_width_px"][1] + 1))
+        start = int(rng.integers(max(1, int(0.1 * f.fold.shape[axis])), max(2, int(0.9 * f.fold.shape[axis]))))
+        band = (slice(start, start + width), slice(None)) if axis == 0 else (slice(None), slice(start, start + width))
+        mask[band] = False
+        gap = [axis, start, width]
+    samples = np.where(mask, samples, 0).astype(f.samples.dtype)
+    info = {"zoom": zoom, "rotation_residue_deg": math.degrees(delta), "beam_stop_px": r_stop, "gap": gap}
+    return out["base"], out.get("truth"), out.get("expected"), mask, samples, info
+
+
+def _bit_depth(fold, mask, depth: int):
+    """A fold as an image of ``depth`` bits would hold it: 16 bits saturate at 65535; 8
+    bits hold the counts rescaled so that the brightest 0.1 % of pixels saturate, rounded
+    (the scale is undone: the fold stays in counts, with 8-bit steps)."""
+    if depth == 16:
+        return np.minimum(fold, 65535.0)
+    if depth == 8:
+        top = float(np.quantile(fold[mask], 0.999)) if mask.any() else 0.0
+        if top <= 0:
+            return fold
+        k = 255.0 / top
+        return np.clip(np.round(fold * k), 0, 255) / k
+    return fold
+
+
+def _augmented(f: SourceFold, j: int, scale, seed: int, detector: bool = False) -> SourceFold:
     # seeded by the fold's id and the copy, not by its place in a list: a fold gets the
     # same copies in every dataset that holds it (build_datasets makes them once)
     lo, hi = scale
     rng = np.random.default_rng([int(seed), 7919, zlib.crc32(f.id.encode()), int(j)])
     s = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     base = f.expected if f.expected is not None else f.fold
+    truth, expected, mask, samples, varied = f.truth, f.expected, f.mask, f.samples, {}
+    if detector:
+        # its own stream: the dose and noise draws below are those of the plain copy
+        vary = np.random.default_rng([int(seed), 104729, zlib.crc32(f.id.encode()), int(j)])
+        base, truth, expected, mask, samples, varied = _vary_detector(f, base, vary)
+        varied["bit_depth"] = int(vary.choice(DETECTOR_AUGMENTATION["bit_depths"]))
     # The photons are re-dosed; a synthetic CCD's bias and read noise are the detector's,
     # not photons: taken off, and drawn again for the mean of ``n`` samples.
     response = f.info.get("response") or {}
     gain, bias, read_noise = (float(response.get(k, d)) for k, d in (("gain", 1.0), ("bias", 0.0), ("read_noise", 0.0)))
-    n = np.where(f.mask, f.samples, 0).astype(np.float64)
+    n = np.where(mask, samples, 0).astype(np.float64)
     lam = np.clip(s * (base.astype(np.float64) - bias) / gain * n, 0, None)
     counts = rng.poisson(lam).astype(np.float64)
     total = gain * counts + bias * n
     if read_noise > 0:
         total += read_noise * np.sqrt(n) * rng.standard_normal(n.shape)
-    fold = np.where(n > 0, total / np.maximum(n, 1), 0).astype(np.float32)
+    fold = np.where(n > 0, total / np.maximum(n, 1), 0)
+    if detector:
+        fold = np.where(n > 0, _bit_depth(fold, n > 0, varied["bit_depth"]), 0)
     return SourceFold(
         f"{f.id}#aug{j}",
         f.source,
-        fold,
-        f.mask.copy(),
-        f.samples,
-        truth=None if f.truth is None else (s * f.truth).astype(np.float32),
-        expected=None if f.expected is None else (s * (f.expected - bias) + bias).astype(np.float32),
-        info={**f.info, "augmented_from": f.id, "dose_scale": s},
+        fold.astype(np.float32),
+        mask.copy(),
+        samples,
+        truth=None if truth is None else (s * (np.where(mask, truth, 0) if detector else truth)).astype(np.float32),
+        expected=None if expected is None else (s * (expected - bias) + bias).astype(np.float32),
+        info={**f.info, "augmented_from": f.id, "dose_scale": s, **({"detector": varied} if detector else {})},
     )
 
 
-def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0), seed: int = 0, memo=None) -> list:
+def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0), seed: int = 0, memo=None,
+                  detector: bool = False) -> list:
     """``copies`` re-dosed copies of each fold (Poisson re-sampling of the counts).
 
     Copy ``j`` of a fold draws a dose factor ``s`` log-uniformly in ``scale`` and new
@@ -967,6 +1062,14 @@ def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0),
     A copy depends on ``seed``, the fold's id and ``j`` only; ``memo`` (a dict) keeps
     copies across calls.
 
+    With ``detector``, before the dose each copy is also seen by another set-up
+    (:data:`DETECTOR_AUGMENTATION`, drawn from a stream of its own): zoomed about the
+    beam centre (S10 scale), averaged over a rotation residue ``+-delta`` (what a fold of
+    a pattern rotated by ``delta`` holds), with a beam stop of random radius at the
+    centre and, one time in two, a gap band across it; and after the dose written at a
+    bit depth of 32 (as is), 16 (saturating at 65535) or 8 (255 steps). What was drawn
+    is in the copy's ``info["detector"]``.
+
     Returns
     -------
     list of SourceFold
@@ -977,9 +1080,9 @@ def augment_folds(folds: Sequence[SourceFold], copies: int, *, scale=(0.5, 2.0),
     out = []
     for f in folds:
         for j in range(1, copies + 1):
-            key = ("augment", f.id, j, scale, int(seed))
+            key = ("augment", f.id, j, scale, int(seed), bool(detector))
             if key not in memo:
-                memo[key] = _augmented(f, j, scale, seed)
+                memo[key] = _augmented(f, j, scale, seed, bool(detector))
             out.append(memo[key])
     return out
 
@@ -1263,7 +1366,10 @@ def build_dataset(
     splits = split_folds(kept, config.split, seed=config.seed)
     train_folds = list(splits["train"])
     if config.augment:
-        train_folds += augment_folds(splits["train"], config.augment, scale=config.augment_scale, seed=config.seed, memo=memo)
+        train_folds += augment_folds(
+            splits["train"], config.augment, scale=config.augment_scale, seed=config.seed, memo=memo,
+            detector=config.augment_detector,
+        )
     mk = {
         "targets": config.targets,
         "downsample": config.downsample,

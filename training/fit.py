@@ -69,6 +69,7 @@ DEFAULTS = {
     "split": [0.8, 0.1, 0.1],
     "augment": 0,
     "augment_scale": [0.5, 2.0],
+    "augment_detector": False,
     "max_frames_per_file": 100,
     "similarity_n": 0,
     "similarity_methods": list(PAPER_METHODS),
@@ -106,7 +107,7 @@ _RESUMABLE_KEYS = {"epochs", "patience", "out", "cache", "verbose", "similarity_
 _DATA_KEYS = {
     "images", "synthetic", "synthetic_preset", "leave_out", "synthetic_seed", "synthetic_counts", "tiled", "runs",
     "tiled_query", "tiled_key", "targets", "target_params", "downsample", "input_size", "discard", "split",
-    "augment", "augment_scale", "max_frames_per_file", "seed",
+    "augment", "augment_scale", "augment_detector", "max_frames_per_file", "seed",
 }  # fmt: skip
 
 
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help=f"split fractions (default {d['split']})")
     g.add_argument("--augment", type=at_least(0), metavar="K", help=f"Poisson re-dosed copies per training fold (default {d['augment']})")
     g.add_argument("--augment-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"dose factor range of the copies (default {d['augment_scale']})")
+    g.add_argument("--augment-detector", action=argparse.BooleanOptionalAction,
+                   help="the copies also vary S10 scale, rotation residue, beam-stop and gap masks and bit depth "
+                   f"(training.data.DETECTOR_AUGMENTATION; default {'on' if d['augment_detector'] else 'off'})")
     g.add_argument("--similarity-n", type=at_least(0), metavar="N", help=f"print the method-similarity report on N folds, 0 = skip (default {d['similarity_n']})")
     g.add_argument("--similarity-methods", nargs="+", metavar="METHOD", help="methods of the similarity report (default: the paper's six)")
     g = ap.add_argument_group("model and loss")

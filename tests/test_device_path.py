@@ -693,7 +693,7 @@ def test_window_support_holds_the_fitted_weights(pilatus_run):
 
 
 @pytest.mark.slow  # a Pilatus 1M run on the device path: about 10 s, once per module
-def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
+def test_window_weights_outside_the_sectors_or_of_another_shape_are_refused(pilatus_run):
     import dataclasses
 
     path = pilatus_run["path"]
@@ -702,6 +702,9 @@ def test_window_weights_outside_the_sectors_are_refused(pilatus_run):
     matrix[(hm // 2) * wm + hm // 2, 0] = 1.0  # azimuth 45 degrees: in neither sector
     with pytest.raises(ProcessingError, match="1 pixels outside the 15.0 degree sectors"):
         path.set_windows(dataclasses.replace(path.windows, matrix=matrix))
+    small = (hm - 1, wm)
+    with pytest.raises(ProcessingError, match=rf"window fit of shape \({hm - 1}, {wm}\).*expected this path's window shape \({hm}, {wm}\)"):
+        path.set_windows(dataclasses.replace(path.windows, shape=small, matrix=matrix[: small[0] * small[1]]))
 
 
 @pytest.mark.slow  # two callback runs: about 10 s

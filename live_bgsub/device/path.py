@@ -311,6 +311,11 @@ class DevicePath:
         ``ProcessingError`` when ``fit`` weights pixels outside the sectors the device's
         window support holds (:func:`window_support`): a bug, not bad data.
         """
+        if tuple(fit.shape) != tuple(self.window_shape) or fit.matrix.shape[0] != fit.shape[0] * fit.shape[1]:
+            raise ProcessingError(
+                f"window fit of shape {tuple(fit.shape)} ({fit.matrix.shape[0]} rows), expected this path's "
+                f"window shape {tuple(self.window_shape)}"
+            )
         weights = self._pad(fit.matrix.T, self.window_shape, self.device_window_shape, 0)
         stray = np.any(np.delete(weights, self._support, axis=1), axis=0)
         if stray.any():

@@ -574,6 +574,12 @@ def test_evaluate_prints_the_tables_and_writes_the_figure(tiny_run, tmp_path, ca
     s = report["truth"]["summary"]
     assert s["oracle"]["psnr"] > s["white-top-hat"]["psnr"]  # the truth's own floor is best
     assert report["truth"]["n"] == 2
+    # Per source (one here): the same medians, and the gain over the best method there.
+    [(source, e)] = report["truth"]["per_source"].items()
+    assert source == "synthetic:pilatus-1m" and e["n"] == 2 and "| synthetic:pilatus-1m | 2 |" in text
+    assert e["model_psnr_roi"] == pytest.approx(s["model:white-top-hat"]["psnr_roi"])
+    assert e["best"] in ("white-top-hat", "circularly-symmetric")
+    assert e["gain_db"] == pytest.approx(e["model_psnr_roi"] - s[e["best"]]["psnr_roi"])
     agreement = report["metrics_agreement"]["groups"]["white-top-hat"]
     assert agreement["n"] == 2 and agreement["both"] + agreement["model_only"] + agreement["target_only"] <= 2
     assert "Metrics from the model's output against its method's" in text

@@ -83,6 +83,11 @@ class ProcessingStep:
         """Raise ValueError when the step cannot run on folds of ``fold_shape`` (a
         length parameter past the fold, a working resolution that leaves too little)."""
 
+    def doubts(self, fold, mask) -> list:
+        """Why the step's output on this fold is not to be trusted (empty: none); the
+        frame's metrics verdict carries them."""
+        return []
+
 
 class _ClassicalStep(ProcessingStep):
     def __init__(self, method: str, params: dict, downsample: int):
@@ -125,6 +130,9 @@ class _ModelStep(ProcessingStep):
 
     def subtract(self, folds, masks):
         return self.model.subtract(folds, masks, batch_size=max(1, len(folds)))
+
+    def doubts(self, fold, mask):
+        return self.model.domain_doubts(fold, mask)
 
     def describe(self):
         return {
@@ -395,6 +403,13 @@ class Engine:
             m = {k: float("nan") for k in METRIC_KEYS}
             reason = f"metrics failed: {_describe(exc)}"
             m.update(equator_found=False, reason=reason, quality={"verdict": "no equator", "reasons": [reason], "evidence": {}})
+        valid = result.count > 0
+        doubts = self.step.doubts(np.where(valid, result.corrected + result.background, 0), valid)
+        if doubts:
+            quality = m.setdefault("quality", {"verdict": "good", "reasons": [], "evidence": {}})
+            quality["reasons"] = list(quality.get("reasons", [])) + doubts
+            if quality.get("verdict") == "good":
+                quality["verdict"] = "doubtful"
         result.metrics = m
         result.timings_s["metrics"] = time.perf_counter() - t
 

@@ -21,13 +21,20 @@ import numpy as np
 from .errors import LiveBgsubError
 from .resample import block_mean, upsample_linear
 
-__all__ = ["BackgroundModel", "DETECTOR_UNITS", "ModelError", "SHIPPED_MODELS", "model_card", "shipped_model_path", "MODEL_PREFIX"]
+__all__ = [
+    "BackgroundModel", "DETECTOR_UNITS", "MAX_FLOOR_FRACTION", "ModelError", "SHIPPED_MODELS", "model_card",
+    "shipped_model_path", "MODEL_PREFIX",
+]  # fmt: skip
 
 #: Names of the models shipped in ``live_bgsub/weights/`` (their weights, cards and training histories).
 SHIPPED_MODELS = ("white-top-hat", "circularly-symmetric", "smoothed-gaussian", "mixed", "synthetic-truth")
 
 #: Method names of the form ``model:NAME`` or ``model:PATH`` select a model.
 MODEL_PREFIX = "model:"
+
+#: Floor of a fold (its 1st percentile over its maximum) from which a model that divides
+#: by the maximum doubts its output (:meth:`BackgroundModel.domain_doubts`).
+MAX_FLOOR_FRACTION = 0.05
 
 #: Normalisations whose outputs go back to detector units at inference
 #: (``live_bgsub.model.NORMALIZATIONS``; "independent" needs the target's own maximum).
@@ -173,6 +180,36 @@ class BackgroundModel:
                 f"(its card): leave the option out or give {self.downsample}"
             )
         return self.downsample
+
+    def domain_doubts(self, fold, mask=None) -> list:
+        """Why this model's output on ``fold`` is outside what it was trained on (empty: no doubt).
+
+        A model that divides by the fold's maximum ("unified", "independent": the paper's
+        normalisation) learned folds whose floor is near 0, as photon-counting detectors
+        write them (the development frames: at most 1.7 % of the maximum). A fold whose
+        floor (1st percentile of its valid pixels, as :func:`live_bgsub.model.robust_levels`
+        takes it) is :data:`MAX_FLOOR_FRACTION` of its maximum or more (a CCD's bias:
+        35-55 % on the synthetic CCD families) is not that; a "robust" model takes the
+        floor off first and has no such doubt.
+        """
+        if self.normalization == "robust":
+            return []
+        from .model.preprocessing import robust_levels
+
+        fold = np.asarray(fold, np.float64)
+        valid = np.isfinite(fold) if mask is None else (np.asarray(mask, bool) & np.isfinite(fold))
+        if not valid.any():
+            return []
+        offset, _, scale = robust_levels(np.where(valid, fold, 0)[None], valid[None])
+        top = float(offset[0] + scale[0])
+        fraction = float(offset[0]) / top if top > 0 else 0.0
+        if fraction < MAX_FLOOR_FRACTION:
+            return []
+        return [
+            f"model:{self.name} divides by the fold's maximum ({self.normalization} normalisation, its card) and this "
+            f"fold's floor is {offset[0]:.4g} counts, {100 * fraction:.0f} % of its maximum (a detector's bias?): "
+            "outside what the model was trained on"
+        ]
 
     def warmup(self, fold_shape, batch_size: int = 1) -> None:
         """Run the model once on zeros of ``fold_shape`` (first-call graph tracing)."""

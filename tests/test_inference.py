@@ -93,3 +93,33 @@ def test_cli_model_path(tmp_path):
         np.testing.assert_allclose(h5["background"][()], 0, atol=1e-4)  # zero head: no background (float rounding)
     assert main(["process", str(image), "--method", f"model:{path}", "--param", "x=1", "--out", str(out)]) == 2
     assert main(["process", str(image), "--method", "model:nope", "--out", str(out)]) == 2
+
+
+def test_a_model_that_divides_by_the_maximum_doubts_a_fold_with_a_floor(tmp_path):
+    """A 'unified' model on a fold with a bias (a CCD's) says so in the frame's verdict;
+    the same fold without the bias, or a 'robust' model, raises no such doubt."""
+    from live_bgsub.engine import Engine, make_step
+    from live_bgsub.geometry import Geometry
+    from live_bgsub.inference import MAX_FLOOR_FRACTION
+    from live_bgsub.synth import make_pattern
+
+    p = make_pattern("mar165", seed=11)
+    biased = p.raw().astype(np.float32)  # bias 100: the floor is ~half the maximum
+    unbiased = np.where(p.mask, p.frame, 0).astype(np.float32)
+    unified = BackgroundModel.load(_constant_background_model(tmp_path, 0.0, downsample=2, name="flat"))
+    robust = BackgroundModel.load(_constant_background_model(tmp_path, 0.0, downsample=2, normalization="robust", name="flatr"))
+    geometry = Geometry(p.params["center"], p.params["rotation_deg"])
+
+    def verdict(model, frame):
+        [result] = Engine(make_step(model), geometry, frame.shape, p.mask).process([frame])
+        assert result.ok, result.error
+        return result.metrics["quality"]
+
+    q = verdict(unified, biased)
+    assert q["verdict"] in ("doubtful", "no equator")
+    [doubt] = [r for r in q["reasons"] if r.startswith("model:flat divides by the fold's maximum")]
+    assert "unified normalisation" in doubt and "% of its maximum" in doubt
+    fraction = float(doubt.split("counts, ")[1].split(" %")[0]) / 100
+    assert fraction >= MAX_FLOOR_FRACTION
+    assert not any("divides by the fold's maximum" in r for r in verdict(unified, unbiased)["reasons"])
+    assert not any("divides by the fold's maximum" in r for r in verdict(robust, biased)["reasons"])

@@ -744,3 +744,26 @@ def test_a_second_run_reuses_the_compiled_function(tmp_path):
         np.testing.assert_allclose(a.corrected, e.corrected, rtol=0, atol=FP32_TOL * _peak(e.corrected + e.background))
         for key in ("i10", "i11", "i11_i10", "s10_px", "tdi"):
             assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-6, nan_ok=True), key
+
+
+def test_a_unified_model_doubts_a_biased_run_on_the_device_as_on_the_host(tmp_path):
+    """The device path's verdict carries the model's doubt about its input (a floor of
+    5 % of the maximum or more under a model that divides by the maximum), as the engine's."""
+    import json
+    import shutil
+
+    from live_bgsub.inference import shipped_model_path
+
+    src = shipped_model_path("white-top-hat")
+    shutil.copy(src, tmp_path / "unified.keras")
+    card = json.loads(src.with_suffix(".json").read_text()) | {"name": "unified", "normalization": "unified"}
+    (tmp_path / "unified.json").write_text(json.dumps(card))
+    unified = BackgroundModel.load(tmp_path / "unified.keras")
+    for bias, doubted in ((0, False), (2000, True)):
+        frames = [np.where(f >= 0, f + bias, f).astype(np.int32) for f in _small_frames(2, seed=3)]
+        engine = Engine(make_step(unified), SMALL_GEOMETRY, frames[0].shape)
+        host = [r.metrics["quality"]["reasons"] for r in engine.process(frames)]
+        path = DevicePath.from_engine(engine, batch_size=2)
+        device = [r.metrics["quality"]["reasons"] for r in path.results(frames)]
+        for reasons in host + device:
+            assert any("model:unified divides by the fold's maximum" in r for r in reasons) == doubted, reasons

@@ -190,6 +190,7 @@ class DevicePath:
         self.windows: WindowFit | None = None
         self.reference_seq: int | None = None
         self._attempts = 0
+        self._domain_doubts: list | None = None  # the model's, from the run's first frame
         self.pipeline = None
         self.upload_dtype = None
         self.frame_dtype = None
@@ -493,6 +494,9 @@ class DevicePath:
             self.build(dtype)
         elif dtype != self.frame_dtype:
             raise ProcessingError(f"frames have dtype {dtype}; this run's device path was built for {self.frame_dtype} frames")
+        if self._domain_doubts is None:  # on the host, once per run: a percentile of one frame
+            first = np.asarray(frames[0])
+            self._domain_doubts = self.model.domain_doubts(first, self._frame_validity(first))
         if self._pending_valid is not None:  # no settle() between the first batch and this one
             self.settle()
         deferred = self._reference_valid is None  # the run's first batch (also after warmup())
@@ -673,7 +677,8 @@ class DevicePath:
         return results
 
     def _frame_quality(self, equator_found: bool, reason) -> dict:
-        """A frame's metrics verdict: the reference fit's (its windows are that fit, frozen) and the geometry's.
+        """A frame's metrics verdict: the reference fit's (its windows are that fit, frozen), the geometry's
+        and the model's doubts about its input (:meth:`BackgroundModel.domain_doubts` on the run's first frame).
 
         The window integrals carry no per-frame fit evidence; the reference frame's
         verdict (:func:`live_bgsub.metrics.roi_metrics` on it) stands for the run, and a
@@ -682,6 +687,7 @@ class DevicePath:
         reasons = []
         if self.geometry_quality is not None and self.geometry_quality.verdict != "good":
             reasons += [f"geometry: {r}" for r in self.geometry_quality.reasons] or ["geometry: doubtful"]
+        reasons += self._domain_doubts or []  # the model's, on the run's first frame
         if not equator_found or self.windows is None:
             if reason:
                 reasons.append(reason)

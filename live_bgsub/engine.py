@@ -83,9 +83,9 @@ class ProcessingStep:
         """Raise ValueError when the step cannot run on folds of ``fold_shape`` (a
         length parameter past the fold, a working resolution that leaves too little)."""
 
-    def doubts(self, fold, mask) -> list:
-        """Why the step's output on this fold is not to be trusted (empty: none); the
-        frame's metrics verdict carries them."""
+    def doubts(self, corrected, background, mask) -> list:
+        """Why the step's output (``corrected``, ``background``, valid where ``mask``) is
+        not to be trusted (empty: none); the frame's metrics verdict carries them."""
         return []
 
 
@@ -131,8 +131,8 @@ class _ModelStep(ProcessingStep):
     def subtract(self, folds, masks):
         return self.model.subtract(folds, masks, batch_size=max(1, len(folds)))
 
-    def doubts(self, fold, mask):
-        return self.model.domain_doubts(fold, mask)
+    def doubts(self, corrected, background, mask):
+        return self.model.domain_doubts(np.where(mask, corrected + background, 0), mask)
 
     def describe(self):
         return {
@@ -403,12 +403,11 @@ class Engine:
             m = {k: float("nan") for k in METRIC_KEYS}
             reason = f"metrics failed: {_describe(exc)}"
             m.update(equator_found=False, reason=reason, quality={"verdict": "no equator", "reasons": [reason], "evidence": {}})
-        valid = result.count > 0
-        doubts = self.step.doubts(np.where(valid, result.corrected + result.background, 0), valid)
-        if doubts:
-            quality = m.setdefault("quality", {"verdict": "good", "reasons": [], "evidence": {}})
-            quality["reasons"] = list(quality.get("reasons", [])) + doubts
-            if quality.get("verdict") == "good":
+        doubts = self.step.doubts(result.corrected, result.background, result.count > 0)
+        if doubts:  # roi_metrics and the failure above both give a verdict
+            quality = m["quality"]
+            quality["reasons"] = [*quality["reasons"], *doubts]
+            if quality["verdict"] == "good":
                 quality["verdict"] = "doubtful"
         result.metrics = m
         result.timings_s["metrics"] = time.perf_counter() - t

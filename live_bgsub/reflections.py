@@ -1559,16 +1559,16 @@ def analyse_m3(out, img0, valid, s10, geometry, rmax, sector_deg, min_snr):
     m3 = fit_single_peak(mer, m_lo, m_hi, margin)
     if m3 is not None and not mer.covers(m3.centre, m3.sigma):
         return f"equator found, but the M3 candidate at {m3.centre:.1f} px falls in a masked part of the fold (detector gaps)", None
-    if m3 is not None and m3.at_bound and m3.t >= min_snr and m3.intensity > 0:
-        return (
-            f"equator found, but the meridional peak in [{m_lo:.1f}, {m_hi:.1f}] px stops at the range's edge "
-            f"({m3.centre:.1f} px): its centre lies outside the range M3 is searched in, so it is not taken as M3"
-        ), None
     if m3 is None or not (m3.t >= min_snr and m3.intensity > 0):
         t = float("nan") if m3 is None else m3.t
         return (
             f"equator found, but no significant M3 reflection on the meridian in [{m_lo:.0f}, {m_hi:.0f}] px "
             f"(I / error = {t:.1f})"
+        ), None
+    if m3.at_bound:
+        return (
+            f"equator found, but the meridional peak in [{m_lo:.1f}, {m_hi:.1f}] px stops at the range's edge "
+            f"({m3.centre:.1f} px): its centre lies outside the range M3 is searched in, so it is not taken as M3"
         ), None
     out["m3_px"], out["m3_intensity"] = m3.centre, m3.intensity
     return None, m3

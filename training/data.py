@@ -993,7 +993,9 @@ def _vary_detector(f: SourceFold, base: np.ndarray, rng):
         gap = [axis, start, width]
     samples = np.where(mask, samples, 0).astype(f.samples.dtype)
     info = {"zoom": zoom, "rotation_residue_deg": math.degrees(delta), "beam_stop_px": r_stop, "gap": gap}
-    return out["base"], out.get("truth"), out.get("expected"), mask, samples, info
+    truth = out.get("truth")
+    truth = None if truth is None else np.where(mask, truth, 0)  # 0 where the copy is invalid
+    return out["base"], truth, out.get("expected"), mask, samples, info
 
 
 def _bit_depth(fold, mask, depth: int):
@@ -1043,7 +1045,7 @@ def _augmented(f: SourceFold, j: int, scale, seed: int, detector: bool = False) 
         fold.astype(np.float32),
         mask.copy(),
         samples,
-        truth=None if truth is None else (s * (np.where(mask, truth, 0) if detector else truth)).astype(np.float32),
+        truth=None if truth is None else (s * truth).astype(np.float32),
         expected=None if expected is None else (s * (expected - bias) + bias).astype(np.float32),
         info={**f.info, "augmented_from": f.id, "dose_scale": s, **({"detector": varied} if detector else {})},
     )
